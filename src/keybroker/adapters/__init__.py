@@ -1,0 +1,1 @@
+"""Adapters: the outside world (HSM, tokens, telemetry) behind the core's ports."""

@@ -1,0 +1,376 @@
+"""PKCS#11 key-encryption keys (python-pkcs11), safe under concurrency and self-healing.
+
+Concurrency: python-pkcs11 initialises modules with ``C_Initialize(NULL)`` and releases the GIL
+around every call; SoftHSM then runs without internal locking and concurrent calls crash the
+process (see FACTS.md). Every PKCS#11 call in this process therefore runs under one process-wide
+lock, :data:`PKCS11_LOCK`. Use processes, not threads, for HSM throughput.
+
+KEKs are token objects labelled ``kek:<name>:v<version>`` (AES-256, private, sensitive, never
+extractable). For speed each version used is copied once into an in-memory session object
+(``CKA_TOKEN=false``; it stays sensitive and non-extractable) and its handle cached.
+
+Failure and recovery: a background probe (:meth:`Pkcs11Keks.check`) looks the default key up on the
+token; if the token, session or login is gone, the store drops every handle and calls fail with
+HsmUnavailableError until a reconnect (library re-initialise, login, rescan) succeeds. A failed GCM
+tag check raises the same PKCS#11 error class as a broken token, so a decrypt failure is classified
+by probing the token right after it: token fine means the wrapped key is bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.exceptions import (
+    NoSuchKey,
+    NoSuchToken,
+    ObjectHandleInvalid,
+    PinIncorrect,
+    PKCS11Error,
+    UserAlreadyLoggedIn,
+)
+
+from keybroker.core.wrapped_key import KeyRef, validate_key_name
+from keybroker.errors import (
+    ConfigurationError,
+    FailedPreconditionError,
+    HsmUnavailableError,
+    InvalidWrappedKeyError,
+    NotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Serialises every PKCS#11 call in this process (see module docstring).
+PKCS11_LOCK = threading.RLock()
+
+_LABEL_RE = re.compile(r"kek:(?P<name>[a-z0-9][a-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,9})")
+_RECONNECT_BACKOFF = 0.5
+T = TypeVar("T")
+
+
+def kek_label(key: KeyRef) -> str:
+    return f"kek:{key.name}:v{key.version}"
+
+
+def parse_kek_label(label: str) -> KeyRef | None:
+    m = _LABEL_RE.fullmatch(label)
+    return KeyRef(m["name"], int(m["version"])) if m else None
+
+
+# Module loading and re-initialisation are process-wide: one generation counter per module path
+# lets every store in the process notice that its sessions died with a re-initialise.
+_generations: dict[str, int] = {}
+
+
+def _load(module: str) -> Any:
+    try:
+        return pkcs11.lib(module)
+    except PKCS11Error as exc:
+        raise ConfigurationError(
+            f"[hsm] module: cannot load PKCS#11 module {module} ({type(exc).__name__}); "
+            "install it (e.g. apt-get install softhsm2) or fix the path"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class HsmConfig:
+    module: str
+    token_label: str
+    pin: str
+
+    def __repr__(self) -> str:
+        return f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, pin=***)"
+
+
+class Pkcs11Keks:
+    """KEKs on a PKCS#11 token; implements :class:`keybroker.core.ports.KeyEncryptionKeys`."""
+
+    def __init__(self, config: HsmConfig, *, probe_key: str | None = None) -> None:
+        self._config = config
+        self._probe_key = probe_key
+        self._session: Any = None
+        self._generation = -1
+        self._handles: dict[KeyRef, Any] = {}
+        self._current: dict[str, KeyRef] = {}
+        self._next_attempt = 0.0
+        self._listeners: list[Callable[[bool], None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
+        (start-up should fail fast) and HsmUnavailableError for anything else."""
+        with PKCS11_LOCK:
+            self._connect()
+
+    def on_health_change(self, listener: Callable[[bool], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def healthy(self) -> bool:
+        return self._session is not None and self._generation == _generations.get(
+            self._config.module, 0
+        )
+
+    def _connect(self) -> None:
+        module = self._config.module
+        lib = _load(module)
+        generation = _generations.setdefault(module, 0)
+        if self._generation == generation:
+            # We were connected in this generation and broke: only a re-initialise of the whole
+            # library recovers (e.g. a vanished token directory). Every other store in the
+            # process sees the generation move on and reconnects by itself.
+            lib.reinitialize()
+            generation = _generations[module] = generation + 1
+        self._drop()
+        try:
+            token = lib.get_token(token_label=self._config.token_label)
+        except NoSuchToken:
+            raise ConfigurationError(
+                f"[hsm] token_label: no token labelled {self._config.token_label!r}; "
+                "initialise it (softhsm/init-token.sh) or fix the label"
+            ) from None
+        try:
+            session = token.open(rw=True, user_pin=self._config.pin)
+        except PinIncorrect:
+            raise ConfigurationError("[hsm] pin_file: the PIN is incorrect for this token") from None
+        except UserAlreadyLoggedIn:
+            # Login is per process; another store in this process already logged in.
+            session = token.open(rw=True)
+        self._session = session
+        self._generation = generation
+        self._scan()
+        log.info("hsm connected", extra={"token_label": self._config.token_label})
+        self._notify(True)
+
+    def _drop(self) -> None:
+        self._session = None
+        self._handles.clear()
+        self._current.clear()
+
+    def _notify(self, healthy: bool) -> None:
+        for listener in self._listeners:
+            listener(healthy)
+
+    def _mark_broken(self, why: str) -> None:
+        if self._session is not None:
+            log.warning("hsm unavailable: %s", why)
+            self._session = None
+            self._handles.clear()
+            self._next_attempt = 0.0
+            self._notify(False)
+
+    @contextmanager
+    def _ready(self) -> Iterator[Any]:
+        """Hold the lock with a usable session, reconnecting (rate-limited) if needed."""
+        with PKCS11_LOCK:
+            if not self.healthy:
+                now = time.monotonic()
+                if now < self._next_attempt:
+                    raise HsmUnavailableError
+                self._next_attempt = now + _RECONNECT_BACKOFF
+                try:
+                    self._connect()
+                except (PKCS11Error, ConfigurationError) as exc:
+                    self._session = None
+                    log.warning("hsm reconnect failed: %s", type(exc).__name__)
+                    raise HsmUnavailableError from None
+            yield self._session
+
+    def check(self) -> None:
+        """Probe the token (used by the health monitor). Raises HsmUnavailableError."""
+        with self._ready() as session:
+            try:
+                self._probe(session)
+            except PKCS11Error as exc:
+                self._mark_broken(type(exc).__name__)
+                raise HsmUnavailableError from None
+
+    def _probe(self, session: Any) -> None:
+        """Touch the token itself (not only the session): list the probe key's token objects."""
+        attrs: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        if self._probe_key is not None:
+            ref = self._current.get(self._probe_key)
+            if ref is None:
+                raise NoSuchKey
+            attrs[Attribute.LABEL] = kek_label(ref)
+        found = list(session.get_objects(attrs))
+        if not found:
+            raise NoSuchKey
+
+    # -- key inventory ----------------------------------------------------------------------
+
+    def _token_keys(self, session: Any) -> Iterator[tuple[KeyRef, Any]]:
+        attrs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        for obj in session.get_objects(attrs):
+            ref = parse_kek_label(obj.label or "")
+            if ref is not None:
+                yield ref, obj
+
+    def _scan(self) -> None:
+        current: dict[str, KeyRef] = {}
+        for ref, _ in self._token_keys(self._session):
+            if ref.version > current.get(ref.name, KeyRef(ref.name, 0)).version:
+                current[ref.name] = ref
+        self._current = current
+
+    def versions(self, name: str) -> list[KeyRef]:
+        with self._ready() as session:
+            return sorted(ref for ref, _ in self._token_keys(session) if ref.name == name)
+
+    def current(self, name: str) -> KeyRef:
+        with self._ready():
+            ref = self._current.get(name)
+        if ref is None:
+            raise NotFoundError(f"no key named {name!r}", reason="key_not_found")
+        return ref
+
+    def _handle(self, session: Any, key: KeyRef) -> Any:
+        handle = self._handles.get(key)
+        if handle is None:
+            attrs = {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.TOKEN: True,
+                Attribute.LABEL: kek_label(key),
+            }
+            found = list(session.get_objects(attrs))
+            if len(found) != 1:
+                return None
+            handle = found[0].copy({Attribute.TOKEN: False})
+            self._handles[key] = handle
+        return handle
+
+    # -- crypto -----------------------------------------------------------------------------
+
+    def random(self, size: int) -> bytes:
+        with self._ready() as session:
+            try:
+                data: bytes = session.generate_random(size * 8)
+            except PKCS11Error as exc:
+                self._mark_broken(type(exc).__name__)
+                raise HsmUnavailableError from None
+            return data
+
+    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        params = pkcs11.GCMParams(nonce, aad, 128)
+
+        def op(handle: Any) -> bytes:
+            out: bytes = handle.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            return out
+
+        result = self._with_key(key, op, missing=lambda: NotFoundError(reason="key_not_found"))
+        if isinstance(result, _Failed):
+            self._classify_failure(result.exc)
+            raise HsmUnavailableError
+        return result
+
+    def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        params = pkcs11.GCMParams(nonce, aad, 128)
+
+        def op(handle: Any) -> bytes:
+            out: bytes = handle.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            return out
+
+        result = self._with_key(key, op, missing=InvalidWrappedKeyError)
+        if isinstance(result, _Failed):
+            self._classify_failure(result.exc)
+            raise InvalidWrappedKeyError from None
+        return result
+
+    def _with_key(
+        self, key: KeyRef, op: Callable[[Any], T], *, missing: Callable[[], Exception]
+    ) -> T | _Failed:
+        with self._ready() as session:
+            for _attempt in range(2):
+                try:
+                    handle = self._handle(session, key)
+                    if handle is None:
+                        raise missing()
+                    return op(handle)
+                except ObjectHandleInvalid:
+                    self._handles.pop(key, None)  # destroyed or re-created: look it up again
+                except PKCS11Error as exc:
+                    return _Failed(exc)
+            return _Failed(ObjectHandleInvalid())
+
+    def _classify_failure(self, exc: PKCS11Error) -> None:
+        """Raise HsmUnavailableError if the token is broken; return if it is healthy."""
+        with PKCS11_LOCK:
+            try:
+                if self._session is None:
+                    raise HsmUnavailableError
+                self._probe(self._session)
+            except PKCS11Error:
+                self._mark_broken(type(exc).__name__)
+                raise HsmUnavailableError from None
+
+    # -- administration ---------------------------------------------------------------------
+
+    def create(self, name: str) -> KeyRef:
+        """Create version 1 of KEK ``name``; refuses if any version exists."""
+        validate_key_name(name)
+        with self._ready() as session:
+            if any(ref.name == name for ref, _ in self._token_keys(session)):
+                raise FailedPreconditionError(f"key {name!r} already exists", reason="key_exists")
+            ref = KeyRef(name, 1)
+            session.generate_key(
+                KeyType.AES,
+                256,
+                label=kek_label(ref),
+                store=True,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.SIGN: False,
+                    Attribute.VERIFY: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+            self._scan()
+            return ref
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    exc: PKCS11Error
+
+
+class HsmMonitor:
+    """Background thread probing the HSM every ``interval`` seconds; drives health status."""
+
+    def __init__(self, keks: Pkcs11Keks, interval: float) -> None:
+        self._keks = keks
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hsm-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._keks.check()
+            except HsmUnavailableError:
+                pass  # already logged and signalled by the store
+            except Exception:  # a monitor must never die silently
+                log.exception("hsm probe failed unexpectedly")

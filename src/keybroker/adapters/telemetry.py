@@ -1,0 +1,95 @@
+"""OpenTelemetry: SDK set-up at start-up and decision records as spans.
+
+Code elsewhere uses only the OTel API. Attribute names are stable and documented in docs/AUDIT.md;
+they never carry key material, wrapped blobs or tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from keybroker import __version__
+from keybroker.core.decision import Decision, Outcome
+from keybroker.settings import TelemetrySettings
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "keybroker"
+
+
+def configure_tracing(
+    settings: TelemetrySettings, *, extra_processor: SpanProcessor | None = None
+) -> TracerProvider:
+    """Build the tracer provider: OTLP/gRPC export when ``otlp_endpoint`` is set."""
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": settings.service_name, "service.version": __version__}
+        )
+    )
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(
+            endpoint=settings.otlp_endpoint,
+            insecure=settings.otlp_insecure,
+            timeout=settings.otlp_timeout,
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if extra_processor is not None:
+        provider.add_span_processor(extra_processor)
+    return provider
+
+
+def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
+    """The span attributes of a decision (see docs/AUDIT.md)."""
+    attrs: dict[str, str | int | list[str]] = {
+        "rpc.system": "grpc",
+        "rpc.service": d.service,
+        "rpc.method": d.operation,
+        "rpc.grpc.status_code_name": d.status_code,
+        "keybroker.decision": d.outcome.value,
+        "keybroker.reason": d.reason,
+    }
+    optional: dict[str, str | int | None] = {
+        "keybroker.principal.sub": d.subject,
+        "keybroker.token.jti": d.token_id,
+        "keybroker.token.client_id": d.client_id,
+        "keybroker.client_cert.identity": d.cert_identity,
+        "keybroker.client_cert.sha256": d.cert_thumbprint,
+        "client.address": d.peer_address,
+        "keybroker.recording.id": d.recording_id,
+        "keybroker.key.name": d.key_name,
+        "keybroker.key.version": d.key_version,
+    }
+    attrs.update({k: v for k, v in optional.items() if v is not None})
+    if d.purposes:
+        attrs["keybroker.purposes"] = list(d.purposes)
+    return attrs
+
+
+class SpanRecorder:
+    """Records each decision as one SERVER span, joined to the caller's trace."""
+
+    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+        self._tracer = (provider or trace.get_tracer_provider()).get_tracer(
+            TRACER_NAME, __version__
+        )
+
+    def record(self, decision: Decision) -> None:
+        parent = propagate.extract(decision.trace_context) if decision.trace_context else None
+        span = self._tracer.start_span(
+            f"{decision.service}/{decision.operation}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=decision.started_ns or None,
+            attributes=decision_attributes(decision),
+        )
+        if decision.outcome is Outcome.ERROR:
+            span.set_status(Status(StatusCode.ERROR, decision.reason))
+        span.end(end_time=decision.ended_ns or None)

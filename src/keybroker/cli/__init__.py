@@ -1,0 +1,1 @@
+"""The ``keybroker`` command line."""

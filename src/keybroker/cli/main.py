@@ -1,0 +1,174 @@
+"""``keybroker`` subcommands.
+
+Exit codes: 0 success; 1 runtime failure (HSM unavailable, refused); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from keybroker import __version__
+from keybroker.errors import ConfigurationError, FailedPreconditionError, KeybrokerError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEFAULT_STATE_DIR = Path(".keybroker")
+
+
+def _config_path(arg: str | None) -> Path | None:
+    value = arg or os.environ.get("KEYBROKER_CONFIG")
+    return Path(value) if value else None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from keybroker import settings
+    from keybroker.cli.logs import configure_logging
+    from keybroker.server.app import serve
+
+    loaded = settings.load(_config_path(args.config))
+    configure_logging(loaded.telemetry.log_level)
+    serve(loaded)
+    return EXIT_OK
+
+
+def _keks(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from keybroker import settings
+    from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
+
+    loaded = settings.load(_config_path(args.config))
+    if not loaded.hsm.token_label:
+        raise ConfigurationError("[hsm] token_label is required")
+    os.environ.update(loaded.hsm.env)
+    keks = Pkcs11Keks(HsmConfig(loaded.hsm.module, loaded.hsm.token_label, loaded.read_pin()))
+    keks.connect()
+    return keks
+
+
+def _cmd_kek_create(args: argparse.Namespace) -> int:
+    keks = _keks(args)
+    try:
+        ref = keks.create(args.name)
+    except FailedPreconditionError:
+        if args.if_missing:
+            return EXIT_OK
+        raise
+    print(f"created {ref} (AES-256, non-extractable) on the HSM")
+    return EXIT_OK
+
+
+def _cmd_kek_list(args: argparse.Namespace) -> int:
+    keks = _keks(args)
+    refs = keks.versions(args.name)
+    if not refs:
+        print(f"no key named {args.name!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    for ref in refs:
+        print(ref)
+    return EXIT_OK
+
+
+def _cmd_dev_init(args: argparse.Namespace) -> int:
+    from keybroker.devenv import provision
+
+    env = provision(args.state_dir)
+    print(usage_hint(env.root, args.listen))
+    return EXIT_OK
+
+
+def usage_hint(state_dir: Path, listen: str = "127.0.0.1:50051") -> str:
+    s = shlex.quote(str(state_dir))
+    return f"""
+keybroker dev environment ready in {state_dir}/
+
+In another terminal, mint a dev token and ask for a data key:
+
+  TOKEN=$(.venv/bin/keybroker dev token --state-dir {s} \\
+      --scope keys:generate --scope keys:unwrap --purpose support)
+  .venv/bin/grpcurl -cacert {s}/pki/ca.pem -cert {s}/pki/client.pem -key {s}/pki/client.key \\
+      -H "authorization: Bearer $TOKEN" \\
+      -d '{{"recording_id": "rec-0001", "purposes": ["support"], "subject_ids": ["subj-42"]}}' \\
+      {listen} keybroker.v1.KeyBroker/GenerateDataKey
+"""
+
+
+def _cmd_dev_token(args: argparse.Namespace) -> int:
+    from keybroker.devenv import DevEnv, mint_token
+
+    env = DevEnv(args.state_dir)
+    if not env.signing_key.exists():
+        raise ConfigurationError(f"no dev issuer in {args.state_dir}: run `keybroker dev init`")
+    scopes = [s for value in args.scope for s in value.split()]
+    print(
+        mint_token(
+            env,
+            scopes=scopes,
+            purposes=args.purpose,
+            subject=args.subject,
+            lifetime=args.lifetime,
+            cnf_cert=env.cert("client") if args.cnf else None,
+            amr=args.amr,
+        )
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keybroker", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"keybroker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the broker")
+    p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
+    p.set_defaults(func=_cmd_serve)
+
+    kek = sub.add_parser("kek", help="key-encryption keys in the HSM").add_subparsers(
+        dest="kek_command", required=True
+    )
+    p = kek.add_parser("create", help="create version 1 of a KEK (refuses to overwrite)")
+    p.add_argument("name")
+    p.add_argument("--config")
+    p.add_argument("--if-missing", action="store_true", help="succeed if the key already exists")
+    p.set_defaults(func=_cmd_kek_create)
+    p = kek.add_parser("versions", help="list the versions of a KEK on the token")
+    p.add_argument("name")
+    p.add_argument("--config")
+    p.set_defaults(func=_cmd_kek_list)
+
+    dev = sub.add_parser("dev", help="embedded development environment").add_subparsers(
+        dest="dev_command", required=True
+    )
+    p = dev.add_parser("init", help="provision SoftHSM token, KEK, dev PKI and token issuer")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.set_defaults(func=_cmd_dev_init)
+    p = dev.add_parser("token", help="mint a dev access token")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.add_argument("--scope", action="append", default=[], help="scope(s); repeat or space-separate")
+    p.add_argument("--purpose", action="append", default=[])
+    p.add_argument("--subject", default="dev-storage")
+    p.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
+    p.add_argument("--amr", action="append", default=[], help="e.g. --amr mfa")
+    p.add_argument("--cnf", action="store_true", help="bind the token to the dev client certificate")
+    p.set_defaults(func=_cmd_dev_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigurationError as exc:
+        print(f"keybroker: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeybrokerError as exc:
+        print(f"keybroker: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

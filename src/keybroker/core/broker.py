@@ -1,0 +1,183 @@
+"""Data-plane use cases: generate, unwrap and rewrap per-recording data keys.
+
+Pure: the HSM is behind :class:`~keybroker.core.ports.KeyEncryptionKeys`, time behind a clock. The
+caller (the gRPC servicer) has already authenticated the token and checked the TLS peer; these
+methods apply the scope, purpose and binding rules and annotate the call's :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from keybroker.core import policy
+from keybroker.core.decision import Decision
+from keybroker.core.identity import Principal
+from keybroker.core.ports import Clock, KeyEncryptionKeys
+from keybroker.core.wrapped_key import (
+    DATA_KEY_SIZE,
+    NONCE_SIZE,
+    Bindings,
+    KeyRef,
+    WrappedKey,
+    validate_key_name,
+)
+from keybroker.errors import InvalidRequestError
+
+
+class SecretBytes:
+    """Plaintext key material. Its repr and str never show the bytes."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __repr__(self) -> str:
+        return f"<SecretBytes: {len(self._value)} bytes>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    recording_id: str
+    purposes: Sequence[str]
+    subject_ids: Sequence[str]
+    retain_until: int | None
+    """Unix seconds; None means now + the default retention."""
+    key_name: str
+    context: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedKey:
+    data_key: SecretBytes
+    wrapped_key: bytes
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"GeneratedKey(key={self.key})"
+
+
+@dataclass(frozen=True, slots=True)
+class UnwrappedKey:
+    data_key: SecretBytes
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"UnwrappedKey(key={self.key})"
+
+
+@dataclass(frozen=True, slots=True)
+class RewrappedKey:
+    wrapped_key: bytes
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"RewrappedKey(key={self.key})"
+
+
+class KeyBroker:
+    """The data-plane rules, independent of transport and HSM library."""
+
+    def __init__(
+        self,
+        keks: KeyEncryptionKeys,
+        *,
+        clock: Clock,
+        default_key: str,
+        default_retention_seconds: int,
+    ) -> None:
+        self._keks = keks
+        self._clock = clock
+        self._default_key = validate_key_name(default_key)
+        self._default_retention = default_retention_seconds
+
+    def generate(
+        self, principal: Principal, request: GenerateRequest, decision: Decision
+    ) -> GeneratedKey:
+        """A fresh data key wrapped under the current version of the requested key."""
+        decision.recording_id = request.recording_id
+        decision.purposes = tuple(request.purposes)
+        policy.require_scope(principal, policy.SCOPE_GENERATE)
+        now = self._clock()
+        retain_until = request.retain_until
+        if retain_until is None:
+            retain_until = int(now) + self._default_retention
+        elif retain_until <= now:
+            raise InvalidRequestError("retain_until must be in the future", reason="bad_retain_until")
+        bindings = Bindings.create(
+            recording_id=request.recording_id,
+            purposes=request.purposes,
+            subject_ids=request.subject_ids,
+            retain_until=retain_until,
+            context=request.context,
+        )
+        policy.require_purposes_granted(principal, bindings.purposes)
+        name = validate_key_name(request.key_name) if request.key_name else self._default_key
+        decision.key_name = name
+        key = self._keks.current(name)
+        decision.key_version = key.version
+        material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
+        data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
+        wrapped = self._wrap(key, nonce, bindings, data_key)
+        return GeneratedKey(SecretBytes(data_key), wrapped, key)
+
+    def unwrap(
+        self,
+        principal: Principal,
+        *,
+        recording_id: str,
+        wrapped_key: bytes,
+        purpose: str,
+        context: Mapping[str, str],
+        decision: Decision,
+    ) -> UnwrappedKey:
+        """The data key, if the token grants the purpose and every binding holds."""
+        decision.recording_id = recording_id or None
+        decision.purposes = (purpose,) if purpose else ()
+        policy.require_scope(principal, policy.SCOPE_UNWRAP)
+        if not purpose:
+            raise InvalidRequestError("purpose is required", reason="bad_purposes")
+        parsed = WrappedKey.parse(wrapped_key)
+        self._annotate(decision, parsed.key)
+        policy.require_recording(parsed.bindings, recording_id)
+        policy.require_purposes_granted(principal, (purpose,))
+        policy.require_purpose_bound(parsed.bindings, purpose)
+        policy.require_context(parsed.bindings, context)
+        policy.require_retention(parsed.bindings, self._clock())
+        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        return UnwrappedKey(SecretBytes(data_key), parsed.key)
+
+    def rewrap(
+        self, principal: Principal, *, recording_id: str, wrapped_key: bytes, decision: Decision
+    ) -> RewrappedKey:
+        """The same data key under the key's current version, every binding kept."""
+        decision.recording_id = recording_id or None
+        policy.require_scope(principal, policy.SCOPE_REWRAP)
+        parsed = WrappedKey.parse(wrapped_key)
+        self._annotate(decision, parsed.key)
+        policy.require_recording(parsed.bindings, recording_id)
+        policy.require_retention(parsed.bindings, self._clock())
+        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        current = self._keks.current(parsed.key.name)
+        nonce = self._keks.random(NONCE_SIZE)
+        wrapped = self._wrap(current, nonce, parsed.bindings, data_key)
+        decision.key_version = current.version
+        return RewrappedKey(wrapped, current)
+
+    def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:
+        aad = WrappedKey.header(key, nonce, bindings)
+        return aad + self._keks.encrypt(key, nonce, data_key, aad)
+
+    @staticmethod
+    def _annotate(decision: Decision, key: KeyRef) -> None:
+        decision.key_name = key.name
+        decision.key_version = key.version

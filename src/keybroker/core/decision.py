@@ -1,0 +1,42 @@
+"""The decision record: one per call, allow or deny, with the facts an auditor needs.
+
+Adapters turn it into a span (and, later, a journal entry). It never holds key material, wrapped
+blobs or tokens: only identifiers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ERROR = "error"
+    """The broker could not decide (HSM down, internal error)."""
+
+
+@dataclass(slots=True)
+class Decision:
+    """Filled in as a call progresses; recorded exactly once when it ends."""
+
+    service: str
+    operation: str
+    outcome: Outcome = Outcome.DENY
+    reason: str = ""
+    status_code: str = ""
+    subject: str | None = None
+    token_id: str | None = None
+    client_id: str | None = None
+    cert_identity: str | None = None
+    cert_thumbprint: str | None = None
+    peer_address: str | None = None
+    recording_id: str | None = None
+    purposes: tuple[str, ...] = field(default_factory=tuple)
+    key_name: str | None = None
+    key_version: int | None = None
+    started_ns: int = 0
+    ended_ns: int = 0
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """W3C ``traceparent``/``tracestate`` of the caller, to join its trace."""

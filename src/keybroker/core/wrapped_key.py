@@ -1,0 +1,286 @@
+"""Wrapped-key format v1: self-describing, versioned, every length bounded before use.
+
+Layout (all integers big-endian; documented byte by byte in docs/FORMAT.md)::
+
+    magic "KBW" | format version 0x01
+    key name length u8 (1..64) | key name (ASCII [a-z0-9._-])
+    key version u32 (>= 1)
+    nonce (12 bytes)
+    bindings length u16 | bindings (canonical encoding, see :meth:`Bindings.encode`)
+    ciphertext || tag (32 + 16 bytes)
+
+Everything before the ciphertext is the AES-256-GCM additional data, so no byte of the header or
+the bindings can change without the unwrap failing. The bindings encoding is canonical: lists are
+sorted and free of duplicates, and the parser refuses any other byte string, so one set of bindings
+has exactly one encoding.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from keybroker.errors import InvalidRequestError, InvalidWrappedKeyError
+
+MAGIC = b"KBW"
+FORMAT_VERSION = 1
+NONCE_SIZE = 12
+DATA_KEY_SIZE = 32
+TAG_SIZE = 16
+CIPHERTEXT_SIZE = DATA_KEY_SIZE + TAG_SIZE
+
+MAX_KEY_NAME = 64
+MAX_RECORDING_ID = 255
+MAX_PURPOSES = 16
+MAX_PURPOSE = 64
+MAX_SUBJECTS = 64
+MAX_SUBJECT_ID = 128
+MAX_CONTEXT_ENTRIES = 16
+MAX_CONTEXT_KEY = 64
+MAX_CONTEXT_VALUE = 1024
+MAX_RETAIN_UNTIL = 253402300799  # 9999-12-31T23:59:59Z
+#: Upper bound of an encoded wrapped key; larger input is refused before parsing.
+MAX_WRAPPED_KEY_SIZE = 32 * 1024
+
+_KEY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,63}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class KeyRef:
+    """One version of a key-encryption key."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}/v{self.version}"
+
+
+def validate_key_name(name: str) -> str:
+    """Return ``name`` if it is a valid key name, else raise InvalidRequestError."""
+    if not _KEY_NAME_RE.fullmatch(name):
+        raise InvalidRequestError(
+            "key_name must be 1..64 characters of a-z, 0-9, '.', '_', '-'", reason="bad_key_name"
+        )
+    return name
+
+
+def _text(value: str, field: str, max_bytes: int, *, allow_empty: bool = False) -> bytes:
+    raw = value.encode("utf-8")
+    if (not raw and not allow_empty) or len(raw) > max_bytes or _CONTROL_RE.search(value):
+        lower = 0 if allow_empty else 1
+        raise InvalidRequestError(
+            f"{field} must be {lower}..{max_bytes} bytes of UTF-8 without control characters",
+            reason=f"bad_{field}",
+        )
+    return raw
+
+
+def _sorted_unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(values), key=lambda v: v.encode("utf-8")))
+
+
+@dataclass(frozen=True, slots=True)
+class Bindings:
+    """What a data key is bound to; clear text in the blob and authenticated as GCM AAD."""
+
+    recording_id: str
+    purposes: tuple[str, ...]
+    subject_ids: tuple[str, ...]
+    retain_until: int
+    """Unix seconds after which the key is refused."""
+    context: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        recording_id: str,
+        purposes: Iterable[str],
+        subject_ids: Iterable[str],
+        retain_until: int,
+        context: Mapping[str, str],
+    ) -> Bindings:
+        """Validate request values and build canonical bindings (sorted, de-duplicated)."""
+        bindings = cls(
+            recording_id=recording_id,
+            purposes=_sorted_unique(purposes),
+            subject_ids=_sorted_unique(subject_ids),
+            retain_until=retain_until,
+            context=tuple(sorted(context.items(), key=lambda kv: kv[0].encode("utf-8"))),
+        )
+        bindings.encode()  # validates every bound
+        return bindings
+
+    @property
+    def context_map(self) -> dict[str, str]:
+        return dict(self.context)
+
+    def encode(self) -> bytes:
+        """The canonical encoding. Raises InvalidRequestError if a value is out of bounds."""
+        out = bytearray()
+        rid = _text(self.recording_id, "recording_id", MAX_RECORDING_ID)
+        out += bytes([len(rid)]) + rid
+        if not 0 < self.retain_until <= MAX_RETAIN_UNTIL:
+            raise InvalidRequestError("retain_until is out of range", reason="bad_retain_until")
+        out += struct.pack(">Q", self.retain_until)
+        if not 1 <= len(self.purposes) <= MAX_PURPOSES:
+            raise InvalidRequestError(
+                f"purposes must hold 1..{MAX_PURPOSES} entries", reason="bad_purposes"
+            )
+        out.append(len(self.purposes))
+        for purpose in self.purposes:
+            if not _PURPOSE_RE.fullmatch(purpose):
+                raise InvalidRequestError(
+                    "each purpose must be 1..64 characters of a-z, 0-9, '.', '_', ':', '-'",
+                    reason="bad_purposes",
+                )
+            out += bytes([len(purpose)]) + purpose.encode("ascii")
+        if len(self.subject_ids) > MAX_SUBJECTS:
+            raise InvalidRequestError(
+                f"subject_ids must hold at most {MAX_SUBJECTS} entries", reason="bad_subject_ids"
+            )
+        out.append(len(self.subject_ids))
+        for subject in self.subject_ids:
+            raw = _text(subject, "subject_ids", MAX_SUBJECT_ID)
+            out += bytes([len(raw)]) + raw
+        if len(self.context) > MAX_CONTEXT_ENTRIES:
+            raise InvalidRequestError(
+                f"context must hold at most {MAX_CONTEXT_ENTRIES} entries", reason="bad_context"
+            )
+        out.append(len(self.context))
+        for key, value in self.context:
+            raw_key = _text(key, "context", MAX_CONTEXT_KEY)
+            raw_value = _text(value, "context", MAX_CONTEXT_VALUE, allow_empty=True)
+            out += bytes([len(raw_key)]) + raw_key + struct.pack(">H", len(raw_value)) + raw_value
+        return bytes(out)
+
+
+class _Reader:
+    """Bounded reader over a byte string; any overrun or bad value is an invalid wrapped key."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise InvalidWrappedKeyError
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self.take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = struct.unpack(">Q", self.take(8))[0]
+        return value
+
+    def text(self, n: int) -> str:
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidWrappedKeyError from None
+
+    @property
+    def pos(self) -> int:
+        return self._pos
+
+    def at_end(self) -> bool:
+        return self._pos == len(self._data)
+
+
+def _parse_bindings(raw: bytes) -> Bindings:
+    r = _Reader(raw)
+    recording_id = r.text(r.u8())
+    retain_until = r.u64()
+    purposes = tuple(r.text(r.u8()) for _ in range(r.u8()))
+    subject_ids = tuple(r.text(r.u8()) for _ in range(r.u8()))
+    context = tuple((r.text(r.u8()), r.text(r.u16())) for _ in range(r.u8()))
+    if not r.at_end():
+        raise InvalidWrappedKeyError
+    bindings = Bindings(recording_id, purposes, subject_ids, retain_until, context)
+    try:
+        canonical = bindings.encode()
+    except InvalidRequestError:
+        raise InvalidWrappedKeyError from None
+    if canonical != raw:  # unsorted, duplicated or otherwise non-canonical
+        raise InvalidWrappedKeyError
+    return bindings
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A parsed wrapped key. Its repr never shows the nonce or the ciphertext."""
+
+    key: KeyRef
+    nonce: bytes
+    bindings: Bindings
+    ciphertext: bytes
+    """AES-256-GCM ciphertext of the data key followed by the 16-byte tag."""
+
+    def __repr__(self) -> str:
+        return f"WrappedKey(key={self.key}, recording_id={self.bindings.recording_id!r})"
+
+    @staticmethod
+    def header(key: KeyRef, nonce: bytes, bindings: Bindings) -> bytes:
+        """Everything before the ciphertext: this is the GCM additional data."""
+        name = validate_key_name(key.name).encode("ascii")
+        if not 1 <= key.version <= 0xFFFFFFFF or len(nonce) != NONCE_SIZE:
+            raise InvalidRequestError("invalid key reference", reason="bad_key_ref")
+        encoded = bindings.encode()
+        return b"".join(
+            (
+                MAGIC,
+                bytes([FORMAT_VERSION, len(name)]),
+                name,
+                struct.pack(">I", key.version),
+                nonce,
+                struct.pack(">H", len(encoded)),
+                encoded,
+            )
+        )
+
+    @property
+    def aad(self) -> bytes:
+        return self.header(self.key, self.nonce, self.bindings)
+
+    def encode(self) -> bytes:
+        return self.aad + self.ciphertext
+
+    @classmethod
+    def parse(cls, blob: bytes) -> WrappedKey:
+        """Parse and bound-check ``blob``; raise InvalidWrappedKeyError on any defect."""
+        if not 0 < len(blob) <= MAX_WRAPPED_KEY_SIZE:
+            raise InvalidWrappedKeyError
+        r = _Reader(blob)
+        if r.take(3) != MAGIC or r.u8() != FORMAT_VERSION:
+            raise InvalidWrappedKeyError
+        name = r.text(r.u8())
+        if not _KEY_NAME_RE.fullmatch(name):
+            raise InvalidWrappedKeyError
+        version = r.u32()
+        if version == 0:
+            raise InvalidWrappedKeyError
+        nonce = r.take(NONCE_SIZE)
+        bindings = _parse_bindings(r.take(r.u16()))
+        ciphertext = r.take(CIPHERTEXT_SIZE)
+        if not r.at_end():
+            raise InvalidWrappedKeyError
+        return cls(KeyRef(name, version), nonce, bindings, ciphertext)

@@ -1,0 +1,209 @@
+"""Build the broker from settings (:func:`create_server`) and run it (:func:`serve`)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+from keybroker.adapters.hsm import HsmConfig, HsmMonitor, Pkcs11Keks
+from keybroker.adapters.telemetry import SpanRecorder, configure_tracing
+from keybroker.adapters.tokens import JwksKeys, TokenVerifier
+from keybroker.core.broker import KeyBroker
+from keybroker.core.ports import Clock
+from keybroker.errors import ConfigurationError, NotFoundError
+from keybroker.server.guard import CallGuard
+from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
+from keybroker.settings import Settings, validate_for_serving
+from keybroker.v1 import keybroker_pb2, keybroker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningBroker:
+    """A started server and what it owns."""
+
+    server: grpc.Server
+    port: int
+    keks: Pkcs11Keks
+    monitor: HsmMonitor
+    health: health.HealthServicer
+    tracer_provider: TracerProvider
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.monitor.stop()
+        self.tracer_provider.shutdown()
+
+
+def _read(path: object) -> bytes:
+    assert path is not None  # validated by validate_for_serving
+    with open(str(path), "rb") as fh:
+        return fh.read()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """mTLS: the client CA is mandatory and client certificates are required."""
+    tls = settings.tls
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file), _read(tls.cert_file))],
+        root_certificates=_read(tls.client_ca_file),
+        require_client_auth=True,
+    )
+
+
+def create_server(
+    settings: Settings,
+    *,
+    clock: Clock = time.time,
+    span_processor: SpanProcessor | None = None,
+) -> RunningBroker:
+    """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
+    validate_for_serving(settings)
+    os.environ.update(settings.hsm.env)
+    keks = Pkcs11Keks(
+        HsmConfig(settings.hsm.module, settings.hsm.token_label, settings.read_pin()),
+        probe_key=settings.keys.default,
+    )
+    keks.connect()
+    try:
+        keks.current(settings.keys.default)
+    except NotFoundError:
+        raise ConfigurationError(
+            f"[keys] default: no key {settings.keys.default!r} on token "
+            f"{settings.hsm.token_label!r}; create it with `keybroker kek create "
+            f"{settings.keys.default} --config FILE`"
+        ) from None
+    auth = settings.auth
+    jwks = JwksKeys(
+        file=auth.jwks_file, url=auth.jwks_url, min_interval=auth.jwks_refresh_interval
+    )
+    verifier = TokenVerifier(auth, jwks, clock=clock)
+    provider = configure_tracing(settings.telemetry, extra_processor=span_processor)
+    guard = CallGuard(
+        service=SERVICE_NAME,
+        verifier=verifier.verify,
+        recorder=SpanRecorder(provider),
+        require_cnf=auth.require_cnf,
+    )
+    broker = KeyBroker(
+        keks,
+        clock=clock,
+        default_key=settings.keys.default,
+        default_retention_seconds=settings.keys.default_retention,
+    )
+
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+
+    def set_health(ok: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, status)
+
+    set_health(False)
+    keks.on_health_change(set_health)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.server.threads),
+        options=[
+            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+            ("grpc.max_send_message_length", settings.server.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker, guard), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigurationError(
+            f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
+        )
+    server.start()
+    set_health(keks.healthy)
+    monitor = HsmMonitor(keks, settings.hsm.health_interval)
+    monitor.start()
+    log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
+    return RunningBroker(server, port, keks, monitor, health_servicer, provider)
+
+
+def _serve_one(settings: Settings) -> None:
+    broker = create_server(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping (grace %ds)", signum, settings.server.grace_period)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    broker.stop(settings.server.grace_period)
+
+
+def _worker(settings: Settings) -> None:
+    from keybroker.cli.logs import configure_logging
+
+    configure_logging(settings.telemetry.log_level)
+    _serve_one(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
+    processes = settings.server.processes or os.cpu_count() or 1
+    if processes == 1:
+        _serve_one(settings)
+        return
+    validate_for_serving(settings)
+    ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
+    workers = [
+        ctx.Process(target=_worker, args=(settings,), name=f"keybroker-{i}") for i in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        if any(not w.is_alive() for w in workers):
+            log.error("a worker process exited; stopping the others")
+            break
+    for w in workers:
+        if w.pid is not None and w.is_alive():
+            os.kill(w.pid, signal.SIGTERM)
+    for w in workers:
+        w.join(settings.server.grace_period + 5)
+    if any(w.exitcode not in (0, None) for w in workers) and not stopping.is_set():
+        raise SystemExit(1)

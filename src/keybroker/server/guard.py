@@ -1,0 +1,103 @@
+"""Runs one call: TLS and token checks, the use case, the decision record, the status mapping.
+
+Every call through :meth:`CallGuard.run` produces exactly one decision record, allow or deny,
+before the reply leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from keybroker.core import policy
+from keybroker.core.decision import Decision, Outcome
+from keybroker.core.identity import Principal
+from keybroker.core.ports import DecisionRecorder
+from keybroker.errors import AuthenticationError, KeybrokerError
+from keybroker.server.peer import peer_from_context
+from keybroker.server.status import status_for
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_ERROR_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+    values = [v for k, v in metadata if k == "authorization"]
+    if not values:
+        raise AuthenticationError("missing access token (authorization metadata)", reason="token_missing")
+    if len(values) > 1 or not isinstance(values[0], str):
+        raise AuthenticationError("access token malformed", reason="token_malformed")
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError(
+            "authorization metadata must be 'Bearer <token>'", reason="token_malformed"
+        )
+    return token.strip()
+
+
+class CallGuard:
+    """Authenticates and records every call of one service."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        verifier: Callable[[str], Principal],
+        recorder: DecisionRecorder,
+        require_cnf: bool,
+    ) -> None:
+        self._service = service
+        self._verify = verifier
+        self._recorder = recorder
+        self._require_cnf = require_cnf
+
+    def run(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        action: Callable[[Principal, Decision], R],
+    ) -> R:
+        metadata = tuple(context.invocation_metadata() or ())
+        decision = Decision(
+            service=self._service,
+            operation=operation,
+            started_ns=time.time_ns(),
+            trace_context={k: v for k, v in metadata if k in _TRACE_HEADERS and isinstance(v, str)},
+        )
+        try:
+            peer = peer_from_context(context)
+            decision.peer_address = peer.address
+            decision.cert_identity = peer.identity
+            decision.cert_thumbprint = peer.thumbprint
+            policy.require_tls13(peer)
+            principal = self._verify(bearer_token(metadata))
+            decision.subject = principal.subject
+            decision.token_id = principal.token_id
+            decision.client_id = principal.client_id
+            policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
+            result = action(principal, decision)
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped and recorded
+            code, message = status_for(exc)
+            if not isinstance(exc, KeybrokerError):
+                log.exception("unexpected error in %s", operation)
+            decision.outcome = Outcome.ERROR if code in _ERROR_CODES else Outcome.DENY
+            decision.reason = exc.reason if isinstance(exc, KeybrokerError) else "internal"
+            decision.status_code = code.name
+            self._record(decision)
+            context.abort(code, message)
+        decision.outcome = Outcome.ALLOW
+        decision.reason = "ok"
+        decision.status_code = grpc.StatusCode.OK.name
+        self._record(decision)
+        return result
+
+    def _record(self, decision: Decision) -> None:
+        decision.ended_ns = time.time_ns()
+        self._recorder.record(decision)

@@ -1,0 +1,45 @@
+"""The mTLS peer of a call, from gRPC's auth context."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+
+import grpc
+
+from keybroker.core.identity import Peer
+from keybroker.errors import PermissionDeniedError
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_thumbprint(pem: bytes) -> str:
+    """RFC 8705 ``x5t#S256``: base64url (no padding) SHA-256 of the certificate's DER."""
+    body = b"".join(
+        line for line in pem.strip().splitlines() if line and not line.startswith(b"-----")
+    )
+    der = base64.b64decode(body, validate=True)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+def _first(auth: dict[str, list[bytes]], key: str) -> bytes | None:
+    values = auth.get(key)
+    return values[0] if values else None
+
+
+def peer_from_context(context: grpc.ServicerContext) -> Peer:
+    """Identity of the client certificate on this call's connection. Raises if there is none."""
+    auth = context.auth_context()
+    pem = _first(auth, "x509_pem_cert")
+    if pem is None:
+        raise PermissionDeniedError("a client certificate is required", reason="no_client_cert")
+    spiffe = _first(auth, "peer_spiffe_id")
+    cn = _first(auth, "x509_common_name")
+    identity = (spiffe or cn or b"").decode("utf-8", "replace")
+    tls = (_first(auth, "ssl_tls_version") or b"").decode("ascii", "replace")
+    return Peer(
+        address=context.peer(),
+        identity=identity,
+        thumbprint=certificate_thumbprint(pem),
+        tls_version=tls,
+    )

@@ -1,0 +1,293 @@
+"""Typed, frozen settings: one TOML file plus ``KEYBROKER_<SECTION>_<KEY>`` environment overrides.
+
+Loaded and validated once at start-up. Relative paths are resolved against the TOML file's folder.
+Secrets (the HSM PIN) are read from files and never appear in a repr. Every error names the key
+and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from keybroker.errors import ConfigurationError
+
+ENV_PREFIX = "KEYBROKER_"
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+MAX_LEEWAY_SECONDS = 60
+
+_DURATION_RE = re.compile(r"(\d+)\s*([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object, key: str) -> int:
+    """Seconds from an int or a string such as ``"90s"``, ``"15m"``, ``"24h"``, ``"90d"``."""
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{key}: expected a duration such as 30, '15m' or '24h'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        return int(m.group(1)) * _UNITS[m.group(2)]
+    raise ConfigurationError(f"{key}: expected a duration such as 30, '15m' or '24h', got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:50051"
+    processes: int = 1
+    """Worker processes sharing the port (SO_REUSEPORT); 0 means one per CPU."""
+    threads: int = 4
+    """gRPC worker threads per process."""
+    grace_period: int = 10
+    """Seconds in-flight calls may take to finish after SIGTERM."""
+    max_message_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    issuer: str = ""
+    audience: str = ""
+    jwks_file: Path | None = None
+    jwks_url: str = ""
+    algorithms: tuple[str, ...] = ("ES256", "EdDSA", "RS256")
+    token_type: str = "at+jwt"
+    """Required JWT header ``typ``; empty disables the check (for identity providers that cannot set it)."""
+    max_token_lifetime: int = 86400
+    leeway: int = 30
+    require_cnf: bool = False
+    token_cache_size: int = 10000
+    jwks_refresh_interval: int = 30
+    """Minimum seconds between JWKS refreshes triggered by an unknown ``kid``."""
+
+
+@dataclass(frozen=True)
+class HsmSettings:
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = ""
+    pin_file: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Environment set before the module loads (e.g. SOFTHSM2_CONF)."""
+    health_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class KeysSettings:
+    default: str = "recordings"
+    default_retention: int = 90 * 86400
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    otlp_endpoint: str = ""
+    otlp_insecure: bool = False
+    otlp_timeout: float = 5.0
+    service_name: str = "keybroker"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    hsm: HsmSettings = field(default_factory=HsmSettings)
+    keys: KeysSettings = field(default_factory=KeysSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    source: Path | None = None
+
+    def read_pin(self) -> str:
+        """The HSM user PIN from ``[hsm] pin_file`` (trailing newline stripped)."""
+        path = self.hsm.pin_file
+        if path is None:
+            raise ConfigurationError("[hsm] pin_file is required: a file holding the token user PIN")
+        try:
+            pin = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"[hsm] pin_file: cannot read {path} ({exc.strerror}); check the path and permissions"
+            ) from None
+        if not pin:
+            raise ConfigurationError(f"[hsm] pin_file: {path} is empty; write the user PIN into it")
+        return pin
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "tls": TlsSettings,
+    "auth": AuthSettings,
+    "hsm": HsmSettings,
+    "keys": KeysSettings,
+    "telemetry": TelemetrySettings,
+}
+_DURATION_KEYS = {
+    "auth.max_token_lifetime",
+    "auth.leeway",
+    "auth.jwks_refresh_interval",
+    "server.grace_period",
+    "keys.default_retention",
+}
+
+
+def _coerce(section: str, key: str, hint: Any, value: Any, base: Path) -> Any:
+    name = f"[{section}] {key}"
+    if f"{section}.{key}" in _DURATION_KEYS:
+        return parse_duration(value, name)
+    text = str(hint)
+    if "Path" in text:
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{name}: expected a file path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+    if hint is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        raise ConfigurationError(f"{name}: expected true or false")
+    if hint is int or text == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{name}: expected an integer, got {value!r}") from None
+    if hint is float or text == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
+    if text.startswith("tuple"):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigurationError(f"{name}: expected a list of strings")
+        return tuple(i.strip() for i in items if i.strip())
+    if text.startswith("collections.abc.Mapping") or "Mapping" in text:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigurationError(f"{name}: expected a table of strings")
+        return dict(value)
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name}: expected a string")
+    return value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in _SECTIONS or not key:
+            raise ConfigurationError(
+                f"{var}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> with a section among "
+                + ", ".join(_SECTIONS)
+            )
+        found.setdefault(section, {})[key] = value
+    return found
+
+
+def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load settings from ``path`` (TOML) and environment overrides, then validate."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
+        base = path.resolve().parent
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown section [{sorted(unknown)[0]}]; known sections: " + ", ".join(_SECTIONS)
+        )
+    for section, values in _env_overrides(environ).items():
+        raw.setdefault(section, {}).update(values)
+    built: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigurationError(f"[{section}] must be a table")
+        hints = get_type_hints(cls)
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigurationError(
+                    f"[{section}] {key}: unknown key; known keys: " + ", ".join(sorted(names))
+                )
+            kwargs[key] = _coerce(section, key, hints[key], value, base)
+        built[section] = cls(**kwargs)
+    settings = Settings(**built, source=path)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Start-up checks that need no I/O beyond the file system."""
+    auth = settings.auth
+    algorithms = set(auth.algorithms)
+    if not algorithms:
+        raise ConfigurationError("[auth] algorithms: list at least one algorithm, e.g. ['ES256']")
+    if "none" in {a.lower() for a in algorithms}:
+        raise ConfigurationError("[auth] algorithms: 'none' is never allowed; remove it")
+    unknown = algorithms - PUBLIC_KEY_ALGORITHMS - HMAC_ALGORITHMS
+    if unknown:
+        raise ConfigurationError(f"[auth] algorithms: unsupported {sorted(unknown)}")
+    if algorithms & HMAC_ALGORITHMS and algorithms & PUBLIC_KEY_ALGORITHMS:
+        raise ConfigurationError(
+            "[auth] algorithms: HMAC (HS*) must not be mixed with public-key algorithms "
+            "(algorithm confusion); keep one family"
+        )
+    if not 0 <= auth.leeway <= MAX_LEEWAY_SECONDS:
+        raise ConfigurationError(f"[auth] leeway: must be 0..{MAX_LEEWAY_SECONDS} seconds")
+    if auth.max_token_lifetime <= 0:
+        raise ConfigurationError("[auth] max_token_lifetime: must be positive, e.g. '24h'")
+    if auth.token_cache_size < 0:
+        raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
+    if settings.server.processes < 0 or settings.server.threads < 1:
+        raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
+    if settings.keys.default_retention <= 0:
+        raise ConfigurationError("[keys] default_retention: must be positive, e.g. '90d'")
+
+
+def validate_for_serving(settings: Settings) -> None:
+    """Checks ``keybroker serve`` needs: TLS files, token verification, HSM."""
+    tls = settings.tls
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, key)
+        if path is None:
+            hint = (
+                "mutual TLS is mandatory: give the CA that signs client certificates"
+                if key == "client_ca_file"
+                else "give the server's PEM file"
+            )
+            raise ConfigurationError(f"[tls] {key} is required; {hint}")
+        if not path.is_file():
+            raise ConfigurationError(f"[tls] {key}: {path} does not exist")
+    auth = settings.auth
+    if not auth.issuer or not auth.audience:
+        raise ConfigurationError("[auth] issuer and audience are required (the values tokens carry)")
+    if (auth.jwks_file is None) == (not auth.jwks_url):
+        raise ConfigurationError("[auth] give exactly one of jwks_file or jwks_url")
+    if auth.jwks_url and not auth.jwks_url.startswith("https://"):
+        raise ConfigurationError("[auth] jwks_url must be an https:// URL")
+    if not settings.hsm.token_label:
+        raise ConfigurationError("[hsm] token_label is required: the label of the PKCS#11 token")
+    settings.read_pin()
