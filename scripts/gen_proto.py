@@ -31,7 +31,9 @@ def generate(out_dir: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     package = out_dir / "keybroker" / "v1"
-    (package / "__init__.py").write_text('"""Generated gRPC code: run `make proto`, never edit."""\n')
+    (package / "__init__.py").write_text(
+        '"""Generated gRPC code: run `make proto`, never edit."""\n'
+    )
     return sorted(package.iterdir())
 
 

@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keybroker.errors import ConfigurationError
 
-TOKEN_LABEL = "keybroker-dev"
+TOKEN_LABEL = "keybroker-dev"  # noqa: S105 - a label, not a secret
 ISSUER = "https://issuer.keybroker.dev"
 AUDIENCE = "keybroker"
 DEFAULT_KEY = "recordings"
@@ -136,14 +136,20 @@ def provision_hsm(env: DevEnv) -> None:
         _write_secret(path, secrets.token_hex(16).encode() + b"\n")
     subprocess.run(
         [
-            "softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-            "--pin", env.pin_file.read_text().strip(),
-            "--so-pin", env.so_pin_file.read_text().strip(),
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN_LABEL,
+            "--pin",
+            env.pin_file.read_text().strip(),
+            "--so-pin",
+            env.so_pin_file.read_text().strip(),
         ],
         check=True,
         capture_output=True,
         env={**os.environ, "SOFTHSM2_CONF": str(env.softhsm_conf.resolve())},
-    )  # fmt: skip
+    )
 
 
 # -- PKI ------------------------------------------------------------------------------------
@@ -180,12 +186,18 @@ def make_ca(cert_path: Path, key_path: Path, cn: str = "keybroker dev CA") -> No
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -207,7 +219,8 @@ def issue_cert(
     """Issue a server or client certificate signed by the given CA."""
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigurationError(f"{ca_key_path}: expected an EC private key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = []
@@ -244,14 +257,22 @@ def provision_pki(env: DevEnv) -> None:
         make_ca(env.ca_cert, env.ca_key)
     if not env.cert("server").exists():
         issue_cert(
-            env.ca_cert, env.ca_key, env.cert("server"), env.key("server"),
-            cn="keybroker", server=True,
-        )  # fmt: skip
+            env.ca_cert,
+            env.ca_key,
+            env.cert("server"),
+            env.key("server"),
+            cn="keybroker",
+            server=True,
+        )
     if not env.cert("client").exists():
         issue_cert(
-            env.ca_cert, env.ca_key, env.cert("client"), env.key("client"),
-            cn="dev-storage", spiffe_id="spiffe://keybroker.dev/storage/dev",
-        )  # fmt: skip
+            env.ca_cert,
+            env.ca_key,
+            env.cert("client"),
+            env.key("client"),
+            cn="dev-storage",
+            spiffe_id="spiffe://keybroker.dev/storage/dev",
+        )
 
 
 # -- token issuer ---------------------------------------------------------------------------

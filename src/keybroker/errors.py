@@ -25,7 +25,7 @@ class KeybrokerError(Exception):
 
 
 class AuthenticationError(KeybrokerError):
-    """The caller's token is missing, malformed, badly signed, expired or otherwise not acceptable."""
+    """The caller's token is missing, malformed, badly signed, expired or otherwise unacceptable."""
 
     default_message = "invalid or missing access token"
     default_reason = "token_invalid"

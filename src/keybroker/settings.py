@@ -36,7 +36,9 @@ def parse_duration(value: object, key: str) -> int:
         return value
     if isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
         return int(m.group(1)) * _UNITS[m.group(2)]
-    raise ConfigurationError(f"{key}: expected a duration such as 30, '15m' or '24h', got {value!r}")
+    raise ConfigurationError(
+        f"{key}: expected a duration such as 30, '15m' or '24h', got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ class AuthSettings:
     jwks_file: Path | None = None
     jwks_url: str = ""
     algorithms: tuple[str, ...] = ("ES256", "EdDSA", "RS256")
-    token_type: str = "at+jwt"
-    """Required JWT header ``typ``; empty disables the check (for identity providers that cannot set it)."""
+    token_type: str = "at+jwt"  # noqa: S105 - a media type, not a secret
+    """Required JWT header ``typ``; empty disables the check (for issuers that cannot set it)."""
     max_token_lifetime: int = 86400
     leeway: int = 30
     require_cnf: bool = False
@@ -114,12 +116,15 @@ class Settings:
         """The HSM user PIN from ``[hsm] pin_file`` (trailing newline stripped)."""
         path = self.hsm.pin_file
         if path is None:
-            raise ConfigurationError("[hsm] pin_file is required: a file holding the token user PIN")
+            raise ConfigurationError(
+                "[hsm] pin_file is required: a file holding the token user PIN"
+            )
         try:
             pin = path.read_text().strip()
         except OSError as exc:
             raise ConfigurationError(
-                f"[hsm] pin_file: cannot read {path} ({exc.strerror}); check the path and permissions"
+                f"[hsm] pin_file: cannot read {path} ({exc.strerror}); "
+                "check the path and permissions"
             ) from None
         if not pin:
             raise ConfigurationError(f"[hsm] pin_file: {path} is empty; write the user PIN into it")
@@ -143,7 +148,9 @@ _DURATION_KEYS = {
 }
 
 
-def _coerce(section: str, key: str, hint: Any, value: Any, base: Path) -> Any:
+def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat on purpose
+    section: str, key: str, hint: Any, value: Any, base: Path
+) -> Any:
     name = f"[{section}] {key}"
     if f"{section}.{key}" in _DURATION_KEYS:
         return parse_duration(value, name)
@@ -283,7 +290,9 @@ def validate_for_serving(settings: Settings) -> None:
             raise ConfigurationError(f"[tls] {key}: {path} does not exist")
     auth = settings.auth
     if not auth.issuer or not auth.audience:
-        raise ConfigurationError("[auth] issuer and audience are required (the values tokens carry)")
+        raise ConfigurationError(
+            "[auth] issuer and audience are required (the values tokens carry)"
+        )
     if (auth.jwks_file is None) == (not auth.jwks_url):
         raise ConfigurationError("[auth] give exactly one of jwks_file or jwks_url")
     if auth.jwks_url and not auth.jwks_url.startswith("https://"):

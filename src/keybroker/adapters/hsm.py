@@ -142,7 +142,9 @@ class Pkcs11Keks:
         try:
             session = token.open(rw=True, user_pin=self._config.pin)
         except PinIncorrect:
-            raise ConfigurationError("[hsm] pin_file: the PIN is incorrect for this token") from None
+            raise ConfigurationError(
+                "[hsm] pin_file: the PIN is incorrect for this token"
+            ) from None
         except UserAlreadyLoggedIn:
             # Login is per process; another store in this process already logged in.
             session = token.open(rw=True)
@@ -197,7 +199,10 @@ class Pkcs11Keks:
 
     def _probe(self, session: Any) -> None:
         """Touch the token itself (not only the session): list the probe key's token objects."""
-        attrs: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        attrs: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.TOKEN: True,
+        }
         if self._probe_key is not None:
             ref = self._current.get(self._probe_key)
             if ref is None:
@@ -264,7 +269,9 @@ class Pkcs11Keks:
         params = pkcs11.GCMParams(nonce, aad, 128)
 
         def op(handle: Any) -> bytes:
-            out: bytes = handle.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            out: bytes = handle.encrypt(
+                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params
+            )
             return out
 
         result = self._with_key(key, op, missing=lambda: NotFoundError(reason="key_not_found"))
@@ -277,7 +284,9 @@ class Pkcs11Keks:
         params = pkcs11.GCMParams(nonce, aad, 128)
 
         def op(handle: Any) -> bytes:
-            out: bytes = handle.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            out: bytes = handle.decrypt(
+                ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params
+            )
             return out
 
         result = self._with_key(key, op, missing=InvalidWrappedKeyError)

@@ -1,7 +1,7 @@
-"""JWT access-token verification (PyJWT) into a :class:`Principal`.
+"""JWT access-token verification (PyJWT) into a Principal.
 
-Rules (RFC 9068 / RFC 8725 / RFC 8705): algorithm allowlist from settings (never ``none``, never HMAC
-beside public-key algorithms: settings refuse it); header ``typ`` must be ``at+jwt`` (configurable);
+Rules (RFC 9068 / RFC 8725 / RFC 8705): algorithm allowlist from settings (never ``none``, never
+HMAC beside public-key algorithms: settings refuse it); header ``typ`` must be ``at+jwt`` (configurable);
 ``iss``, ``aud``, ``exp``, ``iat``, ``sub`` and ``jti`` required; ``nbf`` honoured; leeway bounded;
 lifetime ``exp - iat`` bounded; keys from a JWKS selected by ``kid``. Every PyJWT failure maps to an
 :class:`AuthenticationError` in one table, with a catch-all.
@@ -182,7 +182,9 @@ class TokenVerifier:
             raise map_pyjwt_error(exc) from None
         alg = header.get("alg")
         if alg not in self._algorithms:
-            raise AuthenticationError("access token algorithm not allowed", reason="alg_not_allowed")
+            raise AuthenticationError(
+                "access token algorithm not allowed", reason="alg_not_allowed"
+            )
         if self._s.token_type:
             typ = str(header.get("typ", "")).lower().removeprefix("application/")
             if typ != self._s.token_type.lower():
@@ -194,7 +196,9 @@ class TokenVerifier:
         if key is None:
             raise AuthenticationError("access token signing key unknown", reason="unknown_kid")
         if key.algorithm_name and key.algorithm_name != alg:
-            raise AuthenticationError("access token algorithm not allowed", reason="alg_not_allowed")
+            raise AuthenticationError(
+                "access token algorithm not allowed", reason="alg_not_allowed"
+            )
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

@@ -11,9 +11,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keybroker import __version__
 from keybroker.errors import ConfigurationError, FailedPreconditionError, KeybrokerError
+
+if TYPE_CHECKING:
+    from keybroker.adapters.hsm import Pkcs11Keks
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_STATE_DIR = Path(".keybroker")
@@ -35,7 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _keks(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _keks(args: argparse.Namespace) -> Pkcs11Keks:
     from keybroker import settings
     from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 
@@ -147,12 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dev_init)
     p = dev.add_parser("token", help="mint a dev access token")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    p.add_argument("--scope", action="append", default=[], help="scope(s); repeat or space-separate")
+    p.add_argument(
+        "--scope", action="append", default=[], help="scope(s); repeat or space-separate"
+    )
     p.add_argument("--purpose", action="append", default=[])
     p.add_argument("--subject", default="dev-storage")
     p.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
     p.add_argument("--amr", action="append", default=[], help="e.g. --amr mfa")
-    p.add_argument("--cnf", action="store_true", help="bind the token to the dev client certificate")
+    p.add_argument(
+        "--cnf", action="store_true", help="bind the token to the dev client certificate"
+    )
     p.set_defaults(func=_cmd_dev_token)
     return parser
 

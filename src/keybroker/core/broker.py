@@ -112,7 +112,9 @@ class KeyBroker:
         if retain_until is None:
             retain_until = int(now) + self._default_retention
         elif retain_until <= now:
-            raise InvalidRequestError("retain_until must be in the future", reason="bad_retain_until")
+            raise InvalidRequestError(
+                "retain_until must be in the future", reason="bad_retain_until"
+            )
         bindings = Bindings.create(
             recording_id=request.recording_id,
             purposes=request.purposes,

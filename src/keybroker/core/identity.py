@@ -16,7 +16,7 @@ class Principal:
     purposes: frozenset[str]
     client_id: str | None = None
     cnf_thumbprint: str | None = None
-    """RFC 8705 ``cnf.x5t#S256``: base64url SHA-256 of the client certificate the token is bound to."""
+    """RFC 8705 ``cnf.x5t#S256``: base64url SHA-256 of the certificate the token is bound to."""
     amr: frozenset[str] = field(default_factory=frozenset)
 
 

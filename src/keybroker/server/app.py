@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -50,10 +51,10 @@ class RunningBroker:
         self.tracer_provider.shutdown()
 
 
-def _read(path: object) -> bytes:
-    assert path is not None  # validated by validate_for_serving
-    with open(str(path), "rb") as fh:
-        return fh.read()
+def _read(path: Path | None) -> bytes:
+    if path is None:  # validate_for_serving rejects this earlier
+        raise ConfigurationError("[tls] a certificate file is missing")
+    return path.read_bytes()
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -89,9 +90,7 @@ def create_server(
             f"{settings.keys.default} --config FILE`"
         ) from None
     auth = settings.auth
-    jwks = JwksKeys(
-        file=auth.jwks_file, url=auth.jwks_url, min_interval=auth.jwks_refresh_interval
-    )
+    jwks = JwksKeys(file=auth.jwks_file, url=auth.jwks_url, min_interval=auth.jwks_refresh_interval)
     verifier = TokenVerifier(auth, jwks, clock=clock)
     provider = configure_tracing(settings.telemetry, extra_processor=span_processor)
     guard = CallGuard(
@@ -129,7 +128,9 @@ def create_server(
             ("grpc.so_reuseport", 1),
         ],
     )
-    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(broker, guard), server)
+    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(  # type: ignore[no-untyped-call]
+        KeyBrokerServicer(broker, guard), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -185,7 +186,8 @@ def serve(settings: Settings) -> None:
     validate_for_serving(settings)
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
-        ctx.Process(target=_worker, args=(settings,), name=f"keybroker-{i}") for i in range(processes)
+        ctx.Process(target=_worker, args=(settings,), name=f"keybroker-{i}")
+        for i in range(processes)
     ]
     for w in workers:
         w.start()

@@ -31,7 +31,9 @@ _ERROR_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
     values = [v for k, v in metadata if k == "authorization"]
     if not values:
-        raise AuthenticationError("missing access token (authorization metadata)", reason="token_missing")
+        raise AuthenticationError(
+            "missing access token (authorization metadata)", reason="token_missing"
+        )
     if len(values) > 1 or not isinstance(values[0], str):
         raise AuthenticationError("access token malformed", reason="token_malformed")
     scheme, _, token = values[0].partition(" ")
@@ -83,7 +85,7 @@ class CallGuard:
             decision.client_id = principal.client_id
             policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
             result = action(principal, decision)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped and recorded
+        except Exception as exc:  # every failure is mapped and recorded
             code, message = status_for(exc)
             if not isinstance(exc, KeybrokerError):
                 log.exception("unexpected error in %s", operation)

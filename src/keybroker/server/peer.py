@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
@@ -22,9 +24,10 @@ def certificate_thumbprint(pem: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
-def _first(auth: dict[str, list[bytes]], key: str) -> bytes | None:
+def _first(auth: Mapping[str, Any], key: str) -> bytes | None:
+    """First value of an auth-context property (grpc gives lists of bytes; its stubs say bytes)."""
     values = auth.get(key)
-    return values[0] if values else None
+    return bytes(values[0]) if values else None
 
 
 def peer_from_context(context: grpc.ServicerContext) -> Peer:

@@ -72,7 +72,9 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
                 context=dict(request.context),
                 decision=decision,
             )
-            return pb.UnwrapDataKeyResponse(data_key=out.data_key.reveal(), key_ref=_key_ref(out.key))
+            return pb.UnwrapDataKeyResponse(
+                data_key=out.data_key.reveal(), key_ref=_key_ref(out.key)
+            )
 
         return self._guard.run(context, "UnwrapDataKey", action)
 
