@@ -1,10 +1,11 @@
 """JWT access-token verification (PyJWT) into a Principal.
 
 Rules (RFC 9068 / RFC 8725 / RFC 8705): algorithm allowlist from settings (never ``none``, never
-HMAC beside public-key algorithms: settings refuse it); header ``typ`` must be ``at+jwt`` (configurable);
-``iss``, ``aud``, ``exp``, ``iat``, ``sub`` and ``jti`` required; ``nbf`` honoured; leeway bounded;
-lifetime ``exp - iat`` bounded; keys from a JWKS selected by ``kid``. Every PyJWT failure maps to an
-:class:`AuthenticationError` in one table, with a catch-all.
+HMAC beside public-key algorithms: settings refuse it); header ``typ`` must be ``at+jwt``
+(configurable); ``iss``, ``aud``, ``exp``, ``iat``, ``sub`` and ``jti`` required; ``nbf`` honoured;
+leeway bounded; lifetime ``exp - iat`` bounded; keys from a JWKS selected by ``kid``. Every PyJWT
+failure maps to an
+AuthenticationError in one table, with a catch-all.
 
 Verified tokens are cached by SHA-256 of the token, bounded in size and never past ``exp``. The
 certificate binding (``cnf``) is checked per call by the caller, so a cached token bound to one

@@ -148,14 +148,12 @@ class KeyBroker:
         policy.require_scope(principal, policy.SCOPE_UNWRAP)
         if not purpose:
             raise InvalidRequestError("purpose is required", reason="bad_purposes")
-        parsed = WrappedKey.parse(wrapped_key)
-        self._annotate(decision, parsed.key)
+        parsed, data_key = self._open(wrapped_key, decision)
         policy.require_recording(parsed.bindings, recording_id)
         policy.require_purposes_granted(principal, (purpose,))
         policy.require_purpose_bound(parsed.bindings, purpose)
         policy.require_context(parsed.bindings, context)
         policy.require_retention(parsed.bindings, self._clock())
-        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         return UnwrappedKey(SecretBytes(data_key), parsed.key)
 
     def rewrap(
@@ -164,22 +162,27 @@ class KeyBroker:
         """The same data key under the key's current version, every binding kept."""
         decision.recording_id = recording_id or None
         policy.require_scope(principal, policy.SCOPE_REWRAP)
-        parsed = WrappedKey.parse(wrapped_key)
-        self._annotate(decision, parsed.key)
+        parsed, data_key = self._open(wrapped_key, decision)
         policy.require_recording(parsed.bindings, recording_id)
         policy.require_retention(parsed.bindings, self._clock())
-        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         current = self._keks.current(parsed.key.name)
         nonce = self._keks.random(NONCE_SIZE)
         wrapped = self._wrap(current, nonce, parsed.bindings, data_key)
         decision.key_version = current.version
         return RewrappedKey(wrapped, current)
 
+    def _open(self, wrapped_key: bytes, decision: Decision) -> tuple[WrappedKey, bytes]:
+        """Parse and authenticate a wrapped key before any of its bindings is trusted.
+
+        Authenticating first means every defect of a blob, whichever byte it touches, ends in the
+        same InvalidWrappedKeyError: the error is no oracle.
+        """
+        parsed = WrappedKey.parse(wrapped_key)
+        decision.key_name = parsed.key.name
+        decision.key_version = parsed.key.version
+        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        return parsed, data_key
+
     def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:
         aad = WrappedKey.header(key, nonce, bindings)
         return aad + self._keks.encrypt(key, nonce, data_key, aad)
-
-    @staticmethod
-    def _annotate(decision: Decision, key: KeyRef) -> None:
-        decision.key_name = key.name
-        decision.key_version = key.version

@@ -1,0 +1,47 @@
+# keybroker: `make run` starts a development broker; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STATE_DIR ?= .keybroker
+LISTEN ?= 127.0.0.1:50051
+LINT_PATHS := src tests bench scripts
+
+.PHONY: run test lint proto bench system-deps venv clean
+
+## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
+system-deps:
+	@scripts/ensure-system-deps.sh
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+## venv: create .venv with keybroker and its development tools
+venv: $(BIN)/.installed
+
+## run: provision the embedded dev environment under $(STATE_DIR) and start the broker
+run: system-deps venv
+	$(BIN)/keybroker dev init --state-dir $(STATE_DIR) --listen $(LISTEN)
+	$(BIN)/keybroker serve --config $(STATE_DIR)/keybroker.toml
+
+## test: lint, type-check and run every test (real SoftHSM, real mTLS)
+test: system-deps venv lint
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
+
+## proto: regenerate src/keybroker/v1 from proto/ (never edit generated code)
+proto: venv
+	$(BIN)/python scripts/gen_proto.py
+
+## bench: the side-by-side benchmark (see docs/PERFORMANCE.md)
+bench: system-deps venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,111 @@
+"""Fixtures: a real SoftHSM token, dev PKI and token issuer, and a real mTLS broker on port 0."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from keybroker import settings as settings_mod
+from keybroker.devenv import DevEnv, issue_cert, make_ca, mint_token, provision
+from keybroker.server.app import RunningBroker, create_server
+from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from tests.support.clients import channel, stub
+
+
+class Clock:
+    """Wall clock with an adjustable offset, so tests can move past a retention date."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture(scope="session")
+def devenv(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
+    """One provisioned environment (token, KEK recordings/v1, PKI, issuer) for the session."""
+    env = provision(tmp_path_factory.mktemp("kb") / "state", listen="127.0.0.1:0")
+    issue_cert(env.ca_cert, env.ca_key, env.cert("client2"), env.key("client2"), cn="other-storage")
+    foreign = env.root / "foreign"
+    foreign.mkdir()
+    make_ca(foreign / "ca.pem", foreign / "ca.key", cn="foreign CA")
+    issue_cert(foreign / "ca.pem", foreign / "ca.key", env.cert("foreign"), env.key("foreign"), cn="intruder")
+    return env
+
+
+def load_settings(env: DevEnv, **overrides: str) -> settings_mod.Settings:
+    environ = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2"}
+    environ.update({f"KEYBROKER_{k.upper()}": v for k, v in overrides.items()})
+    return settings_mod.load(env.config, environ=environ)
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="session")
+def broker(devenv: DevEnv, span_exporter: InMemorySpanExporter, clock: Clock) -> Iterator[RunningBroker]:
+    """The broker under test, in this process, with spans captured in memory."""
+    running = create_server(
+        load_settings(devenv), clock=clock, span_processor=SimpleSpanProcessor(span_exporter)
+    )
+    yield running
+    running.stop(1)
+
+
+@pytest.fixture
+def spans(span_exporter: InMemorySpanExporter, clock: Clock) -> Iterator[Callable[[], Sequence[ReadableSpan]]]:
+    """Spans finished during the test."""
+    span_exporter.clear()
+    clock.offset = 0
+    yield span_exporter.get_finished_spans
+    clock.offset = 0
+
+
+@pytest.fixture
+def kb(devenv: DevEnv, broker: RunningBroker) -> Iterator[pb_grpc.KeyBrokerStub]:
+    """A KeyBroker stub over mTLS with the dev client certificate."""
+    with channel(devenv, broker.port) as ch:
+        yield stub(ch)
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture
+def token(devenv: DevEnv) -> TokenFactory:
+    """Mint a token: token(scopes=[...], purposes=[...], **mint_token kwargs)."""
+
+    def make(scopes: Sequence[str] = ("keys:generate", "keys:unwrap", "keys:rewrap"),
+             purposes: Sequence[str] = ("support",), **kwargs: Any) -> str:
+        return mint_token(devenv, scopes=scopes, purposes=purposes, **kwargs)
+
+    return make
+
+
+def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    """Run a call expected to fail; return its status code and message."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err: Any = info.value
+    return err.code(), err.details()
+
+
+@pytest.fixture
+def root() -> Path:
+    return Path(__file__).resolve().parent.parent
