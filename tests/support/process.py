@@ -1,0 +1,66 @@
+"""Run `keybroker serve` as a real child process (for crash, recovery and signal tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from keybroker.devenv import DevEnv
+
+_PORT_RE = re.compile(r"listening on port (\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class BrokerProcess:
+    """`python -m keybroker.cli.main serve --config ...` with its log in a file."""
+
+    def __init__(self, env: DevEnv, log: Path, overrides: Mapping[str, str] | None = None) -> None:
+        self.env = env
+        self.log = log
+        environ = {**os.environ, "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0"}
+        environ.update(overrides or {})
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keybroker.cli.main", "serve", "--config", str(env.config)],
+            stdout=self._fh, stderr=subprocess.STDOUT, env=environ,
+        )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_listening(self, count: int = 1, timeout: float = 30) -> int:
+        """Port once ``count`` workers have logged that they listen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ports = _PORT_RE.findall(self.output())
+            if len(ports) >= count:
+                return int(ports[0])
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited early:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"broker did not start in {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._fh.close()
+        return code
