@@ -38,7 +38,13 @@ def devenv(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
     foreign = env.root / "foreign"
     foreign.mkdir()
     make_ca(foreign / "ca.pem", foreign / "ca.key", cn="foreign CA")
-    issue_cert(foreign / "ca.pem", foreign / "ca.key", env.cert("foreign"), env.key("foreign"), cn="intruder")
+    issue_cert(
+        foreign / "ca.pem",
+        foreign / "ca.key",
+        env.cert("foreign"),
+        env.key("foreign"),
+        cn="intruder",
+    )
     return env
 
 
@@ -59,7 +65,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture(scope="session")
-def broker(devenv: DevEnv, span_exporter: InMemorySpanExporter, clock: Clock) -> Iterator[RunningBroker]:
+def broker(
+    devenv: DevEnv, span_exporter: InMemorySpanExporter, clock: Clock
+) -> Iterator[RunningBroker]:
     """The broker under test, in this process, with spans captured in memory."""
     running = create_server(
         load_settings(devenv), clock=clock, span_processor=SimpleSpanProcessor(span_exporter)
@@ -69,7 +77,9 @@ def broker(devenv: DevEnv, span_exporter: InMemorySpanExporter, clock: Clock) ->
 
 
 @pytest.fixture
-def spans(span_exporter: InMemorySpanExporter, clock: Clock) -> Iterator[Callable[[], Sequence[ReadableSpan]]]:
+def spans(
+    span_exporter: InMemorySpanExporter, clock: Clock
+) -> Iterator[Callable[[], Sequence[ReadableSpan]]]:
     """Spans finished during the test."""
     span_exporter.clear()
     clock.offset = 0
@@ -91,8 +101,11 @@ TokenFactory = Callable[..., str]
 def token(devenv: DevEnv) -> TokenFactory:
     """Mint a token: token(scopes=[...], purposes=[...], **mint_token kwargs)."""
 
-    def make(scopes: Sequence[str] = ("keys:generate", "keys:unwrap", "keys:rewrap"),
-             purposes: Sequence[str] = ("support",), **kwargs: Any) -> str:
+    def make(
+        scopes: Sequence[str] = ("keys:generate", "keys:unwrap", "keys:rewrap"),
+        purposes: Sequence[str] = ("support",),
+        **kwargs: Any,
+    ) -> str:
         return mint_token(devenv, scopes=scopes, purposes=purposes, **kwargs)
 
     return make

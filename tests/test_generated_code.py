@@ -17,6 +17,10 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     generated = module.generate(tmp_path)
     committed = ROOT / "src" / "keybroker" / "v1"
     names = sorted(p.name for p in generated if p.is_file())
-    assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"})
+    assert names == sorted(
+        p.name for p in committed.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}
+    )
     for name in names:
-        assert (tmp_path / "keybroker" / "v1" / name).read_bytes() == (committed / name).read_bytes(), name
+        assert (tmp_path / "keybroker" / "v1" / name).read_bytes() == (
+            committed / name
+        ).read_bytes(), name

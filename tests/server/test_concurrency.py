@@ -19,7 +19,9 @@ CALLS_PER_CLIENT = 1000
 TIME_LIMIT_S = 120
 
 
-def test_eight_clients_thousand_mixed_calls_each(devenv: DevEnv, broker: RunningBroker, token: TokenFactory) -> None:
+def test_eight_clients_thousand_mixed_calls_each(
+    devenv: DevEnv, broker: RunningBroker, token: TokenFactory
+) -> None:
     """8 clients (own connections) x 1,000 mixed generate/unwrap/rewrap calls: zero errors,
     every unwrap returns the right key, and the server is healthy afterwards."""
     t = token()
@@ -39,15 +41,20 @@ def test_eight_clients_thousand_mixed_calls_each(devenv: DevEnv, broker: Running
                 try:
                     kind = done % 10
                     if kind == 0:
-                        gen = kb.GenerateDataKey(generate_request(recording_id=rid), metadata=auth(t))
+                        gen = kb.GenerateDataKey(
+                            generate_request(recording_id=rid), metadata=auth(t)
+                        )
                         wrapped, key = gen.wrapped_key, gen.data_key
                     elif kind == 1:
                         wrapped = kb.RewrapDataKey(
-                            pb.RewrapDataKeyRequest(recording_id=rid, wrapped_key=wrapped), metadata=auth(t)
+                            pb.RewrapDataKeyRequest(recording_id=rid, wrapped_key=wrapped),
+                            metadata=auth(t),
                         ).wrapped_key
                     else:
                         out = kb.UnwrapDataKey(
-                            pb.UnwrapDataKeyRequest(recording_id=rid, wrapped_key=wrapped, purpose="support"),
+                            pb.UnwrapDataKeyRequest(
+                                recording_id=rid, wrapped_key=wrapped, purpose="support"
+                            ),
                             metadata=auth(t),
                         )
                         if out.data_key != key:
@@ -63,6 +70,8 @@ def test_eight_clients_thousand_mixed_calls_each(devenv: DevEnv, broker: Running
     assert errors == []
     assert counts == [CALLS_PER_CLIENT] * CLIENTS, "time limit reached before all calls ran"
     with channel(devenv, broker.port) as ch:
-        health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
-        resp = health.Check(health_pb2.HealthCheckRequest(service="keybroker.v1.KeyBroker"), timeout=5)
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = health.Check(
+            health_pb2.HealthCheckRequest(service="keybroker.v1.KeyBroker"), timeout=5
+        )
         assert resp.status == health_pb2.HealthCheckResponse.SERVING

@@ -20,11 +20,15 @@ Spans = Callable[[], Sequence[ReadableSpan]]
 
 
 def generate(kb: pb_grpc.KeyBrokerStub, token: str, **kwargs: Any) -> pb.GenerateDataKeyResponse:
-    resp: pb.GenerateDataKeyResponse = kb.GenerateDataKey(generate_request(**kwargs), metadata=auth(token))
+    resp: pb.GenerateDataKeyResponse = kb.GenerateDataKey(
+        generate_request(**kwargs), metadata=auth(token)
+    )
     return resp
 
 
-def test_generate_then_unwrap_returns_the_same_key(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_generate_then_unwrap_returns_the_same_key(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """A generated data key unwraps to the same 32 bytes under recordings/v1."""
     t = token()
     gen = generate(kb, t, context={"tenant": "acme"})
@@ -32,7 +36,10 @@ def test_generate_then_unwrap_returns_the_same_key(kb: pb_grpc.KeyBrokerStub, to
     assert (gen.key_ref.key_name, gen.key_ref.version) == ("recordings", 1)
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support", context={"tenant": "acme"}
+            recording_id="rec-1",
+            wrapped_key=gen.wrapped_key,
+            purpose="support",
+            context={"tenant": "acme"},
         ),
         metadata=auth(t),
     )
@@ -40,13 +47,17 @@ def test_generate_then_unwrap_returns_the_same_key(kb: pb_grpc.KeyBrokerStub, to
     assert out.key_ref == gen.key_ref
 
 
-def test_generate_wrapped_returns_no_plaintext(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_generate_wrapped_returns_no_plaintext(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """GenerateWrappedDataKey's response type has no data_key at all; the blob unwraps."""
     t = token()
     resp = kb.GenerateWrappedDataKey(generate_request(), metadata=auth(t))
     assert "data_key" not in pb.GenerateWrappedDataKeyResponse.DESCRIPTOR.fields_by_name
     out = kb.UnwrapDataKey(
-        pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=resp.wrapped_key, purpose="support"),
+        pb.UnwrapDataKeyRequest(
+            recording_id="rec-1", wrapped_key=resp.wrapped_key, purpose="support"
+        ),
         metadata=auth(t),
     )
     assert len(out.data_key) == 32
@@ -56,17 +67,26 @@ def test_rewrap_keeps_key_and_bindings(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     """RewrapDataKey returns a new blob for the same data key, still bound to the same purposes."""
     t = token(purposes=["support", "qa"])
     gen = generate(kb, t, purposes=["support", "qa"], context={"k": "v"})
-    re = kb.RewrapDataKey(pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key), metadata=auth(t))
+    re = kb.RewrapDataKey(
+        pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key), metadata=auth(t)
+    )
     assert re.wrapped_key != gen.wrapped_key
     assert not hasattr(re, "data_key")
     out = kb.UnwrapDataKey(
-        pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}),
+        pb.UnwrapDataKeyRequest(
+            recording_id="rec-1", wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}
+        ),
         metadata=auth(t),
     )
     assert out.data_key == gen.data_key
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=re.wrapped_key, purpose="marketing", context={"k": "v"}),
+            pb.UnwrapDataKeyRequest(
+                recording_id="rec-1",
+                wrapped_key=re.wrapped_key,
+                purpose="marketing",
+                context={"k": "v"},
+            ),
             metadata=auth(token(purposes=["marketing"])),
         )
     )
@@ -90,20 +110,26 @@ def test_missing_scope_is_permission_denied(
     calls = {
         "generate": lambda: kb.GenerateDataKey(generate_request(), metadata=auth(t)),
         "unwrap": lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"), metadata=auth(t)
+            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            metadata=auth(t),
         ),
-        "rewrap": lambda: kb.RewrapDataKey(pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)),
+        "rewrap": lambda: kb.RewrapDataKey(
+            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+        ),
     }
     code, message = code_of(calls[call])
     assert code is grpc.StatusCode.PERMISSION_DENIED
     assert "scope" in message
-    assert spans()[-1].attributes is not None
-    assert spans()[-1].attributes["keybroker.reason"] == "scope_missing"
+    assert (spans()[-1].attributes or {})["keybroker.reason"] == "scope_missing"
 
 
-def test_generate_requires_every_purpose_granted(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_generate_requires_every_purpose_granted(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """A token granting 'support' cannot create a key bound to 'marketing' too."""
-    code, message = code_of(lambda: generate(kb, token(purposes=["support"]), purposes=["support", "marketing"]))
+    code, message = code_of(
+        lambda: generate(kb, token(purposes=["support"]), purposes=["support", "marketing"])
+    )
     assert code is grpc.StatusCode.PERMISSION_DENIED
     assert "marketing" in message
 
@@ -128,7 +154,10 @@ def test_unwrap_purpose_must_be_granted_and_bound(
     t = token(purposes=token_purposes)
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose=request_purpose), metadata=auth(t)
+            pb.UnwrapDataKeyRequest(
+                recording_id="rec-1", wrapped_key=wrapped, purpose=request_purpose
+            ),
+            metadata=auth(t),
         )
     )
     assert code is grpc.StatusCode.PERMISSION_DENIED
@@ -139,17 +168,28 @@ def test_unwrap_purpose_must_be_granted_and_bound(
 
 @pytest.mark.parametrize(
     ("recording_id", "context", "reason"),
-    [("rec-2", {"tenant": "acme"}, "recording_mismatch"), ("rec-1", {"tenant": "evil"}, "context_mismatch"), ("rec-1", {}, "context_mismatch")],
+    [
+        ("rec-2", {"tenant": "acme"}, "recording_mismatch"),
+        ("rec-1", {"tenant": "evil"}, "context_mismatch"),
+        ("rec-1", {}, "context_mismatch"),
+    ],
 )
 def test_unwrap_recording_and_context_must_match(
-    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, spans: Spans, recording_id: str, context: dict[str, str], reason: str
+    kb: pb_grpc.KeyBrokerStub,
+    token: TokenFactory,
+    spans: Spans,
+    recording_id: str,
+    context: dict[str, str],
+    reason: str,
 ) -> None:
     """The recording id and context presented must equal the bound ones."""
     t = token()
     wrapped = generate(kb, t, context={"tenant": "acme"}).wrapped_key
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id=recording_id, wrapped_key=wrapped, purpose="support", context=context),
+            pb.UnwrapDataKeyRequest(
+                recording_id=recording_id, wrapped_key=wrapped, purpose="support", context=context
+            ),
             metadata=auth(t),
         )
     )
@@ -169,17 +209,22 @@ def test_unwrap_after_retention_is_failed_precondition(
     clock.offset = 7200
     code, message = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"), metadata=auth(t)
+            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            metadata=auth(t),
         )
     )
     assert (code, message) == (grpc.StatusCode.FAILED_PRECONDITION, "retention expired")
     code, _ = code_of(
-        lambda: kb.RewrapDataKey(pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t))
+        lambda: kb.RewrapDataKey(
+            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+        )
     )
     assert code is grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_retain_until_in_the_past_is_invalid(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_retain_until_in_the_past_is_invalid(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """A key cannot be generated already expired."""
     req = generate_request()
     req.retain_until.CopyFrom(Timestamp(seconds=1))
@@ -206,7 +251,10 @@ def test_malformed_generate_requests_are_invalid_argument(
     """Out-of-bounds fields get INVALID_ARGUMENT with a message naming the field."""
     code, message = code_of(lambda: generate(kb, token(), **kwargs))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
-    assert any(word in message for word in ("recording_id", "purpose", "subject_ids", "context", "key_name"))
+    assert any(
+        word in message
+        for word in ("recording_id", "purpose", "subject_ids", "context", "key_name")
+    )
 
 
 def test_unknown_key_name_is_not_found(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
@@ -216,39 +264,52 @@ def test_unknown_key_name_is_not_found(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     assert "nosuchkey" in message
 
 
-def test_garbage_wrapped_key_is_uniform_invalid_argument(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_garbage_wrapped_key_is_uniform_invalid_argument(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """Any blob that does not parse reads the same."""
     for blob in (b"", b"garbage", b"KBW\x02" + bytes(100), bytes(40000)):
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
-                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=blob, purpose="support"), metadata=auth(token())
+                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=blob, purpose="support"),
+                metadata=auth(token()),
             )
         )
         assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "wrapped key is invalid")
 
 
-def test_every_single_byte_change_and_truncation_is_refused(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_every_single_byte_change_and_truncation_is_refused(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """Flipping any byte or cutting the blob anywhere gives the one uniform INVALID_ARGUMENT."""
     t = token()
     wrapped = generate(kb, t, context={"c": "v"}).wrapped_key
-    variants = [wrapped[:i] + bytes([wrapped[i] ^ 0x01]) + wrapped[i + 1 :] for i in range(len(wrapped))]
+    variants = [
+        wrapped[:i] + bytes([wrapped[i] ^ 0x01]) + wrapped[i + 1 :] for i in range(len(wrapped))
+    ]
     variants += [wrapped[:i] for i in range(len(wrapped))]
     variants.append(wrapped + b"\x00")
     for blob in variants:
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
-                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=blob, purpose="support", context={"c": "v"}),
+                pb.UnwrapDataKeyRequest(
+                    recording_id="rec-1", wrapped_key=blob, purpose="support", context={"c": "v"}
+                ),
                 metadata=auth(t),
             )
         )
         assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "wrapped key is invalid")
 
 
-def test_oversized_request_is_resource_exhausted(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_oversized_request_is_resource_exhausted(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """Requests over the message limit are refused before any handler runs."""
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=bytes(70_000), purpose="support"),
+            pb.UnwrapDataKeyRequest(
+                recording_id="rec-1", wrapped_key=bytes(70_000), purpose="support"
+            ),
             metadata=auth(token()),
         )
     )
@@ -256,7 +317,11 @@ def test_oversized_request_is_resource_exhausted(kb: pb_grpc.KeyBrokerStub, toke
 
 
 def test_unexpected_failure_is_internal_and_generic(
-    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, spans: Spans
+    kb: pb_grpc.KeyBrokerStub,
+    token: TokenFactory,
+    broker: RunningBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    spans: Spans,
 ) -> None:
     """A bug inside a call becomes INTERNAL with a generic message, never UNKNOWN; the server keeps serving."""
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keybroker.devenv import DevEnv, mint_token, provision
 from keybroker.v1 import keybroker_pb2 as pb
+from tests.conftest import code_of
 from tests.support.clients import auth, channel, generate_request, stub
 from tests.support.process import BrokerProcess
 
@@ -48,10 +49,12 @@ def test_token_loss_gives_unavailable_and_recovers_without_restart(
     token = mint_token(own_env, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     with channel(own_env, port) as ch:
         kb = stub(ch)
-        health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(ch)
 
         def status() -> int:
-            resp = health.Check(health_pb2.HealthCheckRequest(service="keybroker.v1.KeyBroker"), timeout=5)
+            resp = health.Check(
+                health_pb2.HealthCheckRequest(service="keybroker.v1.KeyBroker"), timeout=5
+            )
             return int(resp.status)
 
         gen = kb.GenerateDataKey(generate_request(), metadata=auth(token))
@@ -60,15 +63,17 @@ def test_token_loss_gives_unavailable_and_recovers_without_restart(
         hidden = tmp_path / "tokens-away"
         own_env.token_dir.rename(hidden)
         _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
-        unwrap = pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support")
+        unwrap = pb.UnwrapDataKeyRequest(
+            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+        )
         for call in (
             lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token)),
             lambda: kb.UnwrapDataKey(unwrap, metadata=auth(token)),
         ):
-            with pytest.raises(grpc.RpcError) as info:
-                call()
-            assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-            assert info.value.details() == "key store temporarily unavailable"  # type: ignore[attr-defined]
+            assert code_of(call) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "key store temporarily unavailable",
+            )
 
         hidden.rename(own_env.token_dir)
         _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)

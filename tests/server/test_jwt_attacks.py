@@ -56,7 +56,9 @@ def _hs256_with_public_key(env: DevEnv) -> str:
     jwk = json.loads(env.jwks.read_text())["keys"][0]
     public = jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(jwk))
     assert isinstance(public, ec.EllipticCurvePublicKey)
-    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     header = {"alg": "HS256", "typ": "at+jwt", "kid": signing_kid(env)}
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(_claims()).encode())}"
     sig = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
@@ -72,7 +74,9 @@ def _sign(env: DevEnv, claims: dict[str, Any], **header: Any) -> str:
 
 def _foreign_key(env: DevEnv, kid: str | None = None) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
-    return jwt.encode(_claims(), key, algorithm="ES256", headers={"typ": "at+jwt", "kid": kid or signing_kid(env)})
+    return jwt.encode(
+        _claims(), key, algorithm="ES256", headers={"typ": "at+jwt", "kid": kid or signing_kid(env)}
+    )
 
 
 def _tamper_payload(token: str) -> str:
@@ -84,11 +88,17 @@ ATTACKS: dict[str, tuple[Callable[[DevEnv, TokenFactory], str], str]] = {
     "alg_none": (lambda env, tok: _unsigned(_claims(), signing_kid(env)), "alg_not_allowed"),
     "hs256_with_public_key": (lambda env, tok: _hs256_with_public_key(env), "alg_not_allowed"),
     "wrong_audience": (lambda env, tok: tok(extra_claims={"aud": "someone-else"}), "bad_audience"),
-    "wrong_issuer": (lambda env, tok: tok(extra_claims={"iss": "https://evil.example"}), "bad_issuer"),
+    "wrong_issuer": (
+        lambda env, tok: tok(extra_claims={"iss": "https://evil.example"}),
+        "bad_issuer",
+    ),
     "wrong_typ": (lambda env, tok: tok(headers={"typ": "JWT"}), "bad_typ"),
     "missing_typ": (lambda env, tok: _sign(env, _claims(), typ=None), "bad_typ"),
     "expired": (lambda env, tok: tok(now=time.time() - 7200, lifetime=600), "token_expired"),
-    "nbf_in_future": (lambda env, tok: tok(extra_claims={"nbf": int(time.time()) + 3600}), "token_not_yet_valid"),
+    "nbf_in_future": (
+        lambda env, tok: tok(extra_claims={"nbf": int(time.time()) + 3600}),
+        "token_not_yet_valid",
+    ),
     "iat_in_future": (lambda env, tok: tok(now=time.time() + 3600), "token_not_yet_valid"),
     "lifetime_over_maximum": (lambda env, tok: tok(lifetime=2 * 86400), "lifetime_exceeded"),
     "missing_jti": (lambda env, tok: _sign(env, _claims(jti=None)), "missing_claim"),
@@ -116,17 +126,29 @@ def test_attack_token_is_unauthenticated(
     assert forged not in message
 
 
-def test_wrong_authorization_scheme_is_unauthenticated(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_wrong_authorization_scheme_is_unauthenticated(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """Only 'Bearer <token>' is accepted."""
-    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request(), metadata=[("authorization", f"Basic {token()}")]))
+    code, _ = code_of(
+        lambda: kb.GenerateDataKey(
+            generate_request(), metadata=[("authorization", f"Basic {token()}")]
+        )
+    )
     assert code is grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_scope_and_purpose_claims_are_enforced(kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_scope_and_purpose_claims_are_enforced(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """A valid token lacking the scope or the purpose is PERMISSION_DENIED (not UNAUTHENTICATED)."""
-    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token(scopes=["keys:unwrap"]))))
+    code, _ = code_of(
+        lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token(scopes=["keys:unwrap"])))
+    )
     assert code is grpc.StatusCode.PERMISSION_DENIED
-    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token(purposes=["billing"]))))
+    code, _ = code_of(
+        lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token(purposes=["billing"])))
+    )
     assert code is grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -136,7 +158,9 @@ def test_purpose_claim_may_be_a_string(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     assert len(kb.GenerateDataKey(generate_request(), metadata=auth(t)).data_key) == 32
 
 
-def test_cnf_bound_token_works_on_its_certificate(devenv: DevEnv, kb: pb_grpc.KeyBrokerStub, token: TokenFactory) -> None:
+def test_cnf_bound_token_works_on_its_certificate(
+    devenv: DevEnv, kb: pb_grpc.KeyBrokerStub, token: TokenFactory
+) -> None:
     """A token bound to the dev client certificate is accepted over that certificate."""
     t = token(cnf_cert=devenv.cert("client"))
     assert len(kb.GenerateDataKey(generate_request(), metadata=auth(t)).data_key) == 32
@@ -168,4 +192,6 @@ def test_unbound_token_works_over_any_client_certificate(
 ) -> None:
     """Without cnf (and require_cnf off), a token is a bearer token over any trusted certificate."""
     with channel(devenv, broker.port, cert="client2") as ch:
-        assert len(stub(ch).GenerateDataKey(generate_request(), metadata=auth(token())).data_key) == 32
+        assert (
+            len(stub(ch).GenerateDataKey(generate_request(), metadata=auth(token())).data_key) == 32
+        )

@@ -38,7 +38,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         ({"KEYBROKER_SERVER_NOPE": "1"}, "[server] nope"),
     ],
 )
-def test_bad_configuration_fails_fast_naming_the_key(devenv: DevEnv, override: dict[str, str], expected: str) -> None:
+def test_bad_configuration_fails_fast_naming_the_key(
+    devenv: DevEnv, override: dict[str, str], expected: str
+) -> None:
     """The broker refuses to start, exit code 2, with a message naming the setting."""
     env = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", **override}
     if override.get("KEYBROKER_TLS_CLIENT_CA_FILE") == "":
@@ -46,7 +48,9 @@ def test_bad_configuration_fails_fast_naming_the_key(devenv: DevEnv, override: d
         # that simply has no client CA.
         config = devenv.root / "no-client-ca.toml"
         config.write_text(devenv.config.read_text().replace('client_ca_file = "pki/ca.pem"\n', ""))
-        out = run_cli("serve", "--config", str(config), env={"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0"})
+        out = run_cli(
+            "serve", "--config", str(config), env={"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0"}
+        )
     else:
         out = run_cli("serve", "--config", str(devenv.config), env=env)
     assert out.returncode == 2, out.stderr
@@ -86,9 +90,11 @@ def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> 
         def load() -> None:
             while not stop.is_set():
                 try:
-                    results.append(len(kb.GenerateDataKey(generate_request(), metadata=auth(token)).data_key))
+                    results.append(
+                        len(kb.GenerateDataKey(generate_request(), metadata=auth(token)).data_key)
+                    )
                 except grpc.RpcError as exc:
-                    code = exc.code()  # type: ignore[attr-defined]
+                    code = exc.code()
                     assert code is grpc.StatusCode.UNAVAILABLE, code
                     break
 
@@ -106,7 +112,9 @@ def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> 
     """With [server] processes = 2 both workers serve (SO_REUSEPORT) and SIGTERM stops both."""
     port = free_port()
     proc = BrokerProcess(
-        devenv, tmp_path / "b.log", {"KEYBROKER_SERVER_PROCESSES": "2", "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}"}
+        devenv,
+        tmp_path / "b.log",
+        {"KEYBROKER_SERVER_PROCESSES": "2", "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}"},
     )
     proc.wait_listening(count=2)
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
@@ -114,7 +122,9 @@ def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> 
         with channel(devenv, port, own_connection=True) as ch:
             gen = stub(ch).GenerateDataKey(generate_request(), metadata=auth(token))
             out = stub(ch).UnwrapDataKey(
-                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"),
+                pb.UnwrapDataKeyRequest(
+                    recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+                ),
                 metadata=auth(token),
             )
             assert out.data_key == gen.data_key

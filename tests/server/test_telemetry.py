@@ -30,7 +30,9 @@ def test_allow_span_carries_the_documented_attributes(
     t = token(client_id="storage-eu")
     gen = kb.GenerateDataKey(generate_request(recording_id="rec-span"), metadata=auth(t))
     kb.UnwrapDataKey(
-        pb.UnwrapDataKeyRequest(recording_id="rec-span", wrapped_key=gen.wrapped_key, purpose="support"),
+        pb.UnwrapDataKeyRequest(
+            recording_id="rec-span", wrapped_key=gen.wrapped_key, purpose="support"
+        ),
         metadata=auth(t, [("traceparent", TRACEPARENT)]),
     )
     generate_span, unwrap_span = spans()[-2:]
@@ -48,14 +50,18 @@ def test_allow_span_carries_the_documented_attributes(
     assert attrs["keybroker.token.client_id"] == "storage-eu"
     assert isinstance(attrs["keybroker.token.jti"], str)
     assert attrs["keybroker.client_cert.identity"] == "spiffe://keybroker.dev/storage/dev"
-    assert attrs["keybroker.client_cert.sha256"] == certificate_thumbprint(devenv.cert("client").read_bytes())
+    assert attrs["keybroker.client_cert.sha256"] == certificate_thumbprint(
+        devenv.cert("client").read_bytes()
+    )
     assert str(attrs["client.address"]).startswith("ipv4:127.0.0.1:")
     assert attrs["keybroker.recording.id"] == "rec-span"
     assert list(attrs["keybroker.purposes"]) == ["support"]  # type: ignore[arg-type]
     assert (attrs["keybroker.key.name"], attrs["keybroker.key.version"]) == ("recordings", 1)
 
 
-def test_span_joins_the_callers_trace(kb: pb_grpc.KeyBrokerStub, token: TokenFactory, spans: Spans) -> None:
+def test_span_joins_the_callers_trace(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, spans: Spans
+) -> None:
     """A W3C traceparent in the request metadata makes the decision span a child of the caller's."""
     kb.GenerateDataKey(generate_request(), metadata=auth(token(), [("traceparent", TRACEPARENT)]))
     span = spans()[-1]
@@ -93,18 +99,41 @@ def test_no_secret_in_spans_or_logs(
     caplog.set_level(logging.DEBUG)
     t = token()
     gen = kb.GenerateDataKey(generate_request(), metadata=auth(t))
-    kb.UnwrapDataKey(pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"), metadata=auth(t))
+    kb.UnwrapDataKey(
+        pb.UnwrapDataKeyRequest(
+            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+        ),
+        metadata=auth(t),
+    )
     tampered = gen.wrapped_key[:-1] + bytes([gen.wrapped_key[-1] ^ 1])
-    code_of(lambda: kb.UnwrapDataKey(pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=tampered, purpose="support"), metadata=auth(t)))
-    code_of(lambda: kb.UnwrapDataKey(pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="x"), metadata=auth(t)))
+    code_of(
+        lambda: kb.UnwrapDataKey(
+            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=tampered, purpose="support"),
+            metadata=auth(t),
+        )
+    )
+    code_of(
+        lambda: kb.UnwrapDataKey(
+            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="x"),
+            metadata=auth(t),
+        )
+    )
     code_of(lambda: kb.GenerateDataKey(generate_request(), metadata=auth(t + "x")))
     out, err = capfd.readouterr()
     haystack = "\n".join(
         [out, err, caplog.text]
-        + [repr(dict(s.attributes or {})) + repr([e.attributes for e in s.events]) + s.name for s in spans()]
+        + [
+            repr(dict(s.attributes or {})) + repr([e.attributes for e in s.events]) + s.name
+            for s in spans()
+        ]
         + [str(s.status.description) for s in spans()]
     )
     assert len(spans()) >= 5
-    needles = _forms(gen.data_key) + _forms(gen.wrapped_key) + _forms(gen.wrapped_key[-48:]) + [t, t.split(".")[2]]
+    needles = (
+        _forms(gen.data_key)
+        + _forms(gen.wrapped_key)
+        + _forms(gen.wrapped_key[-48:])
+        + [t, t.split(".")[2]]
+    )
     for needle in needles:
         assert needle not in haystack

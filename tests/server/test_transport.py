@@ -29,16 +29,27 @@ def _grpcurl() -> str:
     return found
 
 
-def grpcurl(env: DevEnv, port: int, *tail: str, flags: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+def grpcurl(
+    env: DevEnv, port: int, *tail: str, flags: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     """grpcurl [tls flags] [flags] 127.0.0.1:port [tail...] with the dev client certificate."""
-    tls = ["-cacert", str(env.ca_cert), "-cert", str(env.cert("client")), "-key", str(env.key("client"))]
+    tls = [
+        "-cacert",
+        str(env.ca_cert),
+        "-cert",
+        str(env.cert("client")),
+        "-key",
+        str(env.key("client")),
+    ]
     return subprocess.run(
         [_grpcurl(), *tls, *flags, f"127.0.0.1:{port}", *tail],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
 
 
-def test_tls12_client_is_refused(devenv: DevEnv, broker: RunningBroker, token: TokenFactory, spans: Spans) -> None:
+def test_tls12_client_is_refused(
+    devenv: DevEnv, broker: RunningBroker, token: TokenFactory, spans: Spans
+) -> None:
     """A client that negotiates TLS 1.2 (curl with --tls-max 1.2) gets PERMISSION_DENIED and a deny span."""
     curl = shutil.which("curl")
     assert curl, "curl is installed by scripts/ensure-system-deps.sh"
@@ -76,9 +87,11 @@ def test_untrusted_or_missing_client_certificate_fails_the_handshake(
         ch = channel(devenv, broker.port, cert=cert)
     with ch:
         with pytest.raises(grpc.RpcError) as info:
-            stub(ch).GenerateDataKey(generate_request(), metadata=[("authorization", f"Bearer {token()}")], timeout=5)
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-        health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
+            stub(ch).GenerateDataKey(
+                generate_request(), metadata=[("authorization", f"Bearer {token()}")], timeout=5
+            )
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(ch)
         with pytest.raises(grpc.RpcError):
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
@@ -86,7 +99,7 @@ def test_untrusted_or_missing_client_certificate_fails_the_handshake(
 def test_plaintext_client_is_refused(broker: RunningBroker) -> None:
     """There is no plaintext port."""
     with grpc.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
-        health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(ch)
         with pytest.raises(grpc.RpcError):
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
@@ -94,23 +107,40 @@ def test_plaintext_client_is_refused(broker: RunningBroker) -> None:
 def test_health_is_serving_over_mtls(devenv: DevEnv, broker: RunningBroker) -> None:
     """Health reports SERVING for the server and for keybroker.v1.KeyBroker once the HSM is ready."""
     with channel(devenv, broker.port) as ch:
-        health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "keybroker.v1.KeyBroker"):
             resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_grpcurl_with_reflection_calls_every_method(devenv: DevEnv, broker: RunningBroker, token: TokenFactory) -> None:
+def test_grpcurl_with_reflection_calls_every_method(
+    devenv: DevEnv, broker: RunningBroker, token: TokenFactory
+) -> None:
     """A third-party client (grpcurl) discovers the API by reflection over mTLS and calls all of it."""
     listed = grpcurl(devenv, broker.port, "list", "keybroker.v1.KeyBroker")
     assert listed.returncode == 0, listed.stderr
     methods = {line.rsplit(".", 1)[-1] for line in listed.stdout.split()}
-    assert methods == {"GenerateDataKey", "GenerateWrappedDataKey", "UnwrapDataKey", "RewrapDataKey"}
+    assert methods == {
+        "GenerateDataKey",
+        "GenerateWrappedDataKey",
+        "UnwrapDataKey",
+        "RewrapDataKey",
+    }
     header = ["-H", f"authorization: Bearer {token()}"]
-    request = {"recording_id": "rec-g", "purposes": ["support"], "subject_ids": ["s-1"], "context": {"app": "cc"}}
+    request: dict[str, object] = {
+        "recording_id": "rec-g",
+        "purposes": ["support"],
+        "subject_ids": ["s-1"],
+        "context": {"app": "cc"},
+    }
 
     def call(method: str, body: dict[str, object]) -> dict[str, object]:
-        out = grpcurl(devenv, broker.port, f"keybroker.v1.KeyBroker/{method}", flags=[*header, "-d", json.dumps(body)])
+        out = grpcurl(
+            devenv,
+            broker.port,
+            f"keybroker.v1.KeyBroker/{method}",
+            flags=[*header, "-d", json.dumps(body)],
+        )
         assert out.returncode == 0, out.stderr
         result: dict[str, object] = json.loads(out.stdout)
         return result
@@ -119,9 +149,16 @@ def test_grpcurl_with_reflection_calls_every_method(devenv: DevEnv, broker: Runn
     assert len(base64.b64decode(str(generated["data_key"]))) == 32
     wrapped_only = call("GenerateWrappedDataKey", request)
     assert "data_key" not in wrapped_only
-    unwrap = {"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"], "purpose": "support", "context": {"app": "cc"}}
+    unwrap = {
+        "recording_id": "rec-g",
+        "wrapped_key": generated["wrapped_key"],
+        "purpose": "support",
+        "context": {"app": "cc"},
+    }
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
-    rewrapped = call("RewrapDataKey", {"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]})
+    rewrapped = call(
+        "RewrapDataKey", {"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}
+    )
     unwrap["wrapped_key"] = rewrapped["wrapped_key"]
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
     health = grpcurl(devenv, broker.port, "grpc.health.v1.Health/Check")

@@ -12,7 +12,9 @@ from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 
-def channel(env: DevEnv, port: int, *, cert: str = "client", own_connection: bool = False) -> grpc.Channel:
+def channel(
+    env: DevEnv, port: int, *, cert: str = "client", own_connection: bool = False
+) -> grpc.Channel:
     """An mTLS channel presenting ``pki/<cert>.pem``."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=env.ca_cert.read_bytes(),
