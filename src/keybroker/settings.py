@@ -66,6 +66,8 @@ class AuthSettings:
     audience: str = ""
     jwks_file: Path | None = None
     jwks_url: str = ""
+    jwks_ca_file: Path | None = None
+    """CA bundle to verify the JWKS URL's server (default: the system trust store)."""
     algorithms: tuple[str, ...] = ("ES256", "EdDSA", "RS256")
     token_type: str = "at+jwt"  # noqa: S105 - a media type, not a secret
     """Required JWT header ``typ``; empty disables the check (for issuers that cannot set it)."""

@@ -130,3 +130,25 @@ def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> 
             assert out.data_key == gen.data_key
     assert proc.output().count("listening on port") == 2
     assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_operator_token_script_then_kek_create(tmp_path: Path) -> None:
+    """softhsm/init-token.sh makes a token that `keybroker kek create` can use."""
+    root = Path(__file__).resolve().parents[2]
+    hsm = tmp_path / "hsm"
+    script = subprocess.run(
+        [str(root / "softhsm" / "init-token.sh"), str(hsm), "ops-token"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert script.returncode == 0, script.stderr
+    assert (hsm / "user.pin").stat().st_mode & 0o077 == 0
+    config = tmp_path / "keybroker.toml"
+    config.write_text(
+        "[hsm]\n"
+        f'token_label = "ops-token"\npin_file = "{hsm / "user.pin"}"\n'
+        f'env = {{ SOFTHSM2_CONF = "{hsm / "softhsm2.conf"}" }}\n'
+    )
+    env = {"SOFTHSM2_CONF": str(hsm / "softhsm2.conf")}
+    created = run_cli("kek", "create", "calls", "--config", str(config), env=env)
+    assert created.returncode == 0, created.stderr
+    assert "calls/v1" in created.stdout

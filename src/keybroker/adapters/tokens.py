@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import ssl
 import threading
 import time
 import urllib.request
@@ -36,6 +37,7 @@ from keybroker.settings import AuthSettings
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 8192
+MAX_JWKS_BYTES = 1 << 20
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
 
 #: PyJWT exception -> (reason, public message). Order matters: subclasses first.
@@ -78,6 +80,7 @@ class JwksKeys:
         file: Path | None = None,
         url: str = "",
         min_interval: float = 30.0,
+        ca_file: Path | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         fetch_timeout: float = 5.0,
     ) -> None:
@@ -88,6 +91,8 @@ class JwksKeys:
         self._min_interval = min_interval
         self._monotonic = monotonic
         self._timeout = fetch_timeout
+        self._tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self._keys: dict[str, PyJWK] = {}
         self._last_refresh = float("-inf")
         self._lock = threading.Lock()
@@ -99,9 +104,13 @@ class JwksKeys:
             if self._file is not None:
                 data = json.loads(self._file.read_text())
             else:
-                request = urllib.request.Request(self._url, headers={"accept": "application/json"})  # noqa: S310 - https enforced by settings
-                with urllib.request.urlopen(request, timeout=self._timeout) as resp:  # noqa: S310
-                    data = json.loads(resp.read(1 << 20))
+                request = urllib.request.Request(  # noqa: S310 - https only (settings check)
+                    self._url, headers={"accept": "application/json"}
+                )
+                with urllib.request.urlopen(  # noqa: S310
+                    request, timeout=self._timeout, context=self._tls
+                ) as resp:
+                    data = json.loads(resp.read(MAX_JWKS_BYTES))
         except (OSError, ValueError) as exc:
             raise ConfigurationError(
                 f"[auth] cannot load JWKS from {self._file or self._url}: {type(exc).__name__}"
@@ -127,7 +136,7 @@ class JwksKeys:
         with self._lock:
             due = self._monotonic() - self._last_refresh >= self._min_interval
             if not due or self._refreshing:
-                return None
+                return None  # refreshed recently or already refreshing: refuse, never wait
             self._last_refresh = self._monotonic()
             if self._url:
                 self._refreshing = True

@@ -90,7 +90,12 @@ def create_server(
             f"{settings.keys.default} --config FILE`"
         ) from None
     auth = settings.auth
-    jwks = JwksKeys(file=auth.jwks_file, url=auth.jwks_url, min_interval=auth.jwks_refresh_interval)
+    jwks = JwksKeys(
+        file=auth.jwks_file,
+        url=auth.jwks_url,
+        ca_file=auth.jwks_ca_file,
+        min_interval=auth.jwks_refresh_interval,
+    )
     verifier = TokenVerifier(auth, jwks, clock=clock)
     provider = configure_tracing(settings.telemetry, extra_processor=span_processor)
     guard = CallGuard(
