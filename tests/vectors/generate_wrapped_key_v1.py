@@ -397,6 +397,11 @@ def invalid_vectors() -> list[dict[str, Any]]:
     sealed("recording_id_newline", "Recording id with a line feed.", recording_id=b"rec\n0001")
     sealed("recording_id_nul", "Recording id with a NUL byte.", recording_id=b"rec\x000001")
     sealed("recording_id_del", "Recording id with DEL (0x7f).", recording_id=b"rec\x7f0001")
+    sealed(
+        "recording_id_c1_control",
+        "Recording id with U+0085 NEXT LINE, a C1 control character (c2 85).",
+        recording_id="rec\u00850001".encode(),
+    )
     sealed("recording_id_invalid_utf8", "Recording id bytes ff.", recording_id=b"rec-\xff")
     sealed(
         "recording_id_overlong_utf8",
@@ -468,6 +473,11 @@ def invalid_vectors() -> list[dict[str, Any]]:
         "context_value_too_long",
         "A context value of 1025 bytes.",
         context=[(b"tenant", b"v" * 1025)],
+    )
+    sealed(
+        "context_value_c1_control",
+        "A context value with U+009B CONTROL SEQUENCE INTRODUCER (c2 9b).",
+        context=[(b"tenant", "\u009b31macme".encode())],
     )
     sealed(
         "context_value_control",
