@@ -1,0 +1,66 @@
+"""Decision spans reach a real OTLP/gRPC receiver from a real broker process."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+
+from keybroker.devenv import DevEnv, mint_token
+from keybroker.v1 import keybroker_pb2 as pb
+from tests.conftest import code_of
+from tests.support.clients import auth, channel, generate_request, stub
+from tests.support.otlp import Receiver
+from tests.support.process import BrokerProcess
+
+
+def test_spans_are_exported_over_otlp(devenv: DevEnv, tmp_path: Path) -> None:
+    """With [telemetry] otlp_endpoint set, allow and deny decisions arrive at the collector,
+    flushed at shutdown, carrying the documented attributes and no secret."""
+    receiver = Receiver()
+    receiver.server.start()
+    try:
+        proc = BrokerProcess(
+            devenv,
+            tmp_path / "b.log",
+            {
+                "KEYBROKER_TELEMETRY_OTLP_ENDPOINT": f"127.0.0.1:{receiver.port}",
+                "KEYBROKER_TELEMETRY_OTLP_INSECURE": "true",
+                "KEYBROKER_TELEMETRY_SERVICE_NAME": "keybroker-test",
+            },
+        )
+        port = proc.wait_listening()
+        token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
+        with channel(devenv, port) as ch:
+            kb = stub(ch)
+            gen = kb.GenerateDataKey(
+                generate_request(recording_id="rec-otlp"), metadata=auth(token)
+            )
+            denied = pb.UnwrapDataKeyRequest(
+                recording_id="rec-otlp", wrapped_key=gen.wrapped_key, purpose="ads"
+            )
+            assert (
+                code_of(lambda: kb.UnwrapDataKey(denied, metadata=auth(token)))[0]
+                is grpc.StatusCode.PERMISSION_DENIED
+            )
+        assert proc.stop(signal.SIGTERM) == 0
+        spans = list(receiver.spans())
+    finally:
+        receiver.server.stop(None)
+    by_name = {name: attrs for name, attrs in spans}
+    generate = by_name["keybroker.v1.KeyBroker/GenerateDataKey"]
+    unwrap = by_name["keybroker.v1.KeyBroker/UnwrapDataKey"]
+    assert (generate["keybroker.decision"], generate["keybroker.recording.id"]) == (
+        "allow",
+        "rec-otlp",
+    )
+    assert (unwrap["keybroker.decision"], unwrap["keybroker.reason"]) == (
+        "deny",
+        "purpose_not_granted",
+    )
+    assert unwrap["keybroker.key.version"] == 1
+    raw = b"".join(r.SerializeToString() for r in receiver.requests)
+    assert gen.data_key not in raw
+    assert gen.wrapped_key not in raw
+    assert token.encode() not in raw
