@@ -100,6 +100,16 @@ class InternalError(KeybrokerError):
     default_reason = "internal"
 
 
+class RecordingIntegrityError(KeybrokerError):
+    """An encrypted recording is damaged, truncated, reordered or tampered with.
+
+    One message for every kind of defect; the only other message is "not a keybroker recording".
+    """
+
+    default_message = "recording is damaged or has been tampered with"
+    default_reason = "recording_integrity"
+
+
 class ConfigurationError(KeybrokerError):
     """Settings are missing or invalid. Raised at start-up only; names the key and the fix."""
 

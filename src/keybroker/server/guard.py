@@ -19,7 +19,7 @@ from keybroker.core.identity import Principal
 from keybroker.core.ports import DecisionRecorder
 from keybroker.errors import AuthenticationError, KeybrokerError
 from keybroker.server.peer import peer_from_context
-from keybroker.server.status import status_for
+from keybroker.server.status import REASON_METADATA, status_for
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class CallGuard:
             decision.reason = exc.reason if isinstance(exc, KeybrokerError) else "internal"
             decision.status_code = code.name
             self._record(decision)
+            context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
             context.abort(code, message)
         decision.outcome = Outcome.ALLOW
         decision.reason = "ok"

@@ -1,4 +1,8 @@
-"""The one mapping from domain errors to gRPC status codes. Never UNKNOWN."""
+"""The one mapping between domain errors and gRPC status codes, both ways. Never UNKNOWN.
+
+The server also sends the machine-readable reason in the ``keybroker-reason`` trailing metadata,
+so clients can map a status back to the exact domain class (:func:`error_from_status`).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,40 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.ConfigurationError, grpc.StatusCode.INTERNAL),
     (errors.KeybrokerError, grpc.StatusCode.INTERNAL),
 )
+
+
+REASON_METADATA = "keybroker-reason"
+
+#: Reasons that identify a more specific class than the status code alone.
+_REASON_CLASSES: dict[str, type[errors.KeybrokerError]] = {
+    errors.InvalidWrappedKeyError.default_reason: errors.InvalidWrappedKeyError,
+    errors.RetentionExpiredError.default_reason: errors.RetentionExpiredError,
+    errors.HsmUnavailableError.default_reason: errors.HsmUnavailableError,
+}
+_CODE_CLASSES: dict[grpc.StatusCode, type[errors.KeybrokerError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.UnavailableError,
+}
+
+
+def error_from_status(
+    code: grpc.StatusCode, message: str, reason: str | None
+) -> errors.KeybrokerError:
+    """The domain error a client raises for a failed call (catch-all: InternalError)."""
+    cls = _REASON_CLASSES.get(reason or "")
+    if cls is errors.InvalidWrappedKeyError:
+        return errors.InvalidWrappedKeyError()
+    if cls is not None:
+        return cls(message, reason=reason)
+    cls = _CODE_CLASSES.get(code, errors.InternalError)
+    default = code.name.lower() if code is not grpc.StatusCode.UNAVAILABLE else None
+    return cls(message or None, reason=reason or default)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
