@@ -6,7 +6,7 @@ STATE_DIR ?= .keybroker
 LISTEN ?= 127.0.0.1:50051
 LINT_PATHS := src tests bench scripts
 
-.PHONY: run test lint proto bench system-deps venv clean
+.PHONY: run test lint proto demo bench system-deps venv clean
 
 ## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
 system-deps:
@@ -38,6 +38,10 @@ lint: venv
 ## proto: regenerate src/keybroker/v1 from proto/ (never edit generated code)
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
+
+## demo: encrypt, decrypt and be refused, against the broker `make run` started
+demo: venv
+	$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)
 
 ## bench: the side-by-side benchmark (see docs/PERFORMANCE.md)
 bench: system-deps venv

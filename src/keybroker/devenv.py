@@ -371,6 +371,16 @@ default_retention = "90d"
 
 [telemetry]
 otlp_endpoint = ""
+# Decision spans as JSON lines, for `make demo` and curious developers.
+span_file = "spans.jsonl"
+
+# For `keybroker encrypt | decrypt` (mint a token into client.token with `keybroker dev token`).
+[client]
+target = "{listen}"
+ca_file = "pki/ca.pem"
+cert_file = "pki/client.pem"
+key_file = "pki/client.key"
+token_file = "client.token"
 """
     )
 

@@ -102,6 +102,32 @@ class TelemetrySettings:
     otlp_timeout: float = 5.0
     service_name: str = "keybroker"
     log_level: str = "INFO"
+    span_file: Path | None = None
+    """Also append every span as one JSON line to this file (development and demos)."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """For the ``keybroker encrypt | decrypt`` commands (the SDK takes arguments instead)."""
+
+    target: str = "127.0.0.1:50051"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    token_file: Path | None = None
+    timeout: float = 10.0
+
+    def require(self) -> tuple[tuple[Path, Path, Path], Path]:
+        """((ca, cert, key), token file), checked to exist; else a ConfigurationError."""
+        paths = []
+        for key in ("ca_file", "cert_file", "key_file", "token_file"):
+            path = getattr(self, key)
+            if path is None:
+                raise ConfigurationError(f"[client] {key} is required to call the broker")
+            if not path.is_file():
+                raise ConfigurationError(f"[client] {key}: {path} does not exist")
+            paths.append(path)
+        return (paths[0], paths[1], paths[2]), paths[3]
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,7 @@ class Settings:
     hsm: HsmSettings = field(default_factory=HsmSettings)
     keys: KeysSettings = field(default_factory=KeysSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
     source: Path | None = None
 
     def read_pin(self) -> str:
@@ -140,6 +167,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "hsm": HsmSettings,
     "keys": KeysSettings,
     "telemetry": TelemetrySettings,
+    "client": ClientSettings,
 }
 _DURATION_KEYS = {
     "auth.max_token_lifetime",

@@ -24,7 +24,9 @@ SEG = MIN_SEGMENT_SIZE
 KEY = bytes(range(32))
 
 
-def encrypt(data: bytes, segment_size: int = SEG, key: bytes = KEY) -> tuple[bytes, RecordingHeader]:
+def encrypt(
+    data: bytes, segment_size: int = SEG, key: bytes = KEY
+) -> tuple[bytes, RecordingHeader]:
     header = new_header("rec-1", b"wrapped-key-bytes", segment_size)
     out = io.BytesIO()
     assert encrypt_stream(io.BytesIO(data), out, header, key) == len(data)
@@ -58,7 +60,10 @@ def _tamperings() -> dict[str, bytes]:
     data = os.urandom(4 * SEG + 100)
     blob, header = encrypt(data)
     head, segs = _segments(blob, header)
-    flip = lambda b, i: b[:i] + bytes([b[i] ^ 1]) + b[i + 1 :]  # noqa: E731
+
+    def flip(b: bytes, i: int) -> bytes:
+        return b[:i] + bytes([b[i] ^ 1]) + b[i + 1 :]
+
     return {
         "header_segment_size": flip(blob, 8),
         "header_salt": flip(blob, 12),

@@ -45,11 +45,23 @@ def client(devenv: DevEnv, broker: RunningBroker, token: TokenFactory) -> KeyBro
 def test_sync_round_trip_and_rewrap(client: KeyBrokerClient) -> None:
     """generate -> unwrap -> rewrap -> unwrap gives the same key; reprs hide key material."""
     with client:
-        key = client.generate_data_key("rec-sdk", purposes=["support"], subject_ids=["s1"], context={"t": "1"})
+        key = client.generate_data_key(
+            "rec-sdk", purposes=["support"], subject_ids=["s1"], context={"t": "1"}
+        )
         assert key.plaintext.hex() not in repr(key)
-        assert client.unwrap_data_key("rec-sdk", key.wrapped, purpose="support", context={"t": "1"}).plaintext == key.plaintext
+        assert (
+            client.unwrap_data_key(
+                "rec-sdk", key.wrapped, purpose="support", context={"t": "1"}
+            ).plaintext
+            == key.plaintext
+        )
         moved = client.rewrap_data_key("rec-sdk", key.wrapped)
-        assert client.unwrap_data_key("rec-sdk", moved.wrapped, purpose="support", context={"t": "1"}).plaintext == key.plaintext
+        assert (
+            client.unwrap_data_key(
+                "rec-sdk", moved.wrapped, purpose="support", context={"t": "1"}
+            ).plaintext
+            == key.plaintext
+        )
         wrapped_only = client.generate_wrapped_data_key("rec-sdk2", purposes=["support"])
         assert wrapped_only.key_ref.name == "recordings"
 
@@ -58,7 +70,9 @@ def test_async_round_trip(devenv: DevEnv, broker: RunningBroker, token: TokenFac
     """The asyncio client has the same API."""
 
     async def run() -> None:
-        async with AsyncKeyBrokerClient(f"127.0.0.1:{broker.port}", tls=tls(devenv), token=token()) as kb:
+        async with AsyncKeyBrokerClient(
+            f"127.0.0.1:{broker.port}", tls=tls(devenv), token=token()
+        ) as kb:
             key = await kb.generate_data_key("rec-async", purposes=["support"])
             got = await kb.unwrap_data_key("rec-async", key.wrapped, purpose="support")
             assert got.plaintext == key.plaintext
@@ -91,9 +105,9 @@ def test_errors_are_typed(client: KeyBrokerClient, clock: Clock, spans: Spans) -
 
 def test_bad_token_is_authentication_error(devenv: DevEnv, broker: RunningBroker) -> None:
     """An invalid token surfaces as AuthenticationError."""
-    with KeyBrokerClient(f"127.0.0.1:{broker.port}", tls=tls(devenv), token="not-a-token") as kb:
-        with pytest.raises(errors.AuthenticationError):
-            kb.generate_data_key("r", purposes=["support"])
+    kb = KeyBrokerClient(f"127.0.0.1:{broker.port}", tls=tls(devenv), token="not-a-token")
+    with kb, pytest.raises(errors.AuthenticationError):
+        kb.generate_data_key("r", purposes=["support"])
 
 
 def test_denials_are_never_retried(client: KeyBrokerClient, spans: Spans) -> None:
@@ -113,7 +127,9 @@ def test_unavailable_is_retried_until_the_broker_is_back(devenv: DevEnv, tmp_pat
     first.wait_listening()
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     retry = RetryPolicy(max_attempts=40, initial_backoff=0.05, max_backoff=0.3)
-    with KeyBrokerClient(f"127.0.0.1:{port}", tls=tls(devenv), token=token, retry=retry, timeout=2) as kb:
+    with KeyBrokerClient(
+        f"127.0.0.1:{port}", tls=tls(devenv), token=token, retry=retry, timeout=2
+    ) as kb:
         key = kb.generate_data_key("rec-restart", purposes=["support"])
         assert first.stop() == 0
         second: list[BrokerProcess] = []
@@ -124,16 +140,23 @@ def test_unavailable_is_retried_until_the_broker_is_back(devenv: DevEnv, tmp_pat
 
         threading.Thread(target=restart).start()
         try:
-            assert kb.unwrap_data_key("rec-restart", key.wrapped, purpose="support").plaintext == key.plaintext
+            assert (
+                kb.unwrap_data_key("rec-restart", key.wrapped, purpose="support").plaintext
+                == key.plaintext
+            )
         finally:
             deadline = time.monotonic() + 10
             while not second and time.monotonic() < deadline:
                 time.sleep(0.05)
             for proc in second:
                 proc.stop()
-    with KeyBrokerClient(f"127.0.0.1:{port}", tls=tls(devenv), token=token, retry=NO_RETRY, timeout=2) as kb:
-        with pytest.raises(errors.UnavailableError):
-            kb.generate_data_key("rec-x", purposes=["support"])
+    with (
+        KeyBrokerClient(
+            f"127.0.0.1:{port}", tls=tls(devenv), token=token, retry=NO_RETRY, timeout=2
+        ) as kb,
+        pytest.raises(errors.UnavailableError),
+    ):
+        kb.generate_data_key("rec-x", purposes=["support"])
 
 
 def test_token_file_is_reread_when_it_changes(
@@ -166,7 +189,9 @@ def test_recording_round_trip_and_refusals(client: KeyBrokerClient) -> None:
     """encrypt_recording/decrypt_recording end to end; wrong purpose and a forged header are refused."""
     audio = os.urandom(300_000)
     sealed = io.BytesIO()
-    ref = client.encrypt_recording(io.BytesIO(audio), sealed, recording_id="rec-file", purposes=["support"], segment_size=65536)
+    ref = client.encrypt_recording(
+        io.BytesIO(audio), sealed, recording_id="rec-file", purposes=["support"], segment_size=65536
+    )
     assert ref.name == "recordings"
     out = io.BytesIO()
     header = client.decrypt_recording(io.BytesIO(sealed.getvalue()), out, purpose="support")

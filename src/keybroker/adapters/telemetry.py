@@ -41,6 +41,12 @@ def configure_tracing(
             timeout=settings.otlp_timeout,
         )
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    if settings.span_file is not None:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        out = settings.span_file.open("a", buffering=1)  # closed with the process
+        lines = ConsoleSpanExporter(out=out, formatter=lambda s: s.to_json(indent=None) + "\n")
+        provider.add_span_processor(BatchSpanProcessor(lines, schedule_delay_millis=500))
     if extra_processor is not None:
         provider.add_span_processor(extra_processor)
     return provider

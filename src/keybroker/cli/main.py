@@ -23,7 +23,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_STATE_DIR = Path(".keybroker")
 
 
-def _config_path(arg: str | None) -> Path | None:
+def config_path(arg: str | None) -> Path | None:
     value = arg or os.environ.get("KEYBROKER_CONFIG")
     return Path(value) if value else None
 
@@ -33,7 +33,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from keybroker.cli.logs import configure_logging
     from keybroker.server.app import serve
 
-    loaded = settings.load(_config_path(args.config))
+    loaded = settings.load(config_path(args.config))
     configure_logging(loaded.telemetry.log_level)
     serve(loaded)
     return EXIT_OK
@@ -43,7 +43,7 @@ def _keks(args: argparse.Namespace) -> Pkcs11Keks:
     from keybroker import settings
     from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 
-    loaded = settings.load(_config_path(args.config))
+    loaded = settings.load(config_path(args.config))
     if not loaded.hsm.token_label:
         raise ConfigurationError("[hsm] token_label is required")
     os.environ.update(loaded.hsm.env)
@@ -106,17 +106,21 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
     if not env.signing_key.exists():
         raise ConfigurationError(f"no dev issuer in {args.state_dir}: run `keybroker dev init`")
     scopes = [s for value in args.scope for s in value.split()]
-    print(
-        mint_token(
-            env,
-            scopes=scopes,
-            purposes=args.purpose,
-            subject=args.subject,
-            lifetime=args.lifetime,
-            cnf_cert=env.cert("client") if args.cnf else None,
-            amr=args.amr,
-        )
+    token = mint_token(
+        env,
+        scopes=scopes,
+        purposes=args.purpose,
+        subject=args.subject,
+        lifetime=args.lifetime,
+        cnf_cert=env.cert("client") if args.cnf else None,
+        amr=args.amr,
     )
+    if args.output is None:
+        print(token)
+    else:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
     return EXIT_OK
 
 
@@ -142,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=_cmd_kek_list)
 
+    from keybroker.cli.recordings import register
+
+    register(sub)
+
     dev = sub.add_parser("dev", help="embedded development environment").add_subparsers(
         dest="dev_command", required=True
     )
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cnf", action="store_true", help="bind the token to the dev client certificate"
     )
+    p.add_argument("--output", type=Path, help="write the token to this file (mode 600)")
     p.set_defaults(func=_cmd_dev_token)
     return parser
 
@@ -174,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeybrokerError as exc:
         print(f"keybroker: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"keybroker: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
     return code
 

@@ -1,0 +1,163 @@
+"""`make demo`: a storage service protecting a voice recording, against the broker `make run` started.
+
+1. synthesise a WAV recording (espeak-ng speech when installed, else a generated tone);
+2. encrypt it with `keybroker encrypt` for the purpose it was collected for (support);
+3. decrypt it for support and compare;
+4. try to decrypt it for marketing (a purpose the recording was not collected for): refused;
+5. print the decision spans of all of it from the broker's span file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import wave
+from pathlib import Path
+
+from keybroker import settings
+from keybroker.devenv import DevEnv, mint_token
+
+BIN = Path(sys.executable).parent
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def make_recording(path: Path) -> None:
+    if shutil.which("espeak-ng"):
+        text = "Hello, this is a recorded support call. Your ticket number is four two."
+        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+        return
+    rate, seconds = 16000, 3
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        notes = [440.0, 554.37, 659.25]
+        frames = bytearray()
+        for i in range(rate * seconds):
+            freq = notes[(i * len(notes)) // (rate * seconds)]
+            frames += struct.pack("<h", int(12000 * math.sin(2 * math.pi * freq * i / rate)))
+        wav.writeframes(bytes(frames))
+
+
+def run(*args: str, expect: int = 0, env: dict[str, str] | None = None) -> str:
+    prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+    print(f"$ {prefix + ' ' if prefix else ''}keybroker " + " ".join(args), flush=True)
+    out = subprocess.run(
+        [str(BIN / "keybroker"), *args],
+        capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    text = (out.stdout + out.stderr).rstrip()
+    print(text)
+    if out.returncode != expect:
+        raise SystemExit(f"demo: exit code {out.returncode}, expected {expect}")
+    return text
+
+
+def spans_for(
+    span_file: Path, recording_id: str, expected: int, timeout: float = 10
+) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        found = []
+        if span_file.exists():
+            for line in span_file.read_text().splitlines():
+                span = json.loads(line)
+                if span.get("attributes", {}).get("keybroker.recording.id") == recording_id:
+                    found.append(span)
+        if len(found) >= expected:
+            break
+        time.sleep(0.25)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, default=Path(".keybroker"))
+    args = parser.parse_args()
+    env = DevEnv(args.state_dir)
+    if not env.config.exists():
+        raise SystemExit("demo: no dev environment; run `make run` in another terminal first")
+    config = settings.load(env.config)
+    work = args.state_dir / "demo"
+    work.mkdir(exist_ok=True)
+    recording_id = f"call-{uuid.uuid4().hex[:8]}"
+    cfg = ["--config", str(env.config)]
+
+    say("A storage service gets a token for support work, and marketing gets one for marketing")
+    token_file = config.client.token_file or env.root / "client.token"
+    token_file.write_text(
+        mint_token(env, scopes=["keys:generate", "keys:unwrap"], purposes=["support"]) + "\n"
+    )
+    marketing_token = work / "marketing.token"
+    marketing_token.write_text(
+        mint_token(env, scopes=["keys:unwrap"], purposes=["marketing"], subject="marketing-app")
+        + "\n"
+    )
+
+    say("Record a call")
+    wav = work / f"{recording_id}.wav"
+    make_recording(wav)
+    print(
+        f"{wav}: {wav.stat().st_size} bytes, sha256 {hashlib.sha256(wav.read_bytes()).hexdigest()[:16]}…"
+    )
+
+    say("Encrypt it for the purpose it was collected for (support)")
+    sealed = work / f"{recording_id}.kbr"
+    run("encrypt", *cfg, "--recording-id", recording_id, "--purpose", "support",
+        "--subject", "subject-42", "--retain-days", "90", str(wav), str(sealed))  # fmt: skip
+    run("inspect", str(sealed))
+
+    say("Decrypt it for support, and compare")
+    restored = work / f"{recording_id}.restored.wav"
+    run("decrypt", *cfg, "--purpose", "support", str(sealed), str(restored))
+    same = restored.read_bytes() == wav.read_bytes()
+    print("identical to the original" if same else "MISMATCH")
+    if not same:
+        return 1
+
+    say("Marketing tries to use the recording: refused, it was not collected for marketing")
+    refused = work / f"{recording_id}.marketing.wav"
+    refusal = run(
+        "decrypt", *cfg, "--purpose", "marketing", str(sealed), str(refused),
+        expect=1, env={"KEYBROKER_CLIENT_TOKEN_FILE": str(marketing_token)},
+    )  # fmt: skip
+    if "not among the recording's purposes" not in refusal:
+        raise SystemExit("demo: the refusal did not come from the purpose rule")
+    print(f"no plaintext left behind: {not refused.exists()}")
+
+    say("The decision spans of all of it (from the broker's span file)")
+    span_file = config.telemetry.span_file or env.root / "spans.jsonl"
+    spans = spans_for(span_file, recording_id, expected=3)
+    print(
+        f"{'time (UTC)':<26} {'operation':<16} {'decision':<8} {'reason':<18} {'purposes':<10} {'who':<14} key"
+    )
+    for span in spans:
+        a = span["attributes"]
+        assert isinstance(a, dict)
+        print(
+            f"{str(span['start_time'])[:26]:<26} {a.get('rpc.method', ''):<16} {a.get('keybroker.decision', ''):<8} "
+            f"{a.get('keybroker.reason', ''):<18} {','.join(a.get('keybroker.purposes', [])):<10} "
+            f"{a.get('keybroker.principal.sub', ''):<14} {a.get('keybroker.key.name', '')}/v{a.get('keybroker.key.version', '')}"
+        )
+    if len(spans) < 3:
+        print(f"demo: expected 3 decision spans in {span_file}, found {len(spans)}")
+        return 1
+    print("\n(erasure will join this demo when the privacy controls exist — issue #4)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
