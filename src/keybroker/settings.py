@@ -255,7 +255,10 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
             f"unknown section [{sorted(unknown)[0]}]; known sections: " + ", ".join(_SECTIONS)
         )
     for section, values in _env_overrides(environ).items():
-        raw.setdefault(section, {}).update(values)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"[{section}] must be a table")
+        table.update(values)
     built: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values = raw.get(section, {})

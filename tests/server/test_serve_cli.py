@@ -82,6 +82,7 @@ def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> 
     port = proc.wait_listening()
     token = mint_token(devenv, scopes=["keys:generate"], purposes=["support"])
     results: list[int] = []
+    refusals: list[grpc.StatusCode] = []
     with channel(devenv, port) as ch:
         kb = stub(ch)
         kb.GenerateDataKey(generate_request(), metadata=auth(token))
@@ -94,8 +95,7 @@ def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> 
                         len(kb.GenerateDataKey(generate_request(), metadata=auth(token)).data_key)
                     )
                 except grpc.RpcError as exc:
-                    code = exc.code()
-                    assert code is grpc.StatusCode.UNAVAILABLE, code
+                    refusals.append(exc.code())
                     break
 
         worker = threading.Thread(target=load)
@@ -105,7 +105,9 @@ def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> 
         finally:
             stop.set()
             worker.join(10)
-    assert results and set(results) == {32}
+    assert results
+    assert set(results) == {32}
+    assert refusals in ([], [grpc.StatusCode.UNAVAILABLE])
 
 
 def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> None:

@@ -7,11 +7,13 @@ they never carry key material, wrapped blobs or tokens.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from keybroker import __version__
@@ -42,14 +44,27 @@ def configure_tracing(
         )
         provider.add_span_processor(BatchSpanProcessor(exporter))
     if settings.span_file is not None:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        out = settings.span_file.open("a", buffering=1)  # closed with the process
-        lines = ConsoleSpanExporter(out=out, formatter=lambda s: s.to_json(indent=None) + "\n")
+        lines = JsonLinesSpanExporter(settings.span_file)
         provider.add_span_processor(BatchSpanProcessor(lines, schedule_delay_millis=500))
     if extra_processor is not None:
         provider.add_span_processor(extra_processor)
     return provider
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each span as one JSON line to a file (development and demos)."""
+
+    def __init__(self, path: Path) -> None:
+        self._out = path.open("a", encoding="utf-8")
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            self._out.write(span.to_json(indent=None) + "\n")
+        self._out.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self._out.close()
 
 
 def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:

@@ -46,7 +46,7 @@ MAX_WRAPPED_KEY_SIZE = 32 * 1024
 
 _KEY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,63}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -215,12 +215,19 @@ def _parse_bindings(raw: bytes) -> Bindings:
     context = tuple((r.text(r.u8()), r.text(r.u16())) for _ in range(r.u8()))
     if not r.at_end():
         raise InvalidWrappedKeyError
-    bindings = Bindings(recording_id, purposes, subject_ids, retain_until, context)
+    if len({k for k, _ in context}) != len(context):
+        raise InvalidWrappedKeyError  # a repeated context key would collapse in a mapping
     try:
-        canonical = bindings.encode()
+        bindings = Bindings.create(
+            recording_id=recording_id,
+            purposes=purposes,
+            subject_ids=subject_ids,
+            retain_until=retain_until,
+            context=dict(context),
+        )
     except InvalidRequestError:
         raise InvalidWrappedKeyError from None
-    if canonical != raw:  # unsorted, duplicated or otherwise non-canonical
+    if bindings.encode() != raw:  # unsorted, duplicated or otherwise non-canonical
         raise InvalidWrappedKeyError
     return bindings
 

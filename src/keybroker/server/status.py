@@ -21,6 +21,7 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.HsmUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.RecordingIntegrityError, grpc.StatusCode.DATA_LOSS),  # client-side; for completeness
     (errors.InternalError, grpc.StatusCode.INTERNAL),
     (errors.ConfigurationError, grpc.StatusCode.INTERNAL),
     (errors.KeybrokerError, grpc.StatusCode.INTERNAL),
