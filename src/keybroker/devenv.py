@@ -30,7 +30,7 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keybroker.errors import ConfigurationError
@@ -93,6 +93,22 @@ class DevEnv:
     @property
     def ca_key(self) -> Path:
         return self.pki / "ca.key"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.root / "journal"
+
+    @property
+    def chain_key(self) -> Path:
+        return self.root / "audit" / "chain.key"
+
+    @property
+    def checkpoint_key(self) -> Path:
+        return self.root / "audit" / "checkpoint-signing.pem"
+
+    @property
+    def checkpoint_public_key(self) -> Path:
+        return self.root / "audit" / "checkpoint-signing.pub.pem"
 
     @property
     def signing_key(self) -> Path:
@@ -333,6 +349,28 @@ def mint_token(
     return jwt.encode(claims, key, algorithm="ES256", headers=header)  # type: ignore[arg-type]
 
 
+# -- audit keys -----------------------------------------------------------------------------
+
+
+def provision_audit(env: DevEnv) -> None:
+    """The journal's chain key (HMAC) and checkpoint signing key (Ed25519)."""
+    if not env.chain_key.exists():
+        _write_secret(env.chain_key, secrets.token_hex(32).encode() + b"\n")
+    if not env.checkpoint_key.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_secret(env.checkpoint_key, pem)
+        env.checkpoint_public_key.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+
 # -- settings and KEK -----------------------------------------------------------------------
 
 
@@ -374,6 +412,12 @@ otlp_endpoint = ""
 # Decision spans as JSON lines, for `make demo` and curious developers.
 span_file = "spans.jsonl"
 
+# The durable, hash-chained audit journal (one chain per worker process under journal/w<N>/).
+[audit]
+dir = "journal"
+chain_key_file = "audit/chain.key"
+signing_key_file = "audit/checkpoint-signing.pem"
+
 # For `keybroker encrypt | decrypt` (mint a token into client.token with `keybroker dev token`).
 [client]
 target = "{listen}"
@@ -392,6 +436,7 @@ def provision(root: Path, *, listen: str = "127.0.0.1:50051", create_key: bool =
     provision_hsm(env)
     provision_pki(env)
     provision_issuer(env)
+    provision_audit(env)
     write_config(env, listen)
     if create_key:
         ensure_kek(env, DEFAULT_KEY)

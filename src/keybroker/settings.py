@@ -107,6 +107,41 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    dir: Path | None = None
+    """Journal directory. Unset: no durable journal (best-effort spans only): not for production."""
+    chain_key_file: Path | None = None
+    """32-byte HMAC key of the hash chain, as 64 hex characters. Never stored in the journal."""
+    signing_key_file: Path | None = None
+    """Ed25519 private key (PEM) that signs checkpoints."""
+    fsync: bool = True
+    """fdatasync every group commit (durable against power loss); false: OS buffers only."""
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_file_age: int = 86400
+    checkpoint_interval: int = 60
+
+    def load_keys(self) -> tuple[bytes, Any]:
+        """(chain key, Ed25519 private key) from their files, or a ConfigurationError."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        if self.chain_key_file is None or self.signing_key_file is None:
+            raise ConfigurationError(
+                "[audit] chain_key_file and signing_key_file are required with [audit] dir"
+            )
+        try:
+            chain_key = bytes.fromhex(self.chain_key_file.read_text().strip())
+            signing = load_pem_private_key(self.signing_key_file.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"[audit] cannot read audit keys: {exc}") from None
+        if len(chain_key) != 32:
+            raise ConfigurationError("[audit] chain_key_file must hold 64 hex characters")
+        if not isinstance(signing, Ed25519PrivateKey):
+            raise ConfigurationError("[audit] signing_key_file must be an Ed25519 private key")
+        return chain_key, signing
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """For the ``keybroker encrypt | decrypt`` commands (the SDK takes arguments instead)."""
 
@@ -138,6 +173,7 @@ class Settings:
     hsm: HsmSettings = field(default_factory=HsmSettings)
     keys: KeysSettings = field(default_factory=KeysSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     source: Path | None = None
 
@@ -167,6 +203,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "hsm": HsmSettings,
     "keys": KeysSettings,
     "telemetry": TelemetrySettings,
+    "audit": AuditSettings,
     "client": ClientSettings,
 }
 _DURATION_KEYS = {
@@ -175,6 +212,8 @@ _DURATION_KEYS = {
     "auth.jwks_refresh_interval",
     "server.grace_period",
     "keys.default_retention",
+    "audit.max_file_age",
+    "audit.checkpoint_interval",
 }
 
 

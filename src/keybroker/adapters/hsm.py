@@ -357,29 +357,3 @@ class Pkcs11Keks:
 @dataclass(frozen=True, slots=True)
 class _Failed:
     exc: PKCS11Error
-
-
-class HsmMonitor:
-    """Background thread probing the HSM every ``interval`` seconds; drives health status."""
-
-    def __init__(self, keks: Pkcs11Keks, interval: float) -> None:
-        self._keks = keks
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hsm-monitor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._keks.check()
-            except HsmUnavailableError:
-                pass  # already logged and signalled by the store
-            except Exception:  # a monitor must never die silently
-                log.exception("hsm probe failed unexpectedly")

@@ -25,24 +25,34 @@ log = logging.getLogger(__name__)
 TRACER_NAME = "keybroker"
 
 
-def configure_tracing(
-    settings: TelemetrySettings, *, extra_processor: SpanProcessor | None = None
-) -> TracerProvider:
-    """Build the tracer provider: OTLP/gRPC export when ``otlp_endpoint`` is set."""
-    provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": settings.service_name, "service.version": __version__}
-        )
-    )
-    if settings.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def resource(settings: TelemetrySettings) -> Resource:
+    return Resource.create({"service.name": settings.service_name, "service.version": __version__})
 
-        exporter = OTLPSpanExporter(
-            endpoint=settings.otlp_endpoint,
-            insecure=settings.otlp_insecure,
-            timeout=settings.otlp_timeout,
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+
+def otlp_exporter(settings: TelemetrySettings) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(
+        endpoint=settings.otlp_endpoint,
+        insecure=settings.otlp_insecure,
+        timeout=settings.otlp_timeout,
+    )
+
+
+def configure_tracing(
+    settings: TelemetrySettings,
+    *,
+    extra_processor: SpanProcessor | None = None,
+    otlp: bool = True,
+) -> TracerProvider:
+    """Build the tracer provider for live spans.
+
+    With ``otlp`` (no audit journal), spans go to ``otlp_endpoint`` directly, best-effort. With a
+    journal, OTLP export runs from the journal instead (no loss), so live spans skip it.
+    """
+    provider = TracerProvider(resource=resource(settings))
+    if settings.otlp_endpoint and otlp:
+        provider.add_span_processor(BatchSpanProcessor(otlp_exporter(settings)))
     if settings.span_file is not None:
         lines = JsonLinesSpanExporter(settings.span_file)
         provider.add_span_processor(BatchSpanProcessor(lines, schedule_delay_millis=500))

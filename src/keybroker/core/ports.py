@@ -39,4 +39,6 @@ class KeyEncryptionKeys(Protocol):
 class DecisionRecorder(Protocol):
     """Records every decision (allow or deny)."""
 
-    def record(self, decision: Decision) -> None: ...
+    def record(self, decision: Decision) -> object:
+        """Record it; a durable recorder raises UnavailableError if it cannot."""
+        ...

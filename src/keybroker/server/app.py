@@ -18,13 +18,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-from keybroker.adapters.hsm import HsmConfig, HsmMonitor, Pkcs11Keks
-from keybroker.adapters.telemetry import SpanRecorder, configure_tracing
+from keybroker.adapters.export import JournalExporter
+from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
+from keybroker.adapters.journal import Journal, JournalConfig
+from keybroker.adapters.telemetry import SpanRecorder, configure_tracing, otlp_exporter, resource
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.broker import KeyBroker
 from keybroker.core.ports import Clock
 from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server.guard import CallGuard
+from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import keybroker_pb2, keybroker_pb2_grpc
@@ -39,15 +42,21 @@ class RunningBroker:
     server: grpc.Server
     port: int
     keks: Pkcs11Keks
-    monitor: HsmMonitor
+    monitor: HealthMonitor
     health: health.HealthServicer
     tracer_provider: TracerProvider
+    journal: Journal | None = None
+    exporter: JournalExporter | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.monitor.stop()
+        if self.journal is not None:
+            self.journal.close()  # writes a final signed checkpoint
+        if self.exporter is not None:
+            self.exporter.stop()  # one last bounded attempt; the rest goes after restart
         self.tracer_provider.shutdown()
 
 
@@ -67,11 +76,32 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+def open_journal(settings: Settings, worker: int) -> Journal | None:
+    """The audit journal of this worker process, or None when ``[audit] dir`` is unset."""
+    audit = settings.audit
+    if audit.dir is None:
+        log.warning("[audit] dir is unset: decisions are only exported as best-effort spans")
+        return None
+    chain_key, signing_key = audit.load_keys()
+    return Journal(
+        JournalConfig(
+            directory=audit.dir / f"w{worker}",
+            chain_key=chain_key,
+            signing_key=signing_key,
+            fsync=audit.fsync,
+            max_file_bytes=audit.max_file_bytes,
+            max_file_age=audit.max_file_age,
+            checkpoint_interval=audit.checkpoint_interval,
+        )
+    )
+
+
 def create_server(
     settings: Settings,
     *,
     clock: Clock = time.time,
     span_processor: SpanProcessor | None = None,
+    worker: int = 0,
 ) -> RunningBroker:
     """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
     validate_for_serving(settings)
@@ -97,12 +127,16 @@ def create_server(
         min_interval=auth.jwks_refresh_interval,
     )
     verifier = TokenVerifier(auth, jwks, clock=clock)
-    provider = configure_tracing(settings.telemetry, extra_processor=span_processor)
+    journal = open_journal(settings, worker)
+    provider = configure_tracing(
+        settings.telemetry, extra_processor=span_processor, otlp=journal is None
+    )
     guard = CallGuard(
         service=SERVICE_NAME,
         verifier=verifier.verify,
         recorder=SpanRecorder(provider),
         require_cnf=auth.require_cnf,
+        durable=journal,
     )
     broker = KeyBroker(
         keks,
@@ -112,18 +146,14 @@ def create_server(
     )
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-
-    def set_health(ok: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, status)
-
-    set_health(False)
-    keks.on_health_change(set_health)
+    health_state = Health(health_servicer, [SERVICE_NAME])
+    starting = health_state.watch("starting", False)
+    health_state.publish()
+    keks.on_health_change(health_state.watch("hsm", keks.healthy))
+    probes = [keks.check]
+    if journal is not None:
+        journal.on_health_change(health_state.watch("journal", journal.healthy))
+        probes.append(journal.check)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.server.threads),
@@ -154,15 +184,24 @@ def create_server(
             f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
         )
     server.start()
-    set_health(keks.healthy)
-    monitor = HsmMonitor(keks, settings.hsm.health_interval)
+    exporter = None
+    if journal is not None and settings.telemetry.otlp_endpoint:
+        exporter = JournalExporter(
+            journal.directory,
+            otlp_exporter(settings.telemetry),
+            resource(settings.telemetry),
+            durable_seq=lambda: journal.durable_seq,
+        )
+        exporter.start()
+    starting(True)
+    monitor = HealthMonitor(probes, settings.hsm.health_interval)
     monitor.start()
     log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
-    return RunningBroker(server, port, keks, monitor, health_servicer, provider)
+    return RunningBroker(server, port, keks, monitor, health_servicer, provider, journal, exporter)
 
 
-def _serve_one(settings: Settings) -> None:
-    broker = create_server(settings)
+def _serve_one(settings: Settings, worker: int = 0) -> None:
+    broker = create_server(settings, worker=worker)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -175,11 +214,11 @@ def _serve_one(settings: Settings) -> None:
     broker.stop(settings.server.grace_period)
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, worker: int) -> None:
     from keybroker.cli.logs import configure_logging
 
     configure_logging(settings.telemetry.log_level)
-    _serve_one(settings)
+    _serve_one(settings, worker)
 
 
 def serve(settings: Settings) -> None:
@@ -191,7 +230,7 @@ def serve(settings: Settings) -> None:
     validate_for_serving(settings)
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
-        ctx.Process(target=_worker, args=(settings,), name=f"keybroker-{i}")
+        ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
         for i in range(processes)
     ]
     for w in workers:

@@ -1,7 +1,9 @@
 """Runs one call: TLS and token checks, the use case, the decision record, the status mapping.
 
-Every call through :meth:`CallGuard.run` produces exactly one decision record, allow or deny,
-before the reply leaves.
+Every call through :meth:`CallGuard.run` produces exactly one decision record, allow or deny. With
+a durable recorder (the audit journal) the record is durable before the reply leaves; if it cannot
+be written the call fails closed with UNAVAILABLE, and no data key leaves. The live recorder
+(spans) is best-effort and never fails a call.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ class CallGuard:
         verifier: Callable[[str], Principal],
         recorder: DecisionRecorder,
         require_cnf: bool,
+        durable: DecisionRecorder | None = None,
     ) -> None:
         self._service = service
         self._verify = verifier
         self._recorder = recorder
+        self._durable = durable
         self._require_cnf = require_cnf
 
     def run(
@@ -92,15 +96,26 @@ class CallGuard:
             decision.outcome = Outcome.ERROR if code in _ERROR_CODES else Outcome.DENY
             decision.reason = exc.reason if isinstance(exc, KeybrokerError) else "internal"
             decision.status_code = code.name
-            self._record(decision)
+            self._record(context, decision)
             context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
             context.abort(code, message)
         decision.outcome = Outcome.ALLOW
         decision.reason = "ok"
         decision.status_code = grpc.StatusCode.OK.name
-        self._record(decision)
+        self._record(context, decision)
         return result
 
-    def _record(self, decision: Decision) -> None:
+    def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
+        """Durable record first (fail closed), then the live span."""
         decision.ended_ns = time.time_ns()
+        if self._durable is not None:
+            try:
+                self._durable.record(decision)
+            except KeybrokerError as exc:
+                decision.outcome = Outcome.ERROR
+                decision.reason = exc.reason
+                decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+                self._recorder.record(decision)
+                context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         self._recorder.record(decision)

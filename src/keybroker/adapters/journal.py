@@ -1,0 +1,280 @@
+"""The durable audit journal: hash-chained JSON lines, group commit, fail closed, self-recovering.
+
+:meth:`Journal.record` returns only once the decision is durable (written and, by default,
+``fdatasync``-ed). Concurrent callers share one flush (group commit): whoever flushes writes every
+record queued so far. If a write or flush fails (disk full, permissions), the records not yet
+durable are dropped from the chain, their callers get UnavailableError, the file is cut back to its
+last durable byte, and health reports NOT_SERVING; the next call or health probe tries again.
+
+Layout: ``<dir>/w<worker>/journal-<first seq>.jsonl`` (one chain per worker process, files rotated
+by size and age) and ``checkpoints.jsonl`` (every signed checkpoint, to ship off-host).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from keybroker.core import journal as jf
+from keybroker.core.decision import Decision
+from keybroker.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+FILE_GLOB = "journal-*.jsonl"
+CHECKPOINTS = "checkpoints.jsonl"
+
+
+class JournalUnavailableError(UnavailableError):
+    default_message = "audit journal temporarily unavailable"
+    default_reason = "journal_unavailable"
+
+
+def journal_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(FILE_GLOB))
+
+
+def read_lines(directory: Path) -> Iterator[tuple[str, bytes]]:
+    """``(file:line, raw line)`` over every journal file of one chain, in order."""
+    for path in journal_files(directory):
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                yield f"{path.name}:{number}", raw
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    directory: Path
+    chain_key: bytes
+    signing_key: Ed25519PrivateKey
+    fsync: bool = True
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_file_age: float = 86400.0
+    checkpoint_interval: float = 60.0
+
+    def __repr__(self) -> str:
+        return f"JournalConfig(directory={str(self.directory)!r}, keys=***)"
+
+
+class Journal:
+    """One hash chain, appended by many threads of one process."""
+
+    def __init__(self, config: JournalConfig, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self._c = config
+        self._clock = clock
+        self._lock = threading.Lock()  # chain state and pending buffer
+        self._flush_lock = threading.Lock()  # one writer at a time
+        self._pending: list[bytes] = []
+        self._checkpoints_pending: list[bytes] = []
+        self._listeners: list[Callable[[bool], None]] = []
+        self._healthy = True
+        self._fd = -1
+        self._file_opened = 0.0
+        self._last_checkpoint = time.monotonic()
+        self._epoch = 0  # bumped when a failed flush drops records: their tickets become void
+        config.directory.mkdir(parents=True, exist_ok=True)
+        self._seq, self._mac, self._durable_size = self._recover()
+        self._durable_seq, self._durable_mac = self._seq, self._mac
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _recover(self) -> tuple[int, str, int]:
+        """Find the chain head; cut off a torn last line left by a crash mid-write."""
+        files = journal_files(self._c.directory)
+        if not files:
+            return 0, jf.GENESIS, 0
+        path = files[-1]
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            log.warning(
+                "journal %s: cutting a torn last record (%d bytes)", path.name, len(data) - end
+            )
+            with path.open("r+b") as fh:
+                fh.truncate(end)
+                os.fsync(fh.fileno())
+        lines = data[:end].splitlines()
+        if not lines:
+            return int(path.stem.split("-")[1]) - 1, self._previous_head(files), 0
+        last = jf.parse_line(lines[-1])
+        mac = str(last.pop("mac"))
+        if jf.mac_of(self._c.chain_key, last) != mac:
+            raise JournalUnavailableError(
+                "audit journal head fails verification; run `keybroker audit verify`"
+            )
+        self._open(path)
+        return int(last["seq"]), mac, end
+
+    def _previous_head(self, files: list[Path]) -> str:
+        for path in reversed(files[:-1]):
+            lines = path.read_bytes().splitlines()
+            if lines:
+                return str(jf.parse_line(lines[-1])["mac"])
+        return jf.GENESIS
+
+    def _open(self, path: Path) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file_opened = time.monotonic()
+        dir_fd = os.open(self._c.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def on_health_change(self, listener: Callable[[bool], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def directory(self) -> Path:
+        return self._c.directory
+
+    @property
+    def durable_seq(self) -> int:
+        """Sequence number of the last record known to be on disk."""
+        return self._durable_seq
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _set_health(self, ok: bool) -> None:
+        if ok != self._healthy:
+            self._healthy = ok
+            (log.info if ok else log.error)(
+                "audit journal %s", "writable again" if ok else "failing"
+            )
+            for listener in self._listeners:
+                listener(ok)
+
+    def check(self) -> None:
+        """Health probe: can we write and flush in the journal directory? Raises if not."""
+        probe = self._c.directory / ".probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"x" * 512)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError:
+            self._set_health(False)
+            raise JournalUnavailableError from None
+        if not self._healthy:
+            self._set_health(True)
+        if time.monotonic() - self._last_checkpoint >= self._c.checkpoint_interval:
+            self.checkpoint()
+
+    # -- appending -----------------------------------------------------------------------------
+
+    def record(self, decision: Decision) -> int:
+        """Append a decision and return its sequence number once it is durable."""
+        with self._lock:
+            seq = self._seq + 1
+            rec = jf.decision_record(
+                self._c.chain_key, seq=seq, ts=self._clock(), prev=self._mac, decision=decision
+            )
+            self._seq, self._mac = seq, rec.mac
+            self._pending.append(rec.line())
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
+        return seq
+
+    def checkpoint(self) -> int:
+        """Append a signed checkpoint of the current head (also to checkpoints.jsonl)."""
+        with self._lock:
+            seq = self._seq + 1
+            rec = jf.checkpoint_record(
+                self._c.chain_key,
+                self._c.signing_key.sign,
+                seq=seq,
+                ts=self._clock(),
+                prev=self._mac,
+            )
+            self._seq, self._mac = seq, rec.mac
+            self._pending.append(rec.line())
+            self._checkpoints_pending.append(rec.line())
+            self._last_checkpoint = time.monotonic()
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
+        return seq
+
+    def _flush_until(self, seq: int, epoch: int) -> None:
+        with self._flush_lock:
+            if epoch != self._epoch:
+                raise JournalUnavailableError  # dropped by a failed flush before ours
+            if self._durable_seq >= seq:
+                return
+            with self._lock:
+                batch, self._pending = self._pending, []
+                anchors, self._checkpoints_pending = self._checkpoints_pending, []
+                head_seq, head_mac = self._seq, self._mac
+            if self._durable_seq >= seq:
+                return
+            try:
+                self._rotate_if_due(head_seq - len(batch) + 1)
+                data = b"".join(batch)
+                written = 0
+                while written < len(data):
+                    written += os.write(self._fd, data[written:])
+                if self._c.fsync:
+                    os.fdatasync(self._fd)
+                if anchors:
+                    self._append_anchors(b"".join(anchors))
+            except OSError as exc:
+                self._fail(exc)
+                raise JournalUnavailableError from None
+            self._durable_size += len(data)
+            self._durable_seq, self._durable_mac = head_seq, head_mac
+        self._set_health(True)
+
+    def _fail(self, exc: OSError) -> None:
+        """Drop every record that is not durable and cut the file back to its last durable byte."""
+        log.error("audit journal write failed: %s", exc.strerror or exc)
+        with self._lock:
+            self._pending.clear()
+            self._checkpoints_pending.clear()
+            self._seq, self._mac = self._durable_seq, self._durable_mac
+            self._epoch += 1
+        try:
+            if self._fd >= 0:
+                os.ftruncate(self._fd, self._durable_size)
+        except OSError:
+            pass
+        self._set_health(False)
+
+    def _rotate_if_due(self, first_seq: int) -> None:
+        too_big = self._durable_size >= self._c.max_file_bytes
+        too_old = time.monotonic() - self._file_opened >= self._c.max_file_age
+        if self._fd < 0 or too_big or too_old:
+            self._open(self._c.directory / f"journal-{first_seq:012d}.jsonl")
+            self._durable_size = os.fstat(self._fd).st_size
+
+    def _append_anchors(self, data: bytes) -> None:
+        fd = os.open(self._c.directory / CHECKPOINTS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, data)
+            if self._c.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.checkpoint()
+            except UnavailableError:
+                log.warning("no final checkpoint: journal unavailable")
+            os.close(self._fd)
+            self._fd = -1
