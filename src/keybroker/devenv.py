@@ -103,6 +103,10 @@ class DevEnv:
         return self.root / "audit" / "chain.key"
 
     @property
+    def pseudonym_key(self) -> Path:
+        return self.root / "audit" / "pseudonym.key"
+
+    @property
     def checkpoint_key(self) -> Path:
         return self.root / "audit" / "checkpoint-signing.pem"
 
@@ -354,8 +358,9 @@ def mint_token(
 
 def provision_audit(env: DevEnv) -> None:
     """The journal's chain key (HMAC) and checkpoint signing key (Ed25519)."""
-    if not env.chain_key.exists():
-        _write_secret(env.chain_key, secrets.token_hex(32).encode() + b"\n")
+    for path in (env.chain_key, env.pseudonym_key):
+        if not path.exists():
+            _write_secret(path, secrets.token_hex(32).encode() + b"\n")
     if not env.checkpoint_key.exists():
         key = ed25519.Ed25519PrivateKey.generate()
         pem = key.private_bytes(
@@ -417,6 +422,7 @@ span_file = "spans.jsonl"
 dir = "journal"
 chain_key_file = "audit/chain.key"
 signing_key_file = "audit/checkpoint-signing.pem"
+pseudonym_key_file = "audit/pseudonym.key"
 
 # For `keybroker encrypt | decrypt` (mint a token into client.token with `keybroker dev token`).
 [client]

@@ -93,6 +93,13 @@ class HsmUnavailableError(UnavailableError):
     default_reason = "hsm_unavailable"
 
 
+class JournalUnavailableError(UnavailableError):
+    """The audit journal cannot be written: the broker fails closed until it can."""
+
+    default_message = "audit journal temporarily unavailable"
+    default_reason = "journal_unavailable"
+
+
 class InternalError(KeybrokerError):
     """A bug or an unexpected state. Details go to the log, never to the caller."""
 

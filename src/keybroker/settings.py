@@ -119,6 +119,26 @@ class AuditSettings:
     max_file_bytes: int = 64 * 1024 * 1024
     max_file_age: int = 86400
     checkpoint_interval: int = 60
+    pseudonymize: bool = True
+    """Replace recording ids in exported spans by a keyed HMAC (``keybroker audit pseudonym``)."""
+    pseudonym_key_file: Path | None = None
+    """32-byte HMAC key for pseudonyms, as 64 hex characters."""
+
+    def load_pseudonym_key(self) -> bytes | None:
+        if not self.pseudonymize:
+            return None
+        if self.pseudonym_key_file is None:
+            raise ConfigurationError(
+                "[audit] pseudonym_key_file is required while pseudonymize = true "
+                "(or set pseudonymize = false to export identifiers in clear)"
+            )
+        try:
+            key = bytes.fromhex(self.pseudonym_key_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"[audit] pseudonym_key_file: {exc}") from None
+        if len(key) != 32:
+            raise ConfigurationError("[audit] pseudonym_key_file must hold 64 hex characters")
+        return key
 
     def load_keys(self) -> tuple[bytes, Any]:
         """(chain key, Ed25519 private key) from their files, or a ConfigurationError."""

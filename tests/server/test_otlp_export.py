@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from keybroker.adapters.export import Pseudonymizer
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.v1 import keybroker_pb2 as pb
 from tests.conftest import code_of
@@ -51,10 +52,11 @@ def test_spans_are_exported_over_otlp(devenv: DevEnv, tmp_path: Path) -> None:
     by_name = {name: attrs for name, attrs in spans}
     generate = by_name["keybroker.v1.KeyBroker/GenerateDataKey"]
     unwrap = by_name["keybroker.v1.KeyBroker/UnwrapDataKey"]
-    assert (generate["keybroker.decision"], generate["keybroker.recording.id"]) == (
-        "allow",
-        "rec-otlp",
+    assert generate["keybroker.decision"] == "allow"
+    pseudonym = Pseudonymizer(bytes.fromhex(devenv.pseudonym_key.read_text()))(
+        "recording", "rec-otlp"
     )
+    assert generate["keybroker.recording.id"] == pseudonym  # pseudonymised by default
     assert (unwrap["keybroker.decision"], unwrap["keybroker.reason"]) == (
         "deny",
         "purpose_not_granted",
@@ -64,3 +66,4 @@ def test_spans_are_exported_over_otlp(devenv: DevEnv, tmp_path: Path) -> None:
     assert gen.data_key not in raw
     assert gen.wrapped_key not in raw
     assert token.encode() not in raw
+    assert b"rec-otlp" not in raw

@@ -91,8 +91,10 @@ def record_to_span(
             end_time=record.ts,
             instrumentation_scope=_SCOPE,
         )
-    if pseudonymize is not None and decision.recording_id:
-        decision.recording_id = pseudonymize("recording", decision.recording_id)
+    if pseudonymize is not None:
+        if decision.recording_id:
+            decision.recording_id = pseudonymize("recording", decision.recording_id)
+        decision.subject_ids = tuple(pseudonymize("subject", s) for s in decision.subject_ids)
     parent = _parent(decision.trace_context.get("traceparent"))
     trace_id = parent.trace_id if parent else int.from_bytes(mac[8:24], "big")
     status = (

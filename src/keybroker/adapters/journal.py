@@ -24,17 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
-from keybroker.errors import UnavailableError
+from keybroker.errors import JournalUnavailableError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 FILE_GLOB = "journal-*.jsonl"
 CHECKPOINTS = "checkpoints.jsonl"
-
-
-class JournalUnavailableError(UnavailableError):
-    default_message = "audit journal temporarily unavailable"
-    default_reason = "journal_unavailable"
 
 
 def journal_files(directory: Path) -> list[Path]:

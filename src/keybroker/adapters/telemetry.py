@@ -101,6 +101,8 @@ def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
     attrs.update({k: v for k, v in optional.items() if v is not None})
     if d.purposes:
         attrs["keybroker.purposes"] = list(d.purposes)
+    if d.subject_ids:
+        attrs["keybroker.subject.ids"] = list(d.subject_ids)
     return attrs
 
 

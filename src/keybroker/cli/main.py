@@ -1,6 +1,7 @@
 """``keybroker`` subcommands.
 
-Exit codes: 0 success; 1 runtime failure (HSM unavailable, refused); 2 usage or configuration error.
+Exit codes: 0 success; 1 runtime failure (HSM unavailable, refused; for ``audit verify``: the
+journal fails verification); 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=_cmd_kek_list)
 
-    from keybroker.cli.recordings import register
+    from keybroker.cli import audit, recordings
 
-    register(sub)
+    recordings.register(sub)
+    audit.register(sub)
 
     dev = sub.add_parser("dev", help="embedded development environment").add_subparsers(
         dest="dev_command", required=True

@@ -122,6 +122,7 @@ class KeyBroker:
             retain_until=retain_until,
             context=request.context,
         )
+        decision.subject_ids = bindings.subject_ids
         policy.require_purposes_granted(principal, bindings.purposes)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
         decision.key_name = name
@@ -181,6 +182,7 @@ class KeyBroker:
         decision.key_name = parsed.key.name
         decision.key_version = parsed.key.version
         data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
         return parsed, data_key
 
     def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:

@@ -34,6 +34,7 @@ class Decision:
     peer_address: str | None = None
     recording_id: str | None = None
     purposes: tuple[str, ...] = field(default_factory=tuple)
+    subject_ids: tuple[str, ...] = field(default_factory=tuple)
     key_name: str | None = None
     key_version: int | None = None
     started_ns: int = 0

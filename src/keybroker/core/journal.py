@@ -49,6 +49,7 @@ def decision_to_dict(decision: Decision) -> dict[str, Any]:
     out = dataclasses.asdict(decision)
     out["outcome"] = decision.outcome.value
     out["purposes"] = list(decision.purposes)
+    out["subject_ids"] = list(decision.subject_ids)
     return {k: v for k, v in out.items() if v not in (None, "", [], {})}
 
 
@@ -57,6 +58,7 @@ def decision_from_dict(data: dict[str, Any]) -> Decision:
     values = {k: v for k, v in data.items() if k in fields}
     values["outcome"] = Outcome(values.get("outcome", "deny"))
     values["purposes"] = tuple(values.get("purposes", ()))
+    values["subject_ids"] = tuple(values.get("subject_ids", ()))
     return Decision(**values)
 
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-from keybroker.adapters.export import JournalExporter
+from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
 from keybroker.adapters.telemetry import SpanRecorder, configure_tracing, otlp_exporter, resource
@@ -186,11 +186,13 @@ def create_server(
     server.start()
     exporter = None
     if journal is not None and settings.telemetry.otlp_endpoint:
+        pseudonym_key = settings.audit.load_pseudonym_key()
         exporter = JournalExporter(
             journal.directory,
             otlp_exporter(settings.telemetry),
             resource(settings.telemetry),
             durable_seq=lambda: journal.durable_seq,
+            pseudonymize=Pseudonymizer(pseudonym_key) if pseudonym_key else None,
         )
         exporter.start()
     starting(True)

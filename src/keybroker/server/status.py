@@ -20,6 +20,7 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.RetentionExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.HsmUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.JournalUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.RecordingIntegrityError, grpc.StatusCode.DATA_LOSS),  # client-side; for completeness
     (errors.InternalError, grpc.StatusCode.INTERNAL),
@@ -35,6 +36,7 @@ _REASON_CLASSES: dict[str, type[errors.KeybrokerError]] = {
     errors.InvalidWrappedKeyError.default_reason: errors.InvalidWrappedKeyError,
     errors.RetentionExpiredError.default_reason: errors.RetentionExpiredError,
     errors.HsmUnavailableError.default_reason: errors.HsmUnavailableError,
+    errors.JournalUnavailableError.default_reason: errors.JournalUnavailableError,
 }
 _CODE_CLASSES: dict[grpc.StatusCode, type[errors.KeybrokerError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
