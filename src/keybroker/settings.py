@@ -119,6 +119,10 @@ class AuditSettings:
     max_file_bytes: int = 64 * 1024 * 1024
     max_file_age: int = 86400
     checkpoint_interval: int = 60
+    export_batch_size: int = 256
+    """Records per OTLP export; also the most a crash can make the collector receive twice."""
+    export_max_backoff: int = 10
+    """Longest wait between export retries while the collector is unreachable."""
     pseudonymize: bool = True
     """Replace recording ids in exported spans by a keyed HMAC (``keybroker audit pseudonym``)."""
     pseudonym_key_file: Path | None = None
@@ -234,6 +238,7 @@ _DURATION_KEYS = {
     "keys.default_retention",
     "audit.max_file_age",
     "audit.checkpoint_interval",
+    "audit.export_max_backoff",
 }
 
 

@@ -11,8 +11,24 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
+def rows(request: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, attributes) of every span in one ExportTraceServiceRequest."""
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                attrs: dict[str, Any] = {}
+                for kv in span.attributes:
+                    value = kv.value
+                    kind = value.WhichOneof("value")
+                    if kind == "array_value":
+                        attrs[kv.key] = [v.string_value for v in value.array_value.values]
+                    else:
+                        attrs[kv.key] = getattr(value, kind)
+                yield span.name, attrs
+
+
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Stores every exported span; listens on 127.0.0.1 (plaintext, as a local collector would)."""
+    """Stores every export request; listens on 127.0.0.1 (plaintext, as a local collector would)."""
 
     def __init__(self) -> None:
         self.requests: list[Any] = []
@@ -27,19 +43,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def spans(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(name, attributes) of every received span."""
         with self._lock:
             requests = list(self.requests)
-        for req in requests:
-            for resource_spans in req.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        attrs: dict[str, Any] = {}
-                        for kv in span.attributes:
-                            value = kv.value
-                            kind = value.WhichOneof("value")
-                            if kind == "array_value":
-                                attrs[kv.key] = [v.string_value for v in value.array_value.values]
-                            else:
-                                attrs[kv.key] = getattr(value, kind)
-                        yield span.name, attrs
+        for request in requests:
+            yield from rows(request)

@@ -193,6 +193,8 @@ def create_server(
             resource(settings.telemetry),
             durable_seq=lambda: journal.durable_seq,
             pseudonymize=Pseudonymizer(pseudonym_key) if pseudonym_key else None,
+            batch_size=settings.audit.export_batch_size,
+            max_backoff=settings.audit.export_max_backoff,
         )
         exporter.start()
     starting(True)
