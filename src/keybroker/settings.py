@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from keybroker.core.alerting import AlertThresholds
 from keybroker.errors import ConfigurationError
 
 ENV_PREFIX = "KEYBROKER_"
@@ -198,6 +199,7 @@ class Settings:
     keys: KeysSettings = field(default_factory=KeysSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    alerts: AlertThresholds = field(default_factory=AlertThresholds)
     client: ClientSettings = field(default_factory=ClientSettings)
     source: Path | None = None
 
@@ -228,6 +230,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "keys": KeysSettings,
     "telemetry": TelemetrySettings,
     "audit": AuditSettings,
+    "alerts": AlertThresholds,
     "client": ClientSettings,
 }
 _DURATION_KEYS = {
@@ -250,6 +253,8 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
         return parse_duration(value, name)
     text = str(hint)
     if "Path" in text:
+        if value == "" and "None" in text:
+            return None  # an empty override unsets an optional path
         if not isinstance(value, str) or not value:
             raise ConfigurationError(f"{name}: expected a file path")
         path = Path(value).expanduser()
@@ -337,7 +342,10 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
                     f"[{section}] {key}: unknown key; known keys: " + ", ".join(sorted(names))
                 )
             kwargs[key] = _coerce(section, key, hints[key], value, base)
-        built[section] = cls(**kwargs)
+        try:
+            built[section] = cls(**kwargs)
+        except ValueError as exc:
+            raise ConfigurationError(f"[{section}] {exc}") from None
     settings = Settings(**built, source=path)
     validate(settings)
     return settings

@@ -137,3 +137,20 @@ def test_no_secret_in_spans_or_logs(
     )
     for needle in needles:
         assert needle not in haystack
+
+
+def test_repeated_denials_raise_an_alert(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, caplog: pytest.LogCaptureFixture, spans: Spans
+) -> None:
+    """Ten denials of one principal within a minute: an alert log line and an alert span."""
+    caplog.set_level(logging.WARNING, logger="keybroker.alerts")
+    t = token(subject="noisy-neighbour", scopes=["keys:unwrap"])
+    for _ in range(10):
+        code_of(lambda: kb.GenerateDataKey(generate_request(), metadata=auth(t)))
+    assert any(
+        "repeated_denials_principal" in r.getMessage() and "noisy-neighbour" in r.getMessage()
+        for r in caplog.records
+    )
+    alert_spans = [s for s in spans() if s.name == "keybroker.alert/repeated_denials_principal"]
+    assert len(alert_spans) == 1
+    assert (alert_spans[0].attributes or {})["keybroker.alert.subject"] == "noisy-neighbour"

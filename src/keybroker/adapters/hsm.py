@@ -103,6 +103,11 @@ class Pkcs11Keks:
         self._current: dict[str, KeyRef] = {}
         self._next_attempt = 0.0
         self._listeners: list[Callable[[bool], None]] = []
+        self._observer: Callable[[float, str], None] | None = None
+
+    def observe(self, observer: Callable[[float, str], None]) -> None:
+        """Call ``observer(seconds, operation)`` after every encrypt and decrypt (metrics)."""
+        self._observer = observer
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class Pkcs11Keks:
             )
             return out
 
-        result = self._with_key(key, op, missing=lambda: NotFoundError(reason="key_not_found"))
+        result = self._timed("encrypt", key, op, lambda: NotFoundError(reason="key_not_found"))
         if isinstance(result, _Failed):
             self._classify_failure(result.exc)
             raise HsmUnavailableError
@@ -289,11 +294,22 @@ class Pkcs11Keks:
             )
             return out
 
-        result = self._with_key(key, op, missing=InvalidWrappedKeyError)
+        result = self._timed("decrypt", key, op, InvalidWrappedKeyError)
         if isinstance(result, _Failed):
             self._classify_failure(result.exc)
             raise InvalidWrappedKeyError from None
         return result
+
+    def _timed(
+        self, name: str, key: KeyRef, op: Callable[[Any], T], missing: Callable[[], Exception]
+    ) -> T | _Failed:
+        if self._observer is None:
+            return self._with_key(key, op, missing=missing)
+        started = time.perf_counter()
+        try:
+            return self._with_key(key, op, missing=missing)
+        finally:
+            self._observer(time.perf_counter() - started, name)
 
     def _with_key(
         self, key: KeyRef, op: Callable[[Any], T], *, missing: Callable[[], Exception]

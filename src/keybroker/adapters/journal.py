@@ -73,6 +73,7 @@ class Journal:
         self._fd = -1
         self._file_opened = 0.0
         self._last_checkpoint = time.monotonic()
+        self._on_flush: Callable[[float, int], None] | None = None
         self._epoch = 0  # bumped when a failed flush drops records: their tickets become void
         config.directory.mkdir(parents=True, exist_ok=True)
         self._seq, self._mac, self._durable_size = self._recover()
@@ -126,6 +127,10 @@ class Journal:
             os.close(dir_fd)
 
     # -- health --------------------------------------------------------------------------------
+
+    def on_flush(self, observer: Callable[[float, int], None]) -> None:
+        """Call ``observer(seconds, records)`` after every successful flush (metrics)."""
+        self._on_flush = observer
 
     def on_health_change(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
@@ -217,6 +222,7 @@ class Journal:
                 head_seq, head_mac = self._seq, self._mac
             if self._durable_seq >= seq:
                 return
+            started = time.perf_counter()
             try:
                 self._rotate_if_due(head_seq - len(batch) + 1)
                 data = b"".join(batch)
@@ -232,6 +238,8 @@ class Journal:
                 raise JournalUnavailableError from None
             self._durable_size += len(data)
             self._durable_seq, self._durable_mac = head_seq, head_mac
+            if self._on_flush is not None:
+                self._on_flush(time.perf_counter() - started, len(batch))
         self._set_health(True)
 
     def _fail(self, exc: OSError) -> None:

@@ -44,21 +44,26 @@ def configure_tracing(
     *,
     extra_processor: SpanProcessor | None = None,
     otlp: bool = True,
-) -> TracerProvider:
+) -> tuple[TracerProvider, bool]:
     """Build the tracer provider for live spans.
 
     With ``otlp`` (no audit journal), spans go to ``otlp_endpoint`` directly, best-effort. With a
-    journal, OTLP export runs from the journal instead (no loss), so live spans skip it.
+    journal, OTLP export runs from the journal instead (no loss), so live spans skip it. Returns
+    the provider and whether anything consumes live spans (if not, the broker makes none).
     """
+    consumers = 0
     provider = TracerProvider(resource=resource(settings))
     if settings.otlp_endpoint and otlp:
         provider.add_span_processor(BatchSpanProcessor(otlp_exporter(settings)))
+        consumers += 1
     if settings.span_file is not None:
         lines = JsonLinesSpanExporter(settings.span_file)
         provider.add_span_processor(BatchSpanProcessor(lines, schedule_delay_millis=500))
+        consumers += 1
     if extra_processor is not None:
         provider.add_span_processor(extra_processor)
-    return provider
+        consumers += 1
+    return provider, consumers > 0
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -104,6 +109,13 @@ def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
     if d.subject_ids:
         attrs["keybroker.subject.ids"] = list(d.subject_ids)
     return attrs
+
+
+class NoRecorder:
+    """Nothing consumes live spans: make none (the journal is the record)."""
+
+    def record(self, decision: Decision) -> None:
+        return None
 
 
 class SpanRecorder:

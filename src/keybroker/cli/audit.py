@@ -208,6 +208,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--until")
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.set_defaults(func=cmd_query)
+    from keybroker.cli import audit_report
+
+    audit_report.register(audit)
     p = audit.add_parser("pseudonym", help="the pseudonym an identifier has in exported spans")
     p.add_argument("identifier")
     p.add_argument("--kind", choices=["recording", "subject"], default="recording")

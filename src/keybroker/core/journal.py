@@ -45,12 +45,22 @@ def checkpoint_message(seq: int, head: str) -> bytes:
     return f"keybroker-checkpoint:{seq}:{head}".encode()
 
 
+_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+
+
 def decision_to_dict(decision: Decision) -> dict[str, Any]:
-    out = dataclasses.asdict(decision)
-    out["outcome"] = decision.outcome.value
-    out["purposes"] = list(decision.purposes)
-    out["subject_ids"] = list(decision.subject_ids)
-    return {k: v for k, v in out.items() if v not in (None, "", [], {})}
+    """The decision's non-empty fields (hot path: no deep copy)."""
+    out: dict[str, Any] = {}
+    for name in _DECISION_FIELDS:
+        value = getattr(decision, name)
+        if value is None or value in ("", (), {}):
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Outcome):
+            value = value.value
+        out[name] = value
+    return out
 
 
 def decision_from_dict(data: dict[str, Any]) -> Decision:

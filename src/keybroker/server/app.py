@@ -16,17 +16,25 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
+from keybroker.adapters.alerts import AlertDetector
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
-from keybroker.adapters.telemetry import SpanRecorder, configure_tracing, otlp_exporter, resource
+from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
+from keybroker.adapters.telemetry import (
+    SpanRecorder,
+    configure_tracing,
+    otlp_exporter,
+    resource,
+)
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.broker import KeyBroker
-from keybroker.core.ports import Clock
+from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.errors import ConfigurationError, NotFoundError
-from keybroker.server.guard import CallGuard
+from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
@@ -47,6 +55,7 @@ class RunningBroker:
     tracer_provider: TracerProvider
     journal: Journal | None = None
     exporter: JournalExporter | None = None
+    meter_provider: MeterProvider | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
@@ -58,6 +67,8 @@ class RunningBroker:
         if self.exporter is not None:
             self.exporter.stop()  # one last bounded attempt; the rest goes after restart
         self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
 
 
 def _read(path: Path | None) -> bytes:
@@ -96,15 +107,8 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     )
 
 
-def create_server(
-    settings: Settings,
-    *,
-    clock: Clock = time.time,
-    span_processor: SpanProcessor | None = None,
-    worker: int = 0,
-) -> RunningBroker:
-    """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
-    validate_for_serving(settings)
+def connect_hsm(settings: Settings) -> Pkcs11Keks:
+    """Log in to the HSM and check the default KEK exists (fail fast otherwise)."""
     os.environ.update(settings.hsm.env)
     keks = Pkcs11Keks(
         HsmConfig(settings.hsm.module, settings.hsm.token_label, settings.read_pin()),
@@ -119,6 +123,116 @@ def create_server(
             f"{settings.hsm.token_label!r}; create it with `keybroker kek create "
             f"{settings.keys.default} --config FILE`"
         ) from None
+    return keks
+
+
+@dataclass
+class Observability:
+    """Live decision recorders (alerts, metrics, spans) and the providers behind them."""
+
+    recorder: FanOut
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider | None
+    metrics: DecisionMetrics | None
+
+
+def build_observability(
+    settings: Settings,
+    keks: Pkcs11Keks,
+    journal: Journal | None,
+    span_processor: SpanProcessor | None,
+) -> Observability:
+    telemetry = settings.telemetry
+    provider, live_spans = configure_tracing(
+        telemetry, extra_processor=span_processor, otlp=journal is None
+    )
+    meter_provider, decision_metrics = None, None
+    if telemetry.otlp_endpoint:
+        meter_provider = configure_metrics(
+            telemetry.otlp_endpoint,
+            telemetry.otlp_insecure,
+            telemetry.otlp_timeout,
+            resource(telemetry),
+        )
+        decision_metrics = DecisionMetrics(meter_provider)
+        keks.observe(decision_metrics.hsm_call)
+        if journal is not None:
+            journal.on_flush(decision_metrics.journal_flush)
+    live: list[DecisionRecorder] = [
+        AlertDetector(settings.alerts, tracer_provider=provider, meter_provider=meter_provider)
+    ]
+    if decision_metrics is not None:
+        live.append(decision_metrics)
+    if live_spans:
+        live.append(SpanRecorder(provider))
+    return Observability(FanOut(live), provider, meter_provider, decision_metrics)
+
+
+def start_exporter(
+    settings: Settings, journal: Journal | None, metrics: DecisionMetrics | None
+) -> JournalExporter | None:
+    """Export the journal over OTLP when both exist (see keybroker.adapters.export)."""
+    if journal is None or not settings.telemetry.otlp_endpoint:
+        return None
+    pseudonym_key = settings.audit.load_pseudonym_key()
+    exporter = JournalExporter(
+        journal.directory,
+        otlp_exporter(settings.telemetry),
+        resource(settings.telemetry),
+        durable_seq=lambda: journal.durable_seq,
+        pseudonymize=Pseudonymizer(pseudonym_key) if pseudonym_key else None,
+        batch_size=settings.audit.export_batch_size,
+        max_backoff=settings.audit.export_max_backoff,
+    )
+    exporter.start()
+    if metrics is not None:
+        metrics.observe_export_lag(lambda: journal.durable_seq - exporter.position)
+    return exporter
+
+
+def grpc_server(
+    settings: Settings, servicer: KeyBrokerServicer, health_servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
+    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.server.threads),
+        options=[
+            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+            ("grpc.max_send_message_length", settings.server.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigurationError(
+            f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
+        )
+    return server, port
+
+
+def create_server(
+    settings: Settings,
+    *,
+    clock: Clock = time.time,
+    span_processor: SpanProcessor | None = None,
+    worker: int = 0,
+) -> RunningBroker:
+    """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
+    validate_for_serving(settings)
+    keks = connect_hsm(settings)
     auth = settings.auth
     jwks = JwksKeys(
         file=auth.jwks_file,
@@ -128,13 +242,11 @@ def create_server(
     )
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
-    provider = configure_tracing(
-        settings.telemetry, extra_processor=span_processor, otlp=journal is None
-    )
+    obs = build_observability(settings, keks, journal, span_processor)
     guard = CallGuard(
         service=SERVICE_NAME,
         verifier=verifier.verify,
-        recorder=SpanRecorder(provider),
+        recorder=obs.recorder,
         require_cnf=auth.require_cnf,
         durable=journal,
     )
@@ -155,53 +267,24 @@ def create_server(
         journal.on_health_change(health_state.watch("journal", journal.healthy))
         probes.append(journal.check)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.server.threads),
-        options=[
-            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
-            ("grpc.max_send_message_length", settings.server.max_message_bytes),
-            ("grpc.so_reuseport", 1),
-        ],
-    )
-    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(  # type: ignore[no-untyped-call]
-        KeyBrokerServicer(broker, guard), server
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    try:
-        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise ConfigurationError(
-            f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
-        )
+    server, port = grpc_server(settings, KeyBrokerServicer(broker, guard), health_servicer)
     server.start()
-    exporter = None
-    if journal is not None and settings.telemetry.otlp_endpoint:
-        pseudonym_key = settings.audit.load_pseudonym_key()
-        exporter = JournalExporter(
-            journal.directory,
-            otlp_exporter(settings.telemetry),
-            resource(settings.telemetry),
-            durable_seq=lambda: journal.durable_seq,
-            pseudonymize=Pseudonymizer(pseudonym_key) if pseudonym_key else None,
-            batch_size=settings.audit.export_batch_size,
-            max_backoff=settings.audit.export_max_backoff,
-        )
-        exporter.start()
+    exporter = start_exporter(settings, journal, obs.metrics)
     starting(True)
     monitor = HealthMonitor(probes, settings.hsm.health_interval)
     monitor.start()
     log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
-    return RunningBroker(server, port, keks, monitor, health_servicer, provider, journal, exporter)
+    return RunningBroker(
+        server,
+        port,
+        keks,
+        monitor,
+        health_servicer,
+        obs.tracer_provider,
+        journal,
+        exporter,
+        obs.meter_provider,
+    )
 
 
 def _serve_one(settings: Settings, worker: int = 0) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -44,6 +44,20 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
             "authorization metadata must be 'Bearer <token>'", reason="token_malformed"
         )
     return token.strip()
+
+
+class FanOut:
+    """Passes each decision to several live recorders; one failing never fails the call."""
+
+    def __init__(self, recorders: Sequence[DecisionRecorder]) -> None:
+        self._recorders = tuple(recorders)
+
+    def record(self, decision: Decision) -> None:
+        for recorder in self._recorders:
+            try:
+                recorder.record(decision)
+            except Exception:  # live recording is best-effort by design
+                log.exception("live decision recorder %s failed", type(recorder).__name__)
 
 
 class CallGuard:
