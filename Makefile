@@ -6,7 +6,7 @@ STATE_DIR ?= .keybroker
 LISTEN ?= 127.0.0.1:50051
 LINT_PATHS := src tests bench scripts
 
-.PHONY: run test lint proto demo bench system-deps venv clean
+.PHONY: run test lint proto demo bench bench-recording system-deps venv clean
 
 ## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
 system-deps:
@@ -46,6 +46,10 @@ demo: venv
 ## bench: the side-by-side benchmark (see docs/PERFORMANCE.md)
 bench: system-deps venv
 	$(BIN)/python bench/run.py
+
+## bench-recording: recording format memory (2 GiB round trip) and throughput vs raw AES-GCM
+bench-recording: venv
+	$(BIN)/python bench/recording.py --size-gib 2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -70,6 +70,9 @@ class RecordingHeader:
             raise ValueError(f"recording id must be 1..{MAX_RECORDING_ID} bytes")
         if not 0 < len(self.wrapped_key) <= MAX_WRAPPED_KEY_SIZE:
             raise ValueError("wrapped key length out of bounds")
+        if len(self.salt) != SALT_SIZE or len(self.nonce_prefix) != NONCE_PREFIX_SIZE:
+            # struct would silently pad or cut them: the file could never be decrypted
+            raise ValueError(f"salt must be {SALT_SIZE} bytes, nonce prefix {NONCE_PREFIX_SIZE}")
         fixed = _FIXED.pack(MAGIC, VERSION, self.segment_size, self.salt, self.nonce_prefix)
         return b"".join(
             (
