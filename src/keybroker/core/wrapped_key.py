@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keybroker.errors import InvalidRequestError, InvalidWrappedKeyError
 
@@ -106,6 +106,25 @@ class Bindings:
         context: Mapping[str, str],
     ) -> Bindings:
         """Validate request values and build canonical bindings (sorted, de-duplicated)."""
+        return cls.canonical(
+            recording_id=recording_id,
+            purposes=purposes,
+            subject_ids=subject_ids,
+            retain_until=retain_until,
+            context=context,
+        )[0]
+
+    @classmethod
+    def canonical(
+        cls,
+        *,
+        recording_id: str,
+        purposes: Iterable[str],
+        subject_ids: Iterable[str],
+        retain_until: int,
+        context: Mapping[str, str],
+    ) -> tuple[Bindings, bytes]:
+        """Like :meth:`create`, also returning the canonical encoding (validated once)."""
         bindings = cls(
             recording_id=recording_id,
             purposes=_sorted_unique(purposes),
@@ -113,8 +132,7 @@ class Bindings:
             retain_until=retain_until,
             context=tuple(sorted(context.items(), key=lambda kv: kv[0].encode("utf-8"))),
         )
-        bindings.encode()  # validates every bound
-        return bindings
+        return bindings, bindings.encode()  # encode() validates every bound
 
     @property
     def context_map(self) -> dict[str, str]:
@@ -218,7 +236,7 @@ def _parse_bindings(raw: bytes) -> Bindings:
     if len({k for k, _ in context}) != len(context):
         raise InvalidWrappedKeyError  # a repeated context key would collapse in a mapping
     try:
-        bindings = Bindings.create(
+        bindings, canonical = Bindings.canonical(
             recording_id=recording_id,
             purposes=purposes,
             subject_ids=subject_ids,
@@ -227,7 +245,7 @@ def _parse_bindings(raw: bytes) -> Bindings:
         )
     except InvalidRequestError:
         raise InvalidWrappedKeyError from None
-    if bindings.encode() != raw:  # unsorted, duplicated or otherwise non-canonical
+    if canonical != raw:  # unsorted, duplicated or otherwise non-canonical
         raise InvalidWrappedKeyError
     return bindings
 
@@ -241,6 +259,8 @@ class WrappedKey:
     bindings: Bindings
     ciphertext: bytes
     """AES-256-GCM ciphertext of the data key followed by the 16-byte tag."""
+    parsed_header: bytes = field(default=b"", repr=False, compare=False)
+    """The header bytes a parsed key came with (already checked canonical): its AAD."""
 
     def __repr__(self) -> str:
         return f"WrappedKey(key={self.key}, recording_id={self.bindings.recording_id!r})"
@@ -266,7 +286,7 @@ class WrappedKey:
 
     @property
     def aad(self) -> bytes:
-        return self.header(self.key, self.nonce, self.bindings)
+        return self.parsed_header or self.header(self.key, self.nonce, self.bindings)
 
     def encode(self) -> bytes:
         return self.aad + self.ciphertext
@@ -290,4 +310,4 @@ class WrappedKey:
         ciphertext = r.take(CIPHERTEXT_SIZE)
         if not r.at_end():
             raise InvalidWrappedKeyError
-        return cls(KeyRef(name, version), nonce, bindings, ciphertext)
+        return cls(KeyRef(name, version), nonce, bindings, ciphertext, blob[:-CIPHERTEXT_SIZE])
