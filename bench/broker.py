@@ -1,0 +1,288 @@
+"""The keybroker side: a fresh dev environment, the broker as a subprocess, and load phases.
+
+The broker runs exactly as an operator would start it (``keybroker serve --config ...``) with
+environment overrides for processes, threads and the listen address. Requests are made once with
+the Python client, checked, serialised to files and replayed by the C++ load generator
+(bench/loadgen.cc), which needs no protobuf code of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import procs
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from report import Measurement
+
+from keybroker import settings as settings_mod
+from keybroker.devenv import DevEnv, mint_token, provision
+from keybroker.v1 import keybroker_pb2 as pb
+from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+
+UNWRAP = "/keybroker.v1.KeyBroker/UnwrapDataKey"
+GENERATE = "/keybroker.v1.KeyBroker/GenerateDataKey"
+HEALTH = "/grpc.health.v1.Health/Check"
+
+#: A realistic request: one recording, one purpose, one data subject, a small caller context.
+RECORDING_ID = "rec-2026-11-22-000001"
+PURPOSE = "support"
+SUBJECT_IDS = ("subj-7f3a9c2e",)
+CONTEXT = {"tenant": "acme", "system": "call-recorder"}
+
+_LISTENING_RE = re.compile(r"listening on port (\d+)")
+
+
+@dataclass(frozen=True)
+class Broker:
+    env: DevEnv
+    port: int
+    child: procs.Child
+    processes: int
+    files: Path
+    """Directory holding token.txt, wrapped_key.bin and the serialised requests."""
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def request_file(self, method: str) -> Path:
+        return (
+            self.files
+            / {UNWRAP: "unwrap.bin", GENERATE: "generate.bin", HEALTH: "health.bin"}[method]
+        )
+
+    @property
+    def token_file(self) -> Path:
+        return self.files / "token.txt"
+
+    @property
+    def wrapped_key_file(self) -> Path:
+        return self.files / "wrapped_key.bin"
+
+
+def _serve_argv() -> list[str]:
+    script = Path(sys.executable).parent / "keybroker"
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "keybroker.cli.main", "serve"]
+
+
+@contextmanager
+def running_broker(
+    work: Path,
+    *,
+    processes: int,
+    threads: int,
+    name: str = "",
+    overrides: dict[str, str] | None = None,
+) -> Iterator[Broker]:
+    """Provision a fresh state directory, start the broker, prepare the requests; stop it after.
+
+    ``name`` separates the state, requests and log of a second broker (``overrides``: its
+    KEYBROKER_* settings, e.g. the journal turned off)."""
+    suffix = f"-{name}" if name else ""
+    state = work / f"state{suffix}"
+    if state.exists():
+        shutil.rmtree(state)
+    port = procs.free_port()
+    env = provision(state, listen=f"127.0.0.1:{port}")
+    _production_telemetry(env.config)
+    environ = {
+        **os.environ,
+        "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}",
+        "KEYBROKER_SERVER_PROCESSES": str(processes),
+        "KEYBROKER_SERVER_THREADS": str(threads),
+        **(overrides or {}),
+    }
+    argv = [*_serve_argv(), "--config", str(env.config)]
+    with _started(argv, work / f"broker{suffix}.log", environ, processes) as child:
+        files = work / f"requests{suffix}"
+        files.mkdir(exist_ok=True)
+        _prepare_requests(env, port, files)
+        yield Broker(env, port, child, processes, files)
+
+
+def _production_telemetry(config: Path) -> None:
+    """Drop the dev config's span file: decision spans are still made for every call (as in
+    production), but not written as JSON lines to local disk (a development aid that would
+    grow by gigabytes here). No OTLP exporter either: no collector runs on this machine."""
+    text = config.read_text()
+    config.write_text(re.sub(r"(?m)^span_file\s*=.*\n", "", text))
+    loaded = settings_mod.load(config, environ={})
+    if getattr(loaded.telemetry, "span_file", None) is not None or loaded.telemetry.otlp_endpoint:
+        raise SystemExit(f"bench: could not turn span export off in {config}")
+
+
+@contextmanager
+def _started(
+    argv: list[str], log: Path, environ: dict[str, str], processes: int, attempts: int = 3
+) -> Iterator[procs.Child]:
+    """Start the broker; retry a start whose worker lost a race for the token (see
+    docs/PERFORMANCE.md: workers starting at once sometimes fail to find the SoftHSM token)."""
+    for attempt in range(1, attempts + 1):
+        child = procs.Child(argv, log=log, env=environ)
+        try:
+            _wait_listening(child, processes)
+        except SystemExit as exc:
+            child.stop()
+            if attempt == attempts or "no token labelled" not in str(exc):
+                raise
+            print(
+                f"bench: broker start {attempt} failed (a worker did not find the token); retrying",
+                file=sys.stderr,
+            )
+            continue
+        with child:
+            yield child
+        return
+
+
+def _wait_listening(child: procs.Child, processes: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(_LISTENING_RE.findall(child.output())) >= processes:
+            return
+        if not child.alive():
+            raise SystemExit(f"bench: the broker exited early:\n{child.output()}")
+        time.sleep(0.1)
+    raise SystemExit(f"bench: the broker did not start in {timeout:.0f}s:\n{child.output()}")
+
+
+def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
+    """Check the broker end to end once and write the requests the load generator replays."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=env.ca_cert.read_bytes(),
+        private_key=env.key("client").read_bytes(),
+        certificate_chain=env.cert("client").read_bytes(),
+    )
+    token = mint_token(env, scopes=["keys:unwrap", "keys:generate"], purposes=[PURPOSE])
+    metadata = [("authorization", f"Bearer {token}")]
+    generate = pb.GenerateDataKeyRequest(
+        recording_id=RECORDING_ID,
+        purposes=[PURPOSE],
+        subject_ids=list(SUBJECT_IDS),
+        context=CONTEXT,
+    )
+    health_request = health_pb2.HealthCheckRequest(service="")
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_request, timeout=10).status
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise SystemExit(f"bench: broker health is {status}, not SERVING")
+        stub = pb_grpc.KeyBrokerStub(channel)  # type: ignore[no-untyped-call]
+        generated: pb.GenerateDataKeyResponse = stub.GenerateDataKey(
+            generate, metadata=metadata, timeout=10
+        )
+        unwrap = pb.UnwrapDataKeyRequest(
+            recording_id=RECORDING_ID,
+            wrapped_key=generated.wrapped_key,
+            purpose=PURPOSE,
+            context=CONTEXT,
+        )
+        unwrapped: pb.UnwrapDataKeyResponse = stub.UnwrapDataKey(
+            unwrap, metadata=metadata, timeout=10
+        )
+        if unwrapped.data_key != generated.data_key or len(generated.data_key) != 32:
+            raise SystemExit("bench: UnwrapDataKey did not return the generated data key")
+    token_file = files / "token.txt"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    (files / "wrapped_key.bin").write_bytes(generated.wrapped_key)
+    (files / "generate.bin").write_bytes(generate.SerializeToString())
+    (files / "unwrap.bin").write_bytes(unwrap.SerializeToString())
+    (files / "health.bin").write_bytes(health_request.SerializeToString())
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    concurrency: int
+    connections: int
+    warmup: float
+    duration: float
+    max_calls: int
+
+
+def run_load(loadgen: Path, broker: Broker, method: str, spec: LoadSpec, log: Path) -> Measurement:
+    """One closed-loop phase of the C++ load generator; server CPU sampled at its window marks."""
+    argv = [
+        str(loadgen),
+        "--target", broker.target,
+        "--ca", str(broker.env.ca_cert),
+        "--cert", str(broker.env.cert("client")),
+        "--key", str(broker.env.key("client")),
+        "--method", method,
+        "--request", str(broker.request_file(method)),
+        "--concurrency", str(spec.concurrency),
+        "--connections", str(spec.connections),
+        "--warmup", str(spec.warmup),
+        "--duration", str(spec.duration),
+        "--max-calls", str(spec.max_calls),
+    ]  # fmt: skip
+    if method != HEALTH:
+        argv += ["--token-file", str(broker.token_file)]
+    roots = [broker.child.pid]
+    before = after = None
+    result: dict[str, object] | None = None
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+        )
+        watchdog = threading.Timer(spec.warmup + spec.duration + 60, proc.kill)
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("MEASURE_START"):
+                    before = procs.snapshot(roots)
+                elif line.startswith("MEASURE_END"):
+                    after = procs.snapshot(roots)
+                elif line.startswith("RESULT "):
+                    result = json.loads(line.removeprefix("RESULT "))
+            code = proc.wait(30)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if code != 0 or result is None or before is None or after is None:
+        raise SystemExit(f"bench: load generator failed (exit {code}); see {log}")
+    return _measurement(result, procs.delta(before, after))
+
+
+def _measurement(result: dict[str, object], cpu: procs.CpuDelta) -> Measurement:
+    def num(key: str) -> float:
+        value = result[key]
+        assert isinstance(value, int | float)
+        return float(value)
+
+    ok, errors = int(num("ok")), int(num("errors"))
+    shares = sorted(
+        (v / cpu.seconds for v in cpu.per_pid.values() if cpu.seconds > 0), reverse=True
+    )
+    return Measurement(
+        ok=ok,
+        errors=errors,
+        seconds=num("seconds"),
+        rate=num("rate"),
+        p50_ms=num("p50_us") / 1000,
+        p99_ms=num("p99_us") / 1000,
+        server_cpu_us=cpu.seconds * 1e6 / ok if ok else None,
+        server_cores=cpu.cores,
+        client_cpu_us=num("client_cpu_us_per_call"),
+        all_in_cpu_us=cpu.all_in_us(num("client_cpu_us_per_call") * (ok + errors) / 1e6, ok),
+        machine_busy=cpu.machine_busy_fraction,
+        split=tuple(shares[:2]),
+        extra={"error_codes": result.get("error_codes"), "first_error": result.get("first_error")},
+    )
