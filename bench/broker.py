@@ -97,7 +97,8 @@ def running_broker(
     if state.exists():
         shutil.rmtree(state)
     port = procs.free_port()
-    env = provision(state, listen=f"127.0.0.1:{port}")
+    with _stdout_to_stderr():  # provisioning children print progress; keep stdout for the table
+        env = provision(state, listen=f"127.0.0.1:{port}")
     _production_telemetry(env.config)
     environ = {
         **os.environ,
@@ -112,6 +113,20 @@ def running_broker(
         files.mkdir(exist_ok=True)
         _prepare_requests(env, port, files)
         yield Broker(env, port, child, processes, files)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for the block (child processes included)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _production_telemetry(config: Path) -> None:
