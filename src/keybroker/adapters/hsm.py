@@ -111,11 +111,26 @@ class Pkcs11Keks:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def connect(self) -> None:
+    def connect(self, attempts: int = 5) -> None:
         """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
-        (start-up should fail fast) and HsmUnavailableError for anything else."""
-        with PKCS11_LOCK:
-            self._connect()
+        (start-up should fail fast) and HsmUnavailableError for anything else.
+
+        An unknown token is retried a few times (re-initialising the module each time): several
+        worker processes starting at once were seen to miss the SoftHSM token now and then.
+        """
+        for attempt in range(1, attempts + 1):
+            with PKCS11_LOCK:
+                try:
+                    self._connect()
+                except ConfigurationError as exc:
+                    if exc.reason != "token_not_found" or attempt == attempts:
+                        raise
+                    _load(self._config.module).reinitialize()
+                    _generations[self._config.module] = _generations.get(self._config.module, 0) + 1
+                else:
+                    return
+            log.warning("hsm: token not found, retrying (%d/%d)", attempt, attempts)
+            time.sleep(0.2 * attempt)
 
     def on_health_change(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
@@ -142,7 +157,8 @@ class Pkcs11Keks:
         except NoSuchToken:
             raise ConfigurationError(
                 f"[hsm] token_label: no token labelled {self._config.token_label!r}; "
-                "initialise it (softhsm/init-token.sh) or fix the label"
+                "initialise it (softhsm/init-token.sh) or fix the label",
+                reason="token_not_found",
             ) from None
         try:
             session = token.open(rw=True, user_pin=self._config.pin)
