@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from keybroker.client.recording import RecordingHeader
 from keybroker.devenv import DevEnv, mint_token, provision
 from tests.support.process import BrokerProcess, free_port
 
@@ -65,7 +67,11 @@ def test_encrypt_decrypt_inspect(live: DevEnv, tmp_path: Path) -> None:
     assert info["purposes"] == ["support"]
     assert info["subject_ids"] == ["s-9"]
     assert info["context"] == {"site": "eu"}
-    assert "wrapped" not in shown.stdout.replace('"wrapped_key"', "")
+    with sealed.open("rb") as fh:
+        wrapped = RecordingHeader.read(fh).wrapped_key
+    for form in (wrapped.hex(), base64.b64encode(wrapped).decode(), wrapped[-48:].hex()):
+        assert form not in shown.stdout
+    assert kb("inspect", str(sealed)).stdout.count("recordings/v1") == 1
 
 
 def test_refusals_leave_no_output_and_exit_1(live: DevEnv, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 
@@ -47,7 +46,3 @@ def generate_request(
         context=context or {},
         key_name=key_name,
     )
-
-
-def read(path: Path) -> bytes:
-    return path.read_bytes()
