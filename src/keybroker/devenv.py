@@ -412,6 +412,10 @@ env = {{ SOFTHSM2_CONF = "{env.softhsm_conf.resolve()}" }}
 default = "{DEFAULT_KEY}"
 default_retention = "90d"
 
+# Key metadata (versions, states, usage): SQLite here; postgresql://… for several replicas.
+[state]
+url = "sqlite:keybroker.db"
+
 [telemetry]
 otlp_endpoint = ""
 # Decision spans as JSON lines, for `make demo` and curious developers.
@@ -458,7 +462,8 @@ def ensure_kek(env: DevEnv, name: str) -> None:
     script = (
         "import sys\n"
         "from keybroker.cli.main import main\n"
-        "sys.exit(main(['kek', 'create', sys.argv[1], '--config', sys.argv[2], '--if-missing']))\n"
+        "sys.exit(main(['kek', 'create', sys.argv[1], '--config', sys.argv[2], '--offline',"
+        " '--if-missing']))\n"
     )
     import sys
 

@@ -100,6 +100,13 @@ class JournalUnavailableError(UnavailableError):
     default_reason = "journal_unavailable"
 
 
+class StoreUnavailableError(UnavailableError):
+    """The metadata store (SQLite file or PostgreSQL) cannot be reached right now."""
+
+    default_message = "key metadata store temporarily unavailable"
+    default_reason = "store_unavailable"
+
+
 class InternalError(KeybrokerError):
     """A bug or an unexpected state. Details go to the log, never to the caller."""
 

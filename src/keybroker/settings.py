@@ -78,6 +78,8 @@ class AuthSettings:
     token_cache_size: int = 10000
     jwks_refresh_interval: int = 30
     """Minimum seconds between JWKS refreshes triggered by an unknown ``kid``."""
+    admin_require_mfa: bool = True
+    """KeyAdmin calls need ``amr`` to contain ``mfa`` (administrative access needs MFA)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,46 @@ class HsmSettings:
     health_interval: float = 1.0
 
 
+#: No configuration may make a scheduled destruction happen sooner than this.
+DESTRUCTION_WINDOW_FLOOR = 3600
+
+
 @dataclass(frozen=True)
 class KeysSettings:
     default: str = "recordings"
     default_retention: int = 90 * 86400
+    destruction_window: int = 7 * 86400
+    """Default wait between scheduling a version's destruction and carrying it out."""
+    min_destruction_window: int = 86400
+    """Shortest window a caller may ask for (never below 1 hour)."""
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Key metadata store: SQLite for one host, PostgreSQL for several replicas."""
+
+    url: str = "sqlite:keybroker.db"
+    """``sqlite:FILE`` (relative to the config file's folder) or ``postgresql://…``."""
+    password_file: Path | None = None
+    """PostgreSQL password, read from this file (never put it in the URL)."""
+    refresh_interval: float = 0.5
+    """Longest time a replica serves key metadata older than the store's (see README)."""
+    usage_flush_interval: float = 5.0
+    """Seconds between adding in-memory usage counts to the store."""
+    scheduler_interval: float = 10.0
+    """Seconds between checks for due rotations, destructions and crash leftovers."""
+    reconcile_after: float = 60.0
+    """A rotation or destruction left half done this long ago was interrupted: finish it."""
+
+    def read_password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"[state] password_file: cannot read {self.password_file} ({exc.strerror})"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -197,6 +235,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     hsm: HsmSettings = field(default_factory=HsmSettings)
     keys: KeysSettings = field(default_factory=KeysSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: AlertThresholds = field(default_factory=AlertThresholds)
@@ -228,6 +267,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "auth": AuthSettings,
     "hsm": HsmSettings,
     "keys": KeysSettings,
+    "state": StateSettings,
     "telemetry": TelemetrySettings,
     "audit": AuditSettings,
     "alerts": AlertThresholds,
@@ -239,6 +279,8 @@ _DURATION_KEYS = {
     "auth.jwks_refresh_interval",
     "server.grace_period",
     "keys.default_retention",
+    "keys.destruction_window",
+    "keys.min_destruction_window",
     "audit.max_file_age",
     "audit.checkpoint_interval",
     "audit.export_max_backoff",
@@ -375,8 +417,22 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
-    if settings.keys.default_retention <= 0:
+    keys = settings.keys
+    if keys.default_retention <= 0:
         raise ConfigurationError("[keys] default_retention: must be positive, e.g. '90d'")
+    if keys.min_destruction_window < DESTRUCTION_WINDOW_FLOOR:
+        raise ConfigurationError(
+            f"[keys] min_destruction_window: must be at least {DESTRUCTION_WINDOW_FLOOR} s ('1h')"
+        )
+    if keys.destruction_window < keys.min_destruction_window:
+        raise ConfigurationError(
+            "[keys] destruction_window: must be at least [keys] min_destruction_window"
+        )
+    state = settings.state
+    if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
+        raise ConfigurationError(
+            "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
+        )
 
 
 def validate_for_serving(settings: Settings) -> None:

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keybroker.core.broker import GeneratedKey, GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
-from keybroker.core.ports import KeyEncryptionKeys
+from keybroker.core.keys import KeyInfo, KeySnapshot, VersionInfo, VersionState
+from keybroker.core.ports import KeyCatalog, KeyEncryptionKeys
 from keybroker.core.wrapped_key import NONCE_SIZE, KeyRef, WrappedKey
 from keybroker.errors import (
     InvalidRequestError,
@@ -82,6 +83,35 @@ class FakeKeks:
             raise InvalidWrappedKeyError from None
 
 
+class FakeCatalog:
+    """Key metadata derived from the fake KEKs: every version enabled, the highest current.
+
+    ``states`` overrides a version's state; ``uses`` collects what the broker counted.
+    """
+
+    def __init__(self, keks: FakeKeks) -> None:
+        self.keks = keks
+        self.states: dict[KeyRef, VersionState] = {}
+        self.min_version: dict[str, int] = {}
+        self.uses: list[tuple[KeyRef, int, int]] = []
+
+    def snapshot(self) -> KeySnapshot:
+        names = {ref.name for ref in self.keks.keks}
+        keys = {}
+        for name in names:
+            refs = sorted(r for r in self.keks.keks if r.name == name)
+            versions = tuple(
+                VersionInfo(r.version, self.states.get(r, VersionState.ENABLED), NOW) for r in refs
+            )
+            keys[name] = KeyInfo(
+                name, NOW, refs[-1].version, self.min_version.get(name, 1), versions=versions
+            )
+        return KeySnapshot(1, keys)
+
+    def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
+        self.uses.append((key, wraps, unwraps))
+
+
 class PinnedClock:
     """A clock that says what the test tells it to."""
 
@@ -137,8 +167,11 @@ class World:
         self.keks.add(DEFAULT_KEY, 1)
         self.clock = PinnedClock()
         port: KeyEncryptionKeys = self.keks  # the fake satisfies the port (checked by mypy)
+        self.catalog = FakeCatalog(self.keks)
+        catalog: KeyCatalog = self.catalog
         self.broker = KeyBroker(
             port,
+            catalog,
             clock=self.clock,
             default_key=DEFAULT_KEY,
             default_retention_seconds=DEFAULT_RETENTION,
@@ -619,6 +652,7 @@ def test_broker_refuses_invalid_default_key() -> None:
     with pytest.raises(InvalidRequestError):
         KeyBroker(
             FakeKeks(),
+            FakeCatalog(FakeKeks()),
             clock=PinnedClock(),
             default_key="Not Valid",
             default_retention_seconds=DEFAULT_RETENTION,

@@ -67,13 +67,15 @@ def test_wrong_pin_fails_fast(devenv: DevEnv, tmp_path: Path) -> None:
     assert "[hsm] pin_file" in out.stderr
 
 
-def test_kek_create_refuses_to_overwrite(devenv: DevEnv) -> None:
-    """`keybroker kek create` never replaces an existing key."""
-    out = run_cli("kek", "create", "recordings", "--config", str(devenv.config))
+def test_kek_create_offline_refuses_to_overwrite(devenv: DevEnv) -> None:
+    """`keybroker kek create --offline` never replaces an existing key."""
+    out = run_cli("kek", "create", "recordings", "--offline", "--config", str(devenv.config))
     assert out.returncode == 1
     assert "already exists" in out.stderr
-    listed = run_cli("kek", "versions", "recordings", "--config", str(devenv.config))
-    assert listed.stdout.split() == ["recordings/v1"]
+    again = run_cli(
+        "kek", "create", "recordings", "--offline", "--if-missing", "--config", str(devenv.config)
+    )
+    assert again.returncode == 0, again.stderr
 
 
 def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> None:
@@ -151,6 +153,6 @@ def test_operator_token_script_then_kek_create(tmp_path: Path) -> None:
         f'env = {{ SOFTHSM2_CONF = "{hsm / "softhsm2.conf"}" }}\n'
     )
     env = {"SOFTHSM2_CONF": str(hsm / "softhsm2.conf")}
-    created = run_cli("kek", "create", "calls", "--config", str(config), env=env)
+    created = run_cli("kek", "create", "calls", "--offline", "--config", str(config), env=env)
     assert created.returncode == 0, created.stderr
     assert "calls/v1" in created.stdout

@@ -125,6 +125,7 @@ def test_grpcurl_with_reflection_calls_every_method(
         "GenerateWrappedDataKey",
         "UnwrapDataKey",
         "RewrapDataKey",
+        "RewrapDataKeys",
     }
     header = ["-H", f"authorization: Bearer {token()}"]
     request: dict[str, object] = {
@@ -160,6 +161,13 @@ def test_grpcurl_with_reflection_calls_every_method(
         "RewrapDataKey", {"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}
     )
     unwrap["wrapped_key"] = rewrapped["wrapped_key"]
+    assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
+    batch = call(
+        "RewrapDataKeys",
+        {"items": [{"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}]},
+    )
+    [item] = batch["results"]  # type: ignore[misc]
+    unwrap["wrapped_key"] = item["wrapped_key"]
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
     health = grpcurl(devenv, broker.port, "grpc.health.v1.Health/Check")
     assert '"SERVING"' in health.stdout

@@ -263,12 +263,7 @@ class Pkcs11Keks:
     def _handle(self, session: Any, key: KeyRef) -> Any:
         handle = self._handles.get(key)
         if handle is None:
-            attrs = {
-                Attribute.CLASS: ObjectClass.SECRET_KEY,
-                Attribute.TOKEN: True,
-                Attribute.LABEL: kek_label(key),
-            }
-            found = list(session.get_objects(attrs))
+            found = self._find(session, key)
             if len(found) != 1:
                 return None
             handle = found[0].copy({Attribute.TOKEN: False})
@@ -354,19 +349,21 @@ class Pkcs11Keks:
                 self._mark_broken(type(exc).__name__)
                 raise HsmUnavailableError from None
 
-    # -- administration ---------------------------------------------------------------------
+    # -- administration (implements keybroker.core.ports.KekAdministration) -----------------
 
-    def create(self, name: str) -> KeyRef:
-        """Create version 1 of KEK ``name``; refuses if any version exists."""
-        validate_key_name(name)
+    def versions_on_token(self) -> set[KeyRef]:
         with self._ready() as session:
-            if any(ref.name == name for ref, _ in self._token_keys(session)):
-                raise FailedPreconditionError(f"key {name!r} already exists", reason="key_exists")
-            ref = KeyRef(name, 1)
+            return {ref for ref, _ in self._token_keys(session)}
+
+    def create_version(self, key: KeyRef) -> bool:
+        """Generate ``key`` as a token object; False if an object with its label exists."""
+        with self._ready() as session:
+            if self._find(session, key):
+                return False
             session.generate_key(
                 KeyType.AES,
                 256,
-                label=kek_label(ref),
+                label=kek_label(key),
                 store=True,
                 template={
                     Attribute.TOKEN: True,
@@ -383,6 +380,47 @@ class Pkcs11Keks:
                 },
             )
             self._scan()
+            log.info("hsm: created %s", kek_label(key))
+            return True
+
+    def destroy_version(self, key: KeyRef) -> bool:
+        """Destroy the token object of ``key`` and this process's session copy."""
+        with self._ready() as session:
+            self.forget(key)
+            found = self._find(session, key)
+            for obj in found:
+                obj.destroy()
+            self._scan()
+            if found:
+                log.info("hsm: destroyed %s", kek_label(key))
+            return bool(found)
+
+    def forget(self, key: KeyRef) -> None:
+        """Drop this process's in-memory session copy of ``key`` (e.g. once it is destroyed)."""
+        with PKCS11_LOCK:
+            handle = self._handles.pop(key, None)
+            if handle is not None and self.healthy:
+                try:
+                    handle.destroy()
+                except PKCS11Error:
+                    log.debug("hsm: session copy of %s already gone", kek_label(key))
+
+    def _find(self, session: Any, key: KeyRef) -> list[Any]:
+        attrs = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.TOKEN: True,
+            Attribute.LABEL: kek_label(key),
+        }
+        return list(session.get_objects(attrs))
+
+    def create(self, name: str) -> KeyRef:
+        """Create version 1 of KEK ``name`` directly on the token (offline bootstrap)."""
+        validate_key_name(name)
+        with self._ready() as session:
+            if any(ref.name == name for ref, _ in self._token_keys(session)):
+                raise FailedPreconditionError(f"key {name!r} already exists", reason="key_exists")
+            ref = KeyRef(name, 1)
+            self.create_version(ref)
             return ref
 
 

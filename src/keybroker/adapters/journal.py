@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +187,25 @@ class Journal:
             )
             self._seq, self._mac = seq, rec.mac
             self._pending.append(rec.line())
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
+        return seq
+
+    def record_many(self, decisions: Sequence[Decision]) -> int:
+        """Append several decisions with one flush; returns the last sequence number."""
+        if not decisions:
+            return self._durable_seq
+        with self._lock:
+            seq, mac, lines = self._seq, self._mac, []
+            for decision in decisions:
+                seq += 1
+                rec = jf.decision_record(
+                    self._c.chain_key, seq=seq, ts=self._clock(), prev=mac, decision=decision
+                )
+                mac = rec.mac
+                lines.append(rec.line())
+            self._pending.extend(lines)
+            self._seq, self._mac = seq, mac
             epoch = self._epoch
         self._flush_until(seq, epoch)
         return seq

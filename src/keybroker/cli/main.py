@@ -12,13 +12,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from keybroker import __version__
-from keybroker.errors import ConfigurationError, FailedPreconditionError, KeybrokerError
-
-if TYPE_CHECKING:
-    from keybroker.adapters.hsm import Pkcs11Keks
+from keybroker.errors import ConfigurationError, KeybrokerError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_STATE_DIR = Path(".keybroker")
@@ -37,42 +33,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     loaded = settings.load(config_path(args.config))
     configure_logging(loaded.telemetry.log_level)
     serve(loaded)
-    return EXIT_OK
-
-
-def _keks(args: argparse.Namespace) -> Pkcs11Keks:
-    from keybroker import settings
-    from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
-
-    loaded = settings.load(config_path(args.config))
-    if not loaded.hsm.token_label:
-        raise ConfigurationError("[hsm] token_label is required")
-    os.environ.update(loaded.hsm.env)
-    keks = Pkcs11Keks(HsmConfig(loaded.hsm.module, loaded.hsm.token_label, loaded.read_pin()))
-    keks.connect()
-    return keks
-
-
-def _cmd_kek_create(args: argparse.Namespace) -> int:
-    keks = _keks(args)
-    try:
-        ref = keks.create(args.name)
-    except FailedPreconditionError:
-        if args.if_missing:
-            return EXIT_OK
-        raise
-    print(f"created {ref} (AES-256, non-extractable) on the HSM")
-    return EXIT_OK
-
-
-def _cmd_kek_list(args: argparse.Namespace) -> int:
-    keks = _keks(args)
-    refs = keks.versions(args.name)
-    if not refs:
-        print(f"no key named {args.name!r}", file=sys.stderr)
-        return EXIT_FAILURE
-    for ref in refs:
-        print(ref)
     return EXIT_OK
 
 
@@ -97,6 +57,13 @@ In another terminal, mint a dev token and ask for a data key:
       -H "authorization: Bearer $TOKEN" \\
       -d '{{"recording_id": "rec-0001", "purposes": ["support"], "subject_ids": ["subj-42"]}}' \\
       {listen} keybroker.v1.KeyBroker/GenerateDataKey
+
+Platform engineers manage keys through the broker (admin tokens need MFA: --amr mfa):
+
+  .venv/bin/keybroker dev token --state-dir {s} --scope keys:admin --amr mfa \
+      --output {s}/admin.token
+  .venv/bin/keybroker kek show recordings --config {s}/keybroker.toml \
+      --token-file {s}/admin.token
 """
 
 
@@ -134,21 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.set_defaults(func=_cmd_serve)
 
-    kek = sub.add_parser("kek", help="key-encryption keys in the HSM").add_subparsers(
-        dest="kek_command", required=True
-    )
-    p = kek.add_parser("create", help="create version 1 of a KEK (refuses to overwrite)")
-    p.add_argument("name")
-    p.add_argument("--config")
-    p.add_argument("--if-missing", action="store_true", help="succeed if the key already exists")
-    p.set_defaults(func=_cmd_kek_create)
-    p = kek.add_parser("versions", help="list the versions of a KEK on the token")
-    p.add_argument("name")
-    p.add_argument("--config")
-    p.set_defaults(func=_cmd_kek_list)
+    from keybroker.cli import audit, kek, recordings
 
-    from keybroker.cli import audit, recordings
-
+    kek.register(sub)
     recordings.register(sub)
     audit.register(sub)
 

@@ -133,6 +133,24 @@ def rewrap(recording_id: str, wrapped_key: bytes) -> Op[WrappedDataKey]:
     return Op("RewrapDataKey", req, lambda r: WrappedDataKey(r.wrapped_key, _key_ref(r.key_ref)))
 
 
+def rewrap_many(items: Iterable[tuple[str, bytes]]) -> Op[list[WrappedDataKey | KeybrokerError]]:
+    req = pb.RewrapDataKeysRequest(
+        items=[pb.RewrapDataKeyRequest(recording_id=r, wrapped_key=w) for r, w in items]
+    )
+
+    def result(response: pb.RewrapDataKeysResponse) -> list[WrappedDataKey | KeybrokerError]:
+        out: list[WrappedDataKey | KeybrokerError] = []
+        for item in response.results:
+            if item.code == grpc.StatusCode.OK.value[0]:
+                out.append(WrappedDataKey(item.wrapped_key, _key_ref(item.key_ref)))
+            else:
+                code = next(c for c in grpc.StatusCode if c.value[0] == item.code)
+                out.append(error_from_status(code, item.message, item.reason or None))
+        return out
+
+    return Op("RewrapDataKeys", req, result)
+
+
 def translate(exc: grpc.RpcError) -> KeybrokerError:
     """Map a failed call to the domain error hierarchy (one table: keybroker.server.status)."""
     call: Any = exc

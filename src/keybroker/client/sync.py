@@ -16,6 +16,7 @@ from keybroker.client._calls import DataKey, TlsFiles, WrappedDataKey
 from keybroker.client.retry import RetryPolicy
 from keybroker.client.tokens import TokenProvider, as_provider
 from keybroker.core.wrapped_key import KeyRef
+from keybroker.errors import KeybrokerError
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
@@ -139,6 +140,13 @@ class KeyBrokerClient:
     def rewrap_data_key(self, recording_id: str, wrapped_key: bytes) -> WrappedDataKey:
         """The same data key under the key's current version, every binding kept."""
         return self._run(_calls.rewrap(recording_id, wrapped_key))
+
+    def rewrap_data_keys(
+        self, items: Iterable[tuple[str, bytes]]
+    ) -> list[WrappedDataKey | KeybrokerError]:
+        """RewrapDataKey for up to 256 ``(recording_id, wrapped_key)`` pairs in one call: one
+        result per item, in order: the rewrapped key, or the domain error of that item."""
+        return self._run(_calls.rewrap_many(items))
 
     def encrypt_recording(
         self,

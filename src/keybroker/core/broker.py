@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from keybroker.core import policy
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
-from keybroker.core.ports import Clock, KeyEncryptionKeys
+from keybroker.core.ports import Clock, KeyCatalog, KeyEncryptionKeys
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     NONCE_SIZE,
@@ -23,6 +23,10 @@ from keybroker.core.wrapped_key import (
     validate_key_name,
 )
 from keybroker.errors import InvalidRequestError
+
+#: Most items one RewrapDataKeys call may carry (the request must also fit
+#: ``[server] max_message_bytes``).
+MAX_REWRAP_BATCH = 256
 
 
 class SecretBytes:
@@ -90,12 +94,14 @@ class KeyBroker:
     def __init__(
         self,
         keks: KeyEncryptionKeys,
+        catalog: KeyCatalog,
         *,
         clock: Clock,
         default_key: str,
         default_retention_seconds: int,
     ) -> None:
         self._keks = keks
+        self._catalog = catalog
         self._clock = clock
         self._default_key = validate_key_name(default_key)
         self._default_retention = default_retention_seconds
@@ -126,11 +132,12 @@ class KeyBroker:
         policy.require_purposes_granted(principal, bindings.purposes)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
         decision.key_name = name
-        key = self._keks.current(name)
+        key = self._catalog.snapshot().current(name)
         decision.key_version = key.version
         material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
         data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
         wrapped = self._wrap(key, nonce, bindings, data_key)
+        self._catalog.count(key, wraps=1)
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
 
     def unwrap(
@@ -155,20 +162,39 @@ class KeyBroker:
         policy.require_purpose_bound(parsed.bindings, purpose)
         policy.require_context(parsed.bindings, context)
         policy.require_retention(parsed.bindings, self._clock())
+        self._catalog.count(parsed.key, unwraps=1)
         return UnwrappedKey(SecretBytes(data_key), parsed.key)
 
     def rewrap(
         self, principal: Principal, *, recording_id: str, wrapped_key: bytes, decision: Decision
     ) -> RewrappedKey:
         """The same data key under the key's current version, every binding kept."""
-        decision.recording_id = recording_id or None
         policy.require_scope(principal, policy.SCOPE_REWRAP)
+        return self.rewrap_item(
+            recording_id=recording_id, wrapped_key=wrapped_key, decision=decision
+        )
+
+    def authorize_rewrap_batch(self, principal: Principal, size: int) -> None:
+        """Checks made once for a RewrapDataKeys call, before any item."""
+        policy.require_scope(principal, policy.SCOPE_REWRAP)
+        if not 1 <= size <= MAX_REWRAP_BATCH:
+            raise InvalidRequestError(
+                f"a batch holds 1..{MAX_REWRAP_BATCH} items", reason="bad_batch_size"
+            )
+
+    def rewrap_item(
+        self, *, recording_id: str, wrapped_key: bytes, decision: Decision
+    ) -> RewrappedKey:
+        """One rewrap, once the caller is authorized (:meth:`authorize_rewrap_batch`)."""
+        decision.recording_id = recording_id or None
         parsed, data_key = self._open(wrapped_key, decision)
         policy.require_recording(parsed.bindings, recording_id)
         policy.require_retention(parsed.bindings, self._clock())
-        current = self._keks.current(parsed.key.name)
+        current = self._catalog.snapshot().current(parsed.key.name)
         nonce = self._keks.random(NONCE_SIZE)
         wrapped = self._wrap(current, nonce, parsed.bindings, data_key)
+        self._catalog.count(parsed.key, unwraps=1)
+        self._catalog.count(current, wraps=1)
         decision.key_version = current.version
         return RewrappedKey(wrapped, current)
 
@@ -176,13 +202,18 @@ class KeyBroker:
         """Parse and authenticate a wrapped key before any of its bindings is trusted.
 
         Authenticating first means every defect of a blob, whichever byte it touches, ends in the
-        same InvalidWrappedKeyError: the error is no oracle.
+        same InvalidWrappedKeyError: the error is no oracle. The KEK version's state is checked
+        around it: an unknown version is just a bad blob; a destroyed one cannot be tried; a
+        disabled one (or one below the key's minimum) is refused only once the blob is genuine.
         """
         parsed = WrappedKey.parse(wrapped_key)
         decision.key_name = parsed.key.name
         decision.key_version = parsed.key.version
+        snapshot = self._catalog.snapshot()
+        snapshot.require_material(parsed.key)
         data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
+        snapshot.require_usable(parsed.key)
         return parsed, data_key
 
     def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:

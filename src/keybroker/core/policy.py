@@ -11,6 +11,8 @@ from keybroker.errors import PermissionDeniedError, RetentionExpiredError
 SCOPE_GENERATE = "keys:generate"
 SCOPE_UNWRAP = "keys:unwrap"
 SCOPE_REWRAP = "keys:rewrap"
+SCOPE_ADMIN = "keys:admin"
+MFA_METHOD = "mfa"
 
 REQUIRED_TLS_VERSION = "TLSv1.3"
 
@@ -72,3 +74,13 @@ def require_context(bindings: Bindings, context: Mapping[str, str]) -> None:
 def require_retention(bindings: Bindings, now: float) -> None:
     if now > bindings.retain_until:
         raise RetentionExpiredError
+
+
+def require_admin(principal: Principal, *, mfa_required: bool) -> None:
+    """Administrative access: scope ``keys:admin`` and, unless turned off, ``amr`` with ``mfa``."""
+    require_scope(principal, SCOPE_ADMIN)
+    if mfa_required and MFA_METHOD not in principal.amr:
+        raise PermissionDeniedError(
+            "administrative access needs multi-factor authentication (amr must contain 'mfa')",
+            reason="mfa_required",
+        )

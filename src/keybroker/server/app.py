@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from keybroker.adapters.alerts import AlertDetector
+from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
+from keybroker.adapters.keystore import SqlKeyStore, dialect_for
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
 from keybroker.adapters.telemetry import (
     SpanRecorder,
@@ -31,14 +34,21 @@ from keybroker.adapters.telemetry import (
     resource,
 )
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
+from keybroker.core.admin import KeyAdmin
 from keybroker.core.broker import KeyBroker
+from keybroker.core.decision import Decision
+from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
+from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
+from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
+from keybroker.server import admin_servicer
+from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
-from keybroker.v1 import keybroker_pb2, keybroker_pb2_grpc
+from keybroker.v1 import admin_pb2, admin_pb2_grpc, keybroker_pb2, keybroker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +66,19 @@ class RunningBroker:
     journal: Journal | None = None
     exporter: JournalExporter | None = None
     meter_provider: MeterProvider | None = None
+    store: SqlKeyStore | None = None
+    catalog: CachedCatalog | None = None
+    lifecycle: KeyLifecycle | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.monitor.stop()
+        if self.catalog is not None:
+            self.catalog.stop()  # flushes usage counts
+        if self.store is not None:
+            self.store.close()
         if self.journal is not None:
             self.journal.close()  # writes a final signed checkpoint
         if self.exporter is not None:
@@ -108,22 +125,58 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
 
 
 def connect_hsm(settings: Settings) -> Pkcs11Keks:
-    """Log in to the HSM and check the default KEK exists (fail fast otherwise)."""
+    """Log in to the HSM (fail fast on a wrong PIN or an unknown token)."""
     os.environ.update(settings.hsm.env)
     keks = Pkcs11Keks(
         HsmConfig(settings.hsm.module, settings.hsm.token_label, settings.read_pin()),
         probe_key=settings.keys.default,
     )
     keks.connect()
+    return keks
+
+
+def open_store(settings: Settings) -> SqlKeyStore:
+    """The key metadata store named by ``[state] url``, migrated to this version's schema."""
+    state = settings.state
+    base = settings.source.resolve().parent if settings.source else Path.cwd()
+    store = SqlKeyStore(dialect_for(state.url, base=base, password=state.read_password()))
+    store.migrate()
+    return store
+
+
+def event_recorder(journal: Journal | None, live: DecisionRecorder) -> Callable[[Decision], None]:
+    """Record a lifecycle event nobody asked for: durable first (raises if it cannot), then live."""
+
+    def record(decision: Decision) -> None:
+        if journal is not None:
+            journal.record(decision)
+        live.record(decision)
+
+    return record
+
+
+def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], None]:
+    """Drop in-process HSM copies of versions that may no longer be used (crypto-shredding must
+    not wait for a restart)."""
+
+    def listener(_old: KeySnapshot, new: KeySnapshot) -> None:
+        for key in new.keys.values():
+            for version in key.versions:
+                if version.state not in UNWRAPPABLE:
+                    keks.forget(KeyRef(key.name, version.version))
+
+    return listener
+
+
+def require_default_key(settings: Settings, catalog: CachedCatalog) -> None:
     try:
-        keks.current(settings.keys.default)
+        catalog.snapshot().current(settings.keys.default)
     except NotFoundError:
         raise ConfigurationError(
             f"[keys] default: no key {settings.keys.default!r} on token "
             f"{settings.hsm.token_label!r}; create it with `keybroker kek create "
-            f"{settings.keys.default} --config FILE`"
+            f"{settings.keys.default} --offline --config FILE`"
         ) from None
-    return keks
 
 
 @dataclass
@@ -191,7 +244,10 @@ def start_exporter(
 
 
 def grpc_server(
-    settings: Settings, servicer: KeyBrokerServicer, health_servicer: health.HealthServicer
+    settings: Settings,
+    servicer: KeyBrokerServicer,
+    admin: KeyAdminServicer,
+    health_servicer: health.HealthServicer,
 ) -> tuple[grpc.Server, int]:
     """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
     server = grpc.server(
@@ -203,10 +259,12 @@ def grpc_server(
         ],
     )
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -232,6 +290,7 @@ def create_server(
 ) -> RunningBroker:
     """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
     validate_for_serving(settings)
+    store = open_store(settings)
     keks = connect_hsm(settings)
     auth = settings.auth
     jwks = JwksKeys(
@@ -243,22 +302,56 @@ def create_server(
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
     obs = build_observability(settings, keks, journal, span_processor)
-    guard = CallGuard(
-        service=SERVICE_NAME,
-        verifier=verifier.verify,
-        recorder=obs.recorder,
-        require_cnf=auth.require_cnf,
-        durable=journal,
+    state = settings.state
+    lifecycle = KeyLifecycle(
+        store,
+        keks,
+        clock=clock,
+        config=LifecycleConfig(
+            destruction_window=settings.keys.destruction_window,
+            min_destruction_window=settings.keys.min_destruction_window,
+            reconcile_after=state.reconcile_after,
+        ),
+        record_event=event_recorder(journal, obs.recorder),
     )
+    lifecycle.reconcile(full=True)
+
+    def scheduler_tick() -> None:
+        lifecycle.run_due()
+        lifecycle.reconcile()
+
+    catalog = CachedCatalog(
+        store,
+        refresh_interval=state.refresh_interval,
+        usage_flush_interval=state.usage_flush_interval,
+        listen=store.notifications,
+        tick=scheduler_tick,
+        tick_interval=state.scheduler_interval,
+    )
+    catalog.on_change(_forget_unusable(keks))
+    catalog.refresh(force=True)
+    require_default_key(settings, catalog)
+
+    def guard(service: str) -> CallGuard:
+        return CallGuard(
+            service=service,
+            verifier=verifier.verify,
+            recorder=obs.recorder,
+            require_cnf=auth.require_cnf,
+            durable=journal,
+        )
+
     broker = KeyBroker(
         keks,
+        catalog,
         clock=clock,
         default_key=settings.keys.default,
         default_retention_seconds=settings.keys.default_retention,
     )
+    admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_state = Health(health_servicer, [SERVICE_NAME])
+    health_state = Health(health_servicer, [SERVICE_NAME, admin_servicer.SERVICE_NAME])
     starting = health_state.watch("starting", False)
     health_state.publish()
     keks.on_health_change(health_state.watch("hsm", keks.healthy))
@@ -267,8 +360,14 @@ def create_server(
         journal.on_health_change(health_state.watch("journal", journal.healthy))
         probes.append(journal.check)
 
-    server, port = grpc_server(settings, KeyBrokerServicer(broker, guard), health_servicer)
+    server, port = grpc_server(
+        settings,
+        KeyBrokerServicer(broker, guard(SERVICE_NAME)),
+        KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
+        health_servicer,
+    )
     server.start()
+    catalog.start()
     exporter = start_exporter(settings, journal, obs.metrics)
     starting(True)
     monitor = HealthMonitor(probes, settings.hsm.health_interval)
@@ -284,6 +383,9 @@ def create_server(
         journal,
         exporter,
         obs.meter_provider,
+        store,
+        catalog,
+        lifecycle,
     )
 
 

@@ -8,9 +8,11 @@ be written the call fails closed with UNAVAILABLE, and no data key leaves. The l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -18,7 +20,7 @@ import grpc
 from keybroker.core import policy
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.identity import Principal
-from keybroker.core.ports import DecisionRecorder
+from keybroker.core.ports import DecisionRecorder, DurableRecorder
 from keybroker.errors import AuthenticationError, KeybrokerError
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
@@ -26,6 +28,7 @@ from keybroker.server.status import REASON_METADATA, status_for
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+T = TypeVar("T")
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _ERROR_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 
@@ -44,6 +47,21 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
             "authorization metadata must be 'Bearer <token>'", reason="token_malformed"
         )
     return token.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """The failure of one item of a batch call."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+
+
+def _allowed(decision: Decision) -> None:
+    decision.outcome = Outcome.ALLOW
+    decision.reason = "ok"
+    decision.status_code = grpc.StatusCode.OK.name
 
 
 class FanOut:
@@ -70,7 +88,7 @@ class CallGuard:
         verifier: Callable[[str], Principal],
         recorder: DecisionRecorder,
         require_cnf: bool,
-        durable: DecisionRecorder | None = None,
+        durable: DurableRecorder | None = None,
     ) -> None:
         self._service = service
         self._verify = verifier
@@ -84,40 +102,96 @@ class CallGuard:
         operation: str,
         action: Callable[[Principal, Decision], R],
     ) -> R:
+        decision = self._start(context, operation)
+        try:
+            principal = self._authenticate(context, decision)
+            result = action(principal, decision)
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped, logged and recorded
+            code, message = self._failed(decision, exc, operation)
+            self._record(context, decision)
+            context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
+            context.abort(code, message)
+        _allowed(decision)
+        self._record(context, decision)
+        return result
+
+    def run_batch(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        items: Sequence[T],
+        authorize: Callable[[Principal], None],
+        action: Callable[[T, Decision], R],
+    ) -> list[R | ItemError]:
+        """One call carrying many items: authenticate and ``authorize`` once, then one decision
+        per item, all recorded with one durable flush before the reply leaves."""
+        base = self._start(context, operation)
+        try:
+            principal = self._authenticate(context, base)
+            authorize(principal)
+        except Exception as exc:  # noqa: BLE001 - mapped, logged and recorded
+            code, message = self._failed(base, exc, operation)
+            self._record(context, base)
+            context.set_trailing_metadata(((REASON_METADATA, base.reason),))
+            context.abort(code, message)
+        results: list[R | ItemError] = []
+        decisions: list[Decision] = []
+        for item in items:
+            decision = dataclasses.replace(base, started_ns=time.time_ns())
+            try:
+                results.append(action(item, decision))
+                _allowed(decision)
+            except Exception as exc:  # noqa: BLE001 - per item: mapped, recorded, reported
+                code, message = self._failed(decision, exc, operation)
+                results.append(ItemError(code, message, decision.reason))
+            decision.ended_ns = time.time_ns()
+            decisions.append(decision)
+        if self._durable is not None:
+            try:
+                self._durable.record_many(decisions)
+            except KeybrokerError as exc:
+                for decision in decisions:
+                    decision.outcome, decision.reason = Outcome.ERROR, exc.reason
+                    decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+                    self._recorder.record(decision)
+                context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+        for decision in decisions:
+            self._recorder.record(decision)
+        return results
+
+    def _start(self, context: grpc.ServicerContext, operation: str) -> Decision:
         metadata = tuple(context.invocation_metadata() or ())
-        decision = Decision(
+        return Decision(
             service=self._service,
             operation=operation,
             started_ns=time.time_ns(),
             trace_context={k: v for k, v in metadata if k in _TRACE_HEADERS and isinstance(v, str)},
         )
-        try:
-            peer = peer_from_context(context)
-            decision.peer_address = peer.address
-            decision.cert_identity = peer.identity
-            decision.cert_thumbprint = peer.thumbprint
-            policy.require_tls13(peer)
-            principal = self._verify(bearer_token(metadata))
-            decision.subject = principal.subject
-            decision.token_id = principal.token_id
-            decision.client_id = principal.client_id
-            policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
-            result = action(principal, decision)
-        except Exception as exc:  # every failure is mapped and recorded
-            code, message = status_for(exc)
-            if not isinstance(exc, KeybrokerError):
-                log.exception("unexpected error in %s", operation)
-            decision.outcome = Outcome.ERROR if code in _ERROR_CODES else Outcome.DENY
-            decision.reason = exc.reason if isinstance(exc, KeybrokerError) else "internal"
-            decision.status_code = code.name
-            self._record(context, decision)
-            context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
-            context.abort(code, message)
-        decision.outcome = Outcome.ALLOW
-        decision.reason = "ok"
-        decision.status_code = grpc.StatusCode.OK.name
-        self._record(context, decision)
-        return result
+
+    def _authenticate(self, context: grpc.ServicerContext, decision: Decision) -> Principal:
+        metadata = tuple(context.invocation_metadata() or ())
+        peer = peer_from_context(context)
+        decision.peer_address = peer.address
+        decision.cert_identity = peer.identity
+        decision.cert_thumbprint = peer.thumbprint
+        policy.require_tls13(peer)
+        principal = self._verify(bearer_token(metadata))
+        decision.subject = principal.subject
+        decision.token_id = principal.token_id
+        decision.client_id = principal.client_id
+        policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
+        return principal
+
+    @staticmethod
+    def _failed(decision: Decision, exc: Exception, operation: str) -> tuple[grpc.StatusCode, str]:
+        code, message = status_for(exc)
+        if not isinstance(exc, KeybrokerError):
+            log.exception("unexpected error in %s", operation)
+        decision.outcome = Outcome.ERROR if code in _ERROR_CODES else Outcome.DENY
+        decision.reason = exc.reason if isinstance(exc, KeybrokerError) else "internal"
+        decision.status_code = code.name
+        return code, message
 
     def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
         """Durable record first (fail closed), then the live span."""

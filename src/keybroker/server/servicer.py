@@ -8,7 +8,7 @@ from keybroker.core.broker import GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
 from keybroker.core.wrapped_key import KeyRef
-from keybroker.server.guard import CallGuard
+from keybroker.server.guard import CallGuard, ItemError
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
@@ -91,3 +91,30 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
             return pb.RewrapDataKeyResponse(wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key))
 
         return self._guard.run(context, "RewrapDataKey", action)
+
+    def RewrapDataKeys(
+        self, request: pb.RewrapDataKeysRequest, context: grpc.ServicerContext
+    ) -> pb.RewrapDataKeysResponse:
+        items = list(request.items)
+
+        def action(item: pb.RewrapDataKeyRequest, decision: Decision) -> pb.RewrapResult:
+            out = self._broker.rewrap_item(
+                recording_id=item.recording_id, wrapped_key=item.wrapped_key, decision=decision
+            )
+            return pb.RewrapResult(wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key))
+
+        results = self._guard.run_batch(
+            context,
+            "RewrapDataKeys",
+            items,
+            lambda principal: self._broker.authorize_rewrap_batch(principal, len(items)),
+            action,
+        )
+        return pb.RewrapDataKeysResponse(
+            results=[
+                pb.RewrapResult(code=r.code.value[0], message=r.message, reason=r.reason)
+                if isinstance(r, ItemError)
+                else r
+                for r in results
+            ]
+        )

@@ -100,3 +100,29 @@ class RewrapDataKeyResponse(_message.Message):
     wrapped_key: bytes
     key_ref: KeyRef
     def __init__(self, wrapped_key: _Optional[bytes] = ..., key_ref: _Optional[_Union[KeyRef, _Mapping]] = ...) -> None: ...
+
+class RewrapDataKeysRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RewrapDataKeyRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[RewrapDataKeyRequest, _Mapping]]] = ...) -> None: ...
+
+class RewrapDataKeysResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RewrapResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RewrapResult, _Mapping]]] = ...) -> None: ...
+
+class RewrapResult(_message.Message):
+    __slots__ = ("wrapped_key", "key_ref", "code", "message", "reason")
+    WRAPPED_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_REF_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    wrapped_key: bytes
+    key_ref: KeyRef
+    code: int
+    message: str
+    reason: str
+    def __init__(self, wrapped_key: _Optional[bytes] = ..., key_ref: _Optional[_Union[KeyRef, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class KeyBrokerStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyResponse.FromString,
                 _registered_method=True)
+        self.RewrapDataKeys = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/RewrapDataKeys',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerServicer:
@@ -89,6 +94,14 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewrapDataKeys(self, request, context):
+        """RewrapDataKey for up to 256 items at once (bulk migration after a rotation), with a result
+        and a status per item. Scope `keys:rewrap`. Authentication failures fail the whole call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.RewrapDataKey,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyResponse.SerializeToString,
+            ),
+            'RewrapDataKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapDataKeys,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +239,33 @@ class KeyBroker:
             '/keybroker.v1.KeyBroker/RewrapDataKey',
             keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapDataKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/RewrapDataKeys',
+            keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.RewrapDataKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

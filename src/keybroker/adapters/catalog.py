@@ -1,0 +1,176 @@
+"""The data plane's in-memory view of key metadata, and usage counters flushed in aggregate.
+
+Hot path: :meth:`CachedCatalog.snapshot` is an attribute read and :meth:`CachedCatalog.count`
+one dict update under a lock: no database round trip per call.
+
+Freshness: a background thread compares the store's ``generation`` every ``refresh_interval``
+seconds and reloads when it moved. On PostgreSQL a ``LISTEN keybroker_keys`` connection wakes it
+as soon as another replica commits a change, so the usual delay is milliseconds and the bound is
+``refresh_interval`` (plus one reload) even if notifications are lost. If the store cannot be
+reached the last snapshot stays in force and the loop keeps retrying.
+
+Usage: wraps and unwraps per version are summed in memory and added to the store every
+``usage_flush_interval`` seconds and at shutdown (a failed flush is kept and retried).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from keybroker.adapters.keystore import NOTIFY_CHANNEL, SqlKeyStore
+from keybroker.core.keys import KeySnapshot
+from keybroker.core.ports import Usage
+from keybroker.core.wrapped_key import KeyRef
+from keybroker.errors import KeybrokerError
+
+log = logging.getLogger(__name__)
+
+ChangeListener = Callable[[KeySnapshot, KeySnapshot], None]
+
+
+class CachedCatalog:
+    """Implements :class:`keybroker.core.ports.KeyCatalog` over a :class:`SqlKeyStore`."""
+
+    def __init__(
+        self,
+        store: SqlKeyStore,
+        *,
+        refresh_interval: float = 0.5,
+        usage_flush_interval: float = 5.0,
+        listen: Callable[[], Any] | None = None,
+        tick: Callable[[], None] | None = None,
+        tick_interval: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._refresh_interval = refresh_interval
+        self._flush_interval = usage_flush_interval
+        self._listen = listen
+        self._tick = tick
+        self._tick_interval = tick_interval
+        self._snapshot = KeySnapshot()
+        self._usage: dict[KeyRef, Usage] = {}
+        self._usage_lock = threading.Lock()
+        self._listeners: list[ChangeListener] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- hot path ----------------------------------------------------------------------------
+
+    def snapshot(self) -> KeySnapshot:
+        return self._snapshot
+
+    def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
+        now = time.time()
+        with self._usage_lock:
+            old = self._usage.get(key)
+            if old is None:
+                self._usage[key] = Usage(wraps, unwraps, now)
+            else:
+                self._usage[key] = Usage(old.wraps + wraps, old.unwraps + unwraps, now)
+
+    # -- freshness ---------------------------------------------------------------------------
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload if the store's generation moved; True if the snapshot changed."""
+        generation = self._store.generation()
+        if not force and generation == self._snapshot.generation:
+            return False
+        keys = self._store.list_keys()
+        old, new = self._snapshot, KeySnapshot(generation, {k.name: k for k in keys})
+        self._snapshot = new
+        for listener in self._listeners:
+            listener(old, new)
+        return True
+
+    def flush_usage(self) -> None:
+        with self._usage_lock:
+            pending, self._usage = self._usage, {}
+        if not pending:
+            return
+        try:
+            self._store.add_usage(pending)
+        except Exception:
+            with self._usage_lock:  # keep the counts for the next attempt
+                for ref, use in pending.items():
+                    old = self._usage.get(ref, Usage())
+                    self._usage[ref] = Usage(
+                        old.wraps + use.wraps,
+                        old.unwraps + use.unwraps,
+                        max(old.last_used_at, use.last_used_at),
+                    )
+            raise
+
+    # -- background --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._loop, name="kb-catalog", daemon=True)]
+        if self._listen is not None:
+            self._threads.append(
+                threading.Thread(target=self._listen_loop, name="kb-catalog-listen", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(5)
+        try:
+            self.flush_usage()
+        except Exception as exc:  # noqa: BLE001 - shutting down: say the counts are lost
+            log.warning("usage counts not flushed at shutdown: %s", type(exc).__name__)
+
+    def _loop(self) -> None:
+        next_flush = time.monotonic() + self._flush_interval
+        next_tick = time.monotonic() + self._tick_interval
+        while not self._stopping.is_set():
+            self._wake.wait(self._refresh_interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            self._step("refresh", self.refresh)
+            now = time.monotonic()
+            if now >= next_flush:
+                next_flush = now + self._flush_interval
+                self._step("usage flush", self.flush_usage)
+            if self._tick is not None and now >= next_tick:
+                next_tick = now + self._tick_interval
+                self._step("lifecycle tick", self._tick)
+
+    @staticmethod
+    def _step(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except KeybrokerError as exc:
+            log.warning("key catalog %s failed: %s", what, exc.reason)
+        except Exception:
+            log.exception("key catalog %s failed", what)
+
+    def _listen_loop(self) -> None:
+        """PostgreSQL: wake the refresh loop on NOTIFY; reconnect with a pause on failure."""
+        if self._listen is None:
+            return
+        while not self._stopping.is_set():
+            conn = None
+            try:
+                conn = self._listen()
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._wake.set()  # catch up on anything missed while disconnected
+                while not self._stopping.is_set():
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect after a pause
+                log.warning("key change listener: %s; retrying", type(exc).__name__)
+                self._stopping.wait(1.0)
+            finally:
+                if conn is not None:
+                    conn.close()

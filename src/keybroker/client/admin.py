@@ -1,0 +1,117 @@
+"""The blocking client of ``keybroker.v1.KeyAdmin`` (what ``keybroker kek`` uses).
+
+Results are the protobuf ``Key`` messages (see ``proto/keybroker/v1/admin.proto``); failures
+raise the domain errors of :mod:`keybroker.errors`. The token must carry scope ``keys:admin``
+and, unless the broker turned it off, ``amr`` with ``mfa``. Nothing is retried: an
+administrative change is not assumed idempotent.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from keybroker.client import _calls
+from keybroker.client._calls import TlsFiles
+from keybroker.client.tokens import TokenProvider, as_provider
+from keybroker.v1 import admin_pb2 as pb
+from keybroker.v1 import admin_pb2_grpc as pb_grpc
+
+
+class KeyAdminClient:
+    def __init__(
+        self, target: str, *, tls: TlsFiles, token: str | TokenProvider, timeout: float = 10.0
+    ) -> None:
+        self._channel = grpc.secure_channel(target, tls.credentials())
+        self._stub = pb_grpc.KeyAdminStub(self._channel)  # type: ignore[no-untyped-call]
+        self._token = as_provider(token)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KeyAdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(
+                request, metadata=_calls.metadata(self._token()), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise _calls.translate(exc) from None
+
+    def create_key(
+        self, name: str, *, rotation_period: int = 0, rotate_after_wraps: int = 0
+    ) -> pb.Key:
+        request = pb.CreateKeyRequest(
+            name=name,
+            rotation_period_seconds=rotation_period,
+            rotate_after_wraps=rotate_after_wraps,
+        )
+        key: pb.Key = self._call("CreateKey", request)
+        return key
+
+    def get_key(self, name: str) -> pb.Key:
+        key: pb.Key = self._call("GetKey", pb.GetKeyRequest(name=name))
+        return key
+
+    def list_keys(self) -> list[pb.Key]:
+        response: pb.ListKeysResponse = self._call("ListKeys", pb.ListKeysRequest())
+        return list(response.keys)
+
+    def rotate_key(self, name: str) -> pb.Key:
+        key: pb.Key = self._call("RotateKey", pb.RotateKeyRequest(name=name))
+        return key
+
+    def set_rotation_policy(
+        self,
+        name: str,
+        *,
+        rotation_period: int | None = None,
+        rotate_after_wraps: int | None = None,
+        min_decryption_version: int | None = None,
+    ) -> pb.Key:
+        request = pb.SetRotationPolicyRequest(name=name)
+        if rotation_period is not None:
+            request.rotation_period_seconds = rotation_period
+        if rotate_after_wraps is not None:
+            request.rotate_after_wraps = rotate_after_wraps
+        if min_decryption_version is not None:
+            request.min_decryption_version = min_decryption_version
+        key: pb.Key = self._call("SetRotationPolicy", request)
+        return key
+
+    def disable_version(self, name: str, version: int, *, decrypt_only: bool = False) -> pb.Key:
+        request = pb.DisableKeyVersionRequest(name=name, version=version, decrypt_only=decrypt_only)
+        key: pb.Key = self._call("DisableKeyVersion", request)
+        return key
+
+    def enable_version(self, name: str, version: int) -> pb.Key:
+        key: pb.Key = self._call(
+            "EnableKeyVersion", pb.KeyVersionRequest(name=name, version=version)
+        )
+        return key
+
+    def schedule_destruction(self, name: str, version: int, *, window: int = 0) -> pb.Key:
+        request = pb.ScheduleKeyVersionDestructionRequest(
+            name=name, version=version, window_seconds=window
+        )
+        key: pb.Key = self._call("ScheduleKeyVersionDestruction", request)
+        return key
+
+    def cancel_destruction(self, name: str, version: int) -> pb.Key:
+        key: pb.Key = self._call(
+            "CancelKeyVersionDestruction", pb.KeyVersionRequest(name=name, version=version)
+        )
+        return key

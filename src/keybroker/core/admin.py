@@ -1,0 +1,103 @@
+"""Admin-plane use cases: who may change keys, and what each call records.
+
+Authorization (scope ``keys:admin`` plus MFA) is checked before anything is read; the decision of
+each call names the key and version it touched. The work itself is :class:`KeyLifecycle`'s.
+"""
+
+from __future__ import annotations
+
+from keybroker.core import policy
+from keybroker.core.decision import Decision
+from keybroker.core.identity import Principal
+from keybroker.core.keys import KeyInfo, VersionState
+from keybroker.core.lifecycle import KeyLifecycle
+
+
+class KeyAdmin:
+    def __init__(self, lifecycle: KeyLifecycle, *, mfa_required: bool) -> None:
+        self._life = lifecycle
+        self._mfa = mfa_required
+
+    def _authorize(
+        self, principal: Principal, decision: Decision, name: str = "", version: int = 0
+    ) -> None:
+        decision.key_name = name or None
+        decision.key_version = version or None
+        policy.require_admin(principal, mfa_required=self._mfa)
+
+    def create_key(
+        self,
+        principal: Principal,
+        decision: Decision,
+        name: str,
+        *,
+        rotation_period: int | None,
+        rotate_after_wraps: int | None,
+    ) -> KeyInfo:
+        self._authorize(principal, decision, name)
+        key = self._life.create(
+            name, rotation_period=rotation_period, rotate_after_wraps=rotate_after_wraps
+        )
+        decision.key_version = key.current_version
+        return key
+
+    def get_key(self, principal: Principal, decision: Decision, name: str) -> KeyInfo:
+        self._authorize(principal, decision, name)
+        return self._life.get(name)
+
+    def list_keys(self, principal: Principal, decision: Decision) -> list[KeyInfo]:
+        self._authorize(principal, decision)
+        return self._life.list()
+
+    def rotate_key(self, principal: Principal, decision: Decision, name: str) -> KeyInfo:
+        self._authorize(principal, decision, name)
+        ref = self._life.rotate(name)
+        decision.key_version = ref.version if ref else None
+        return self._life.get(name)
+
+    def set_rotation_policy(
+        self,
+        principal: Principal,
+        decision: Decision,
+        name: str,
+        *,
+        rotation_period: int | None,
+        rotate_after_wraps: int | None,
+        min_decryption_version: int | None,
+    ) -> KeyInfo:
+        self._authorize(principal, decision, name)
+        return self._life.set_policy(
+            name,
+            rotation_period=rotation_period,
+            rotate_after_wraps=rotate_after_wraps,
+            min_decryption_version=min_decryption_version,
+        )
+
+    def set_version_state(
+        self,
+        principal: Principal,
+        decision: Decision,
+        name: str,
+        version: int,
+        state: VersionState,
+    ) -> KeyInfo:
+        self._authorize(principal, decision, name, version)
+        return self._life.set_state(name, version, state)
+
+    def schedule_destruction(
+        self,
+        principal: Principal,
+        decision: Decision,
+        name: str,
+        version: int,
+        window: int | None,
+    ) -> KeyInfo:
+        self._authorize(principal, decision, name, version)
+        self._life.schedule_destruction(name, version, window)
+        return self._life.get(name)
+
+    def cancel_destruction(
+        self, principal: Principal, decision: Decision, name: str, version: int
+    ) -> KeyInfo:
+        self._authorize(principal, decision, name, version)
+        return self._life.cancel_destruction(name, version)
