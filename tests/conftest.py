@@ -18,6 +18,7 @@ from keybroker.devenv import DevEnv, issue_cert, make_ca, mint_token, provision
 from keybroker.server.app import RunningBroker, create_server
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from tests.support.clients import channel, stub
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 
 class Clock:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -166,8 +167,9 @@ def test_grpcurl_with_reflection_calls_every_method(
         "RewrapDataKeys",
         {"items": [{"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}]},
     )
-    [item] = batch["results"]  # type: ignore[misc]
-    unwrap["wrapped_key"] = item["wrapped_key"]
+    results: Any = batch["results"]
+    assert len(results) == 1
+    unwrap["wrapped_key"] = results[0]["wrapped_key"]
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
     health = grpcurl(devenv, broker.port, "grpc.health.v1.Health/Check")
     assert '"SERVING"' in health.stdout

@@ -68,12 +68,23 @@ class KeyLifecycle:
         clock: Clock,
         config: LifecycleConfig,
         record_event: Callable[[Decision], object],
+        after_change: Callable[[], object] | None = None,
     ) -> None:
+        self._after_change = after_change
         self._store = store
         self._hsm = hsm
         self._clock = clock
         self._c = config
         self._record = record_event
+
+    def _changed(self) -> None:
+        """Let this replica see its own change at once (others follow within the staleness
+        bound). Never fails the change itself."""
+        if self._after_change is not None:
+            try:
+                self._after_change()
+            except Exception:  # noqa: BLE001 - the change is committed; the cache catches up
+                log.warning("key metadata changed but the local cache could not reload yet")
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -106,6 +117,7 @@ class KeyLifecycle:
         if not created:
             raise FailedPreconditionError(f"key {name!r} already exists", reason="key_exists")
         self._materialise(KeyRef(name, 1))
+        self._changed()
         return self.get(name)
 
     def rotate(self, name: str, *, expected_current: int | None = None) -> KeyRef | None:
@@ -121,6 +133,7 @@ class KeyLifecycle:
             return None
         ref = KeyRef(name, version)
         self._materialise(ref)
+        self._changed()
         return ref
 
     def _materialise(self, ref: KeyRef, on_created: Callable[[], object] | None = None) -> None:
@@ -162,6 +175,7 @@ class KeyLifecycle:
         self._store.set_policy(
             name, rotation_period=period, rotate_after_wraps=wraps, min_decryption_version=minimum
         )
+        self._changed()
         return self.get(name)
 
     def set_state(self, name: str, version: int, target: VersionState) -> KeyInfo:
@@ -232,6 +246,7 @@ class KeyLifecycle:
                 f"version {version} of {key.name!r} changed concurrently; read it again",
                 reason="concurrent_change",
             )
+        self._changed()
 
     # -- what nobody asked for: schedules and crash repair --------------------------------------
 
@@ -255,6 +270,8 @@ class KeyLifecycle:
                 self._event("ScheduledDestruction", ref, "destruction_window_elapsed")
                 self._destroy(ref)
                 done += 1
+        if done:
+            self._changed()
         return done
 
     def _scheduled_rotation(self, key: KeyInfo, reason: str) -> int:
@@ -292,6 +309,8 @@ class KeyLifecycle:
             repairs += 1
         if full:
             repairs += self._reconcile_token(token)
+        if repairs:
+            self._changed()
         return repairs
 
     def _reconcile_token(self, token: set[KeyRef]) -> int:

@@ -303,18 +303,6 @@ def create_server(
     journal = open_journal(settings, worker)
     obs = build_observability(settings, keks, journal, span_processor)
     state = settings.state
-    lifecycle = KeyLifecycle(
-        store,
-        keks,
-        clock=clock,
-        config=LifecycleConfig(
-            destruction_window=settings.keys.destruction_window,
-            min_destruction_window=settings.keys.min_destruction_window,
-            reconcile_after=state.reconcile_after,
-        ),
-        record_event=event_recorder(journal, obs.recorder),
-    )
-    lifecycle.reconcile(full=True)
 
     def scheduler_tick() -> None:
         lifecycle.run_due()
@@ -329,6 +317,19 @@ def create_server(
         tick_interval=state.scheduler_interval,
     )
     catalog.on_change(_forget_unusable(keks))
+    lifecycle = KeyLifecycle(
+        store,
+        keks,
+        clock=clock,
+        config=LifecycleConfig(
+            destruction_window=settings.keys.destruction_window,
+            min_destruction_window=settings.keys.min_destruction_window,
+            reconcile_after=state.reconcile_after,
+        ),
+        record_event=event_recorder(journal, obs.recorder),
+        after_change=catalog.refresh,
+    )
+    lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
     require_default_key(settings, catalog)
 
