@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Barrier, Thread
+from typing import Any
 
 import pytest
 
@@ -132,8 +133,9 @@ def world(store_url: str, keks: Pkcs11Keks) -> Iterator[World]:
     w.close()
 
 
-def _reason(exc: pytest.ExceptionInfo[KeybrokerError]) -> str:
-    return exc.value.reason
+def _reason(exc: pytest.ExceptionInfo[Any]) -> str:
+    error: KeybrokerError = exc.value
+    return error.reason
 
 
 # -- creation and rotation ----------------------------------------------------------------------
@@ -206,9 +208,9 @@ def test_the_current_version_cannot_change_state(world: World) -> None:
 def test_scheduled_destruction_waits_can_be_cancelled_and_happens_once(world: World) -> None:
     blob = world.generate()
     world.life.rotate(world.name)
-    with pytest.raises(InvalidRequestError) as info:
+    with pytest.raises(InvalidRequestError) as bad:
         world.life.schedule_destruction(world.name, 1, window=3600)  # below the 1-day minimum
-    assert _reason(info) == "destruction_window_too_short"
+    assert _reason(bad) == "destruction_window_too_short"
     when = world.life.schedule_destruction(world.name, 1)
     assert when == pytest.approx(world.clock.now + 7 * DAY)
     with pytest.raises(FailedPreconditionError) as info:
