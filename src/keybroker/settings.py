@@ -215,11 +215,14 @@ class ClientSettings:
     token_file: Path | None = None
     timeout: float = 10.0
 
-    def require(self) -> tuple[tuple[Path, Path, Path], Path]:
-        """((ca, cert, key), token file), checked to exist; else a ConfigurationError."""
+    def require(self, token_file: Path | None = None) -> tuple[tuple[Path, Path, Path], Path]:
+        """((ca, cert, key), token file), checked to exist; else a ConfigurationError.
+
+        ``token_file`` (e.g. from a command-line option) replaces ``[client] token_file``.
+        """
         paths = []
         for key in ("ca_file", "cert_file", "key_file", "token_file"):
-            path = getattr(self, key)
+            path = getattr(self, key) if key != "token_file" or token_file is None else token_file
             if path is None:
                 raise ConfigurationError(f"[client] {key} is required to call the broker")
             if not path.is_file():

@@ -348,14 +348,25 @@ def test_allow_with_a_version_scheduled_for_destruction_fires() -> None:
         assert alert.extra == {"keybroker.key.name": "recordings", "keybroker.key.version": 1}
 
 
-def test_other_versions_and_denials_do_not_fire() -> None:
-    """recordings/2 is fine; a denied call under recordings/1 used nothing."""
+def test_other_versions_and_other_denials_do_not_fire() -> None:
+    """recordings/2 is fine; a call under recordings/1 denied for another reason used nothing."""
     for h in make(scheduled=doomed):
         h.detector.record(unwrap("alice", key_version=2))
         denied = unwrap("alice", key_version=1)
         denied.outcome = Outcome.DENY
+        denied.reason = "purpose_not_bound"
         h.detector.record(denied)
         assert h.fired == []
+
+
+def test_a_call_refused_because_its_version_is_scheduled_fires() -> None:
+    """The broker refuses such a version; the attempt itself is what the alert is about."""
+    for h in make():  # the refusal reason is enough: no oracle needed
+        refused = unwrap("alice", key_version=1)
+        refused.outcome = Outcome.DENY
+        refused.reason = al.SCHEDULED_VERSION_REFUSED
+        h.detector.record(refused)
+        assert h.detectors() == [al.SCHEDULED_KEY_USE]
 
 
 def test_default_oracle_never_fires() -> None:

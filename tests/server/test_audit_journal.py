@@ -24,16 +24,9 @@ from keybroker.core.decision import Decision, Outcome
 from keybroker.devenv import DevEnv, mint_token
 from tests.conftest import code_of
 from tests.support.clients import auth, channel, generate_request, stub
-from tests.support.process import BrokerProcess, free_port
+from tests.support.process import BrokerProcess, free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keybroker.cli.main", *args],
-        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **(env or {})},
-    )  # fmt: skip
 
 
 def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

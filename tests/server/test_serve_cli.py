@@ -3,10 +3,8 @@ graceful SIGTERM, several worker processes on one port, no KEK overwrite."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,14 +14,7 @@ import pytest
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.v1 import keybroker_pb2 as pb
 from tests.support.clients import auth, channel, generate_request, stub
-from tests.support.process import BrokerProcess, free_port
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keybroker.cli.main", *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False,
-    )  # fmt: skip
+from tests.support.process import BrokerProcess, free_port, run_cli
 
 
 @pytest.mark.parametrize(

@@ -64,3 +64,11 @@ class BrokerProcess:
                 self.proc.wait()
             self._fh.close()
         return code
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m keybroker.cli.main ARGS` with ``env`` added to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "keybroker.cli.main", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False,
+    )  # fmt: skip

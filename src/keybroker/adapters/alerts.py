@@ -16,8 +16,9 @@ detectors over them:
     decisions with reason ``wrapped_key_invalid`` within ``tamper_window_s`` seconds: someone is
     feeding the broker altered wrapped keys.
 ``scheduled_key_use``
-    an allowed call that used a key version scheduled for destruction, as told by the injected
-    ``is_scheduled_for_destruction(key_name, version)``.
+    a call that tried to use a key version scheduled for destruction: refused for that reason, or
+    allowed while the injected ``is_scheduled_for_destruction(key_name, version)`` says so (a
+    replica whose metadata was a moment behind).
 
 Each alert fires at most once per (detector, subject) per ``cooldown_s``. An alert is a WARNING
 log line on the ``keybroker.alerts`` logger, a span ``keybroker.alert/<detector>`` and one count on
@@ -58,6 +59,8 @@ UNWRAP_VOLUME = "unwrap_volume"
 TAMPER_BURST_GLOBAL = "tamper_burst_global"
 TAMPER_BURST_PRINCIPAL = "tamper_burst_principal"
 SCHEDULED_KEY_USE = "scheduled_key_use"
+#: The decision reason of a call refused because its key version is scheduled for destruction.
+SCHEDULED_VERSION_REFUSED = "key_version_scheduled_for_destruction"
 
 DETECTORS = (
     REPEATED_DENIALS_PRINCIPAL,
@@ -170,11 +173,13 @@ class AlertDetector:
         if outcome is Outcome.ERROR:
             return
         subject = decision.subject
-        scheduled = (
-            outcome is Outcome.ALLOW
-            and decision.key_name is not None
-            and decision.key_version is not None
-            and self._is_scheduled(decision.key_name, decision.key_version)
+        scheduled = decision.key_name is not None and (
+            decision.reason == SCHEDULED_VERSION_REFUSED
+            or (
+                outcome is Outcome.ALLOW
+                and decision.key_version is not None
+                and self._is_scheduled(decision.key_name, decision.key_version)
+            )
         )
         t = self.thresholds
         fired: list[Alert] | None = None

@@ -39,9 +39,7 @@ def _client_settings(args: argparse.Namespace) -> tuple[str, TlsFiles, TokenFile
     from keybroker.cli.main import config_path
 
     client = settings.load(config_path(args.config)).client
-    tls, token_file = client.require()
-    if args.token_file is not None:
-        token_file = args.token_file
+    tls, token_file = client.require(args.token_file)
     return client.target, TlsFiles(*tls), TokenFile(token_file), client.timeout
 
 

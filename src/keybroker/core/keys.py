@@ -125,6 +125,11 @@ class KeySnapshot:
             raise NotFoundError(f"no key named {name!r}", reason="key_not_found")
         return KeyRef(name, key.current_version)
 
+    def is_scheduled_for_destruction(self, name: str, version: int) -> bool:
+        key = self.keys.get(name)
+        found = key.version(version) if key is not None else None
+        return found is not None and found.state is S.SCHEDULED_FOR_DESTRUCTION
+
     def require_material(self, ref: KeyRef) -> None:
         """Before the HSM is asked: is there key material to authenticate the blob with?
 

@@ -35,6 +35,7 @@ from keybroker.adapters.telemetry import (
 )
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.admin import KeyAdmin
+from keybroker.core.alerting import never_scheduled
 from keybroker.core.broker import KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
@@ -194,6 +195,7 @@ def build_observability(
     keks: Pkcs11Keks,
     journal: Journal | None,
     span_processor: SpanProcessor | None,
+    catalog: CachedCatalog | None = None,
 ) -> Observability:
     telemetry = settings.telemetry
     provider, live_spans = configure_tracing(
@@ -211,8 +213,18 @@ def build_observability(
         keks.observe(decision_metrics.hsm_call)
         if journal is not None:
             journal.on_flush(decision_metrics.journal_flush)
+    scheduled = (
+        (lambda name, version: catalog.snapshot().is_scheduled_for_destruction(name, version))
+        if catalog is not None
+        else never_scheduled
+    )
     live: list[DecisionRecorder] = [
-        AlertDetector(settings.alerts, tracer_provider=provider, meter_provider=meter_provider)
+        AlertDetector(
+            settings.alerts,
+            is_scheduled_for_destruction=scheduled,
+            tracer_provider=provider,
+            meter_provider=meter_provider,
+        )
     ]
     if decision_metrics is not None:
         live.append(decision_metrics)
@@ -301,7 +313,6 @@ def create_server(
     )
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
-    obs = build_observability(settings, keks, journal, span_processor)
     state = settings.state
 
     def scheduler_tick() -> None:
@@ -317,6 +328,7 @@ def create_server(
         tick_interval=state.scheduler_interval,
     )
     catalog.on_change(_forget_unusable(keks))
+    obs = build_observability(settings, keks, journal, span_processor, catalog)
     lifecycle = KeyLifecycle(
         store,
         keks,
