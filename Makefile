@@ -26,8 +26,9 @@ run: system-deps venv
 	$(BIN)/keybroker dev init --state-dir $(STATE_DIR) --listen $(LISTEN)
 	$(BIN)/keybroker serve --config $(STATE_DIR)/keybroker.toml
 
-## test: lint, type-check and run every test (real SoftHSM, real mTLS)
-test: system-deps venv lint
+## test: lint, type-check and run every test (real SoftHSM, real mTLS, real PostgreSQL)
+test: venv lint
+	@scripts/ensure-system-deps.sh --test
 	$(BIN)/pytest
 
 lint: venv

@@ -2,9 +2,30 @@
 # Install the Debian packages keybroker needs, only when missing. Used by `make run` and `make test`.
 set -euo pipefail
 
+# The PostgreSQL server binaries the tests start a throwaway cluster with (tests/support/postgres.py).
+# Debian keeps them off PATH, in /usr/lib/postgresql/<version>/bin, so look there too.
+have_postgres_server() {
+  local dir name
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1 \
+    && command -v postgres >/dev/null 2>&1; then
+    return 0
+  fi
+  for dir in /usr/lib/postgresql/*/bin; do
+    for name in initdb pg_ctl postgres; do
+      [ -x "$dir/$name" ] || continue 2
+    done
+    return 0
+  done
+  return 1
+}
+
 missing=()
 command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
 command -v curl >/dev/null 2>&1 || missing+=(curl)  # the tests use it as a TLS 1.2 gRPC peer
+# PostgreSQL only for the test suite (`--test`): the embedded default (`make run`) uses SQLite.
+if [ "${1:-}" = "--test" ]; then
+  have_postgres_server || missing+=(postgresql)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -21,4 +42,5 @@ fi
 
 echo "installing ${missing[*]} with apt-get"
 "${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+# env, not a prefix assignment: sudo would drop DEBIAN_FRONTEND (tzdata, postgresql-common ask otherwise)
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

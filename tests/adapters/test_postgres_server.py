@@ -6,11 +6,8 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-# Fixtures imported until tests/conftest.py registers them; a test naming one redefines it (F811).
-from tests.support.postgres import postgres_server, postgres_url  # noqa: F401
 
-
-def test_fresh_database_stores_and_reads_back(postgres_url: str) -> None:  # noqa: F811
+def test_fresh_database_stores_and_reads_back(postgres_url: str) -> None:
     dbname = urlsplit(postgres_url).path.lstrip("/")
     with psycopg.connect(postgres_url, connect_timeout=10) as conn:
         database, encoding = conn.execute(
@@ -33,7 +30,7 @@ def test_fresh_database_stores_and_reads_back(postgres_url: str) -> None:  # noq
     assert rows == [("rec-0001", 42), ("rec-0002", 2**40)]
 
 
-def test_listen_notify_across_connections(postgres_url: str) -> None:  # noqa: F811
+def test_listen_notify_across_connections(postgres_url: str) -> None:
     with (
         psycopg.connect(postgres_url, autocommit=True, connect_timeout=10) as listener,
         psycopg.connect(postgres_url, autocommit=True, connect_timeout=10) as sender,

@@ -39,7 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_dev_init(args: argparse.Namespace) -> int:
     from keybroker.devenv import provision
 
-    env = provision(args.state_dir)
+    env = provision(args.state_dir, listen=args.listen)
     print(usage_hint(env.root, args.listen))
     return EXIT_OK
 
@@ -60,9 +60,9 @@ In another terminal, mint a dev token and ask for a data key:
 
 Platform engineers manage keys through the broker (admin tokens need MFA: --amr mfa):
 
-  .venv/bin/keybroker dev token --state-dir {s} --scope keys:admin --amr mfa \
+  .venv/bin/keybroker dev token --state-dir {s} --scope keys:admin --amr mfa \\
       --output {s}/admin.token
-  .venv/bin/keybroker kek show recordings --config {s}/keybroker.toml \
+  .venv/bin/keybroker kek show recordings --config {s}/keybroker.toml \\
       --token-file {s}/admin.token
 """
 
