@@ -17,7 +17,8 @@ import pytest
 
 from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.hsm import Pkcs11Keks
-from keybroker.adapters.keystore import SqlKeyStore, dialect_for
+from keybroker.adapters.keystore import SqlKeyStore
+from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.core.broker import GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
@@ -74,8 +75,9 @@ class World:
         self.name = name
         self.keks = keks
         self.clock = clock
-        self.store = SqlKeyStore(dialect_for(url, base=Path.cwd()))
-        self.store.migrate()
+        db = Database(dialect_for(url, base=Path.cwd()))
+        db.migrate()
+        self.store = SqlKeyStore(db)
         self.events: list[Decision] = []
         self.life = KeyLifecycle(
             self.store,

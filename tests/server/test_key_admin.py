@@ -441,7 +441,6 @@ CRASH_SCRIPT = textwrap.dedent(
     import os, signal, sys, time
     from pathlib import Path
     from keybroker import settings
-    from keybroker.adapters.keystore import SqlKeyStore, dialect_for
     from keybroker.core.wrapped_key import KeyRef
     from keybroker.server.app import connect_hsm, open_store
 

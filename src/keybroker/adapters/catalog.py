@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keybroker.adapters.keystore import NOTIFY_CHANNEL, SqlKeyStore
+from keybroker.adapters.keystore import SqlKeyStore
+from keybroker.adapters.sqldb import NOTIFY_CHANNEL
 from keybroker.core.keys import KeySnapshot
 from keybroker.core.ports import Usage
 from keybroker.core.wrapped_key import KeyRef

@@ -1,27 +1,16 @@
-"""Key metadata in SQL: SQLite (embedded, one file) or PostgreSQL (shared by replicas).
+"""Key metadata (keys, versions, states, policies, usage) in the metadata database.
 
-One class, :class:`SqlKeyStore`, speaks to both through a small :class:`Dialect`: the SQL is the
-same, written with ``?`` placeholders. Every write is one transaction that first takes the
-writer lock of its backend (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``SELECT … FOR UPDATE`` on the
-key's row), so two replicas never compute the same next version number. Every metadata change
-bumps ``kb_meta.generation`` (and, on PostgreSQL, sends ``NOTIFY keybroker_keys``) so caches know
-to reload; usage counts do not.
-
-Schema migrations are numbered and applied at start-up, under the same lock (PostgreSQL: an
-advisory lock), so replicas starting together apply each exactly once.
+Every write is one transaction that locks the key's row first, so two replicas never compute the
+same next version number. Every metadata change bumps ``kb_meta.generation`` (and, on PostgreSQL,
+sends ``NOTIFY keybroker_keys``) so caches know to reload; usage counts do not.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from keybroker.adapters.sqldb import Cursor, Database
 from keybroker.core.keys import (
     DEFAULT_ROTATE_AFTER_WRAPS,
     KeyInfo,
@@ -30,166 +19,6 @@ from keybroker.core.keys import (
 )
 from keybroker.core.ports import Usage
 from keybroker.core.wrapped_key import KeyRef
-from keybroker.errors import ConfigurationError, StoreUnavailableError
-
-log = logging.getLogger(__name__)
-
-NOTIFY_CHANNEL = "keybroker_keys"
-_MIGRATION_LOCK_ID = 7_274_511  # PostgreSQL advisory lock for migrations
-
-#: Numbered schema migrations; never edit one that has shipped, add the next.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (
-        1,
-        (
-            """CREATE TABLE kb_meta (
-                id INTEGER PRIMARY KEY CHECK (id = 1),
-                generation BIGINT NOT NULL)""",
-            "INSERT INTO kb_meta (id, generation) VALUES (1, 0)",
-            """CREATE TABLE kb_keys (
-                name TEXT PRIMARY KEY,
-                created_at DOUBLE PRECISION NOT NULL,
-                current_version INTEGER NOT NULL,
-                min_decryption_version INTEGER NOT NULL DEFAULT 1,
-                rotation_period BIGINT,
-                rotate_after_wraps BIGINT NOT NULL)""",
-            """CREATE TABLE kb_key_versions (
-                name TEXT NOT NULL REFERENCES kb_keys (name),
-                version INTEGER NOT NULL,
-                state TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL,
-                updated_at DOUBLE PRECISION NOT NULL,
-                destroy_after DOUBLE PRECISION,
-                destroyed_at DOUBLE PRECISION,
-                wraps BIGINT NOT NULL DEFAULT 0,
-                unwraps BIGINT NOT NULL DEFAULT 0,
-                last_used_at DOUBLE PRECISION,
-                PRIMARY KEY (name, version))""",
-        ),
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class Cursor(Protocol):
-    """The part of a DB-API cursor both backends share."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Dialect(Protocol):
-    name: str
-
-    def connect(self) -> Any: ...
-
-    @contextmanager
-    def write(self, conn: Any) -> Iterator[Cursor]: ...
-
-    def lock_key(self, cur: Cursor, name: str) -> None: ...
-
-    def notify(self, cur: Cursor) -> None: ...
-
-    def sql(self, text: str) -> str: ...
-
-    def is_unavailable(self, exc: BaseException) -> bool: ...
-
-
-class SqliteDialect:
-    name = "sqlite"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def connect(self) -> Any:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        return conn
-
-    @contextmanager
-    def write(self, conn: Any) -> Iterator[Cursor]:
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")  # the database-wide writer lock
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
-
-    def lock_key(self, cur: Cursor, name: str) -> None:
-        """BEGIN IMMEDIATE already serialises every writer."""
-
-    def notify(self, cur: Cursor) -> None:
-        """SQLite has no notifications: caches poll the generation."""
-
-    def sql(self, text: str) -> str:
-        return text
-
-    def is_unavailable(self, exc: BaseException) -> bool:
-        return isinstance(exc, sqlite3.OperationalError)
-
-
-class PostgresDialect:
-    name = "postgresql"
-
-    def __init__(self, url: str, password: str | None = None) -> None:
-        self.url = url
-        self.password = password
-
-    def connect(self) -> Any:
-        import psycopg
-
-        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
-        if self.password is not None:
-            kwargs["password"] = self.password
-        return psycopg.connect(self.url, **kwargs)
-
-    @contextmanager
-    def write(self, conn: Any) -> Iterator[Cursor]:
-        with conn.transaction(), conn.cursor() as cur:
-            yield cur
-
-    def lock_key(self, cur: Cursor, name: str) -> None:
-        cur.execute("SELECT name FROM kb_keys WHERE name = %s FOR UPDATE", (name,))
-
-    def notify(self, cur: Cursor) -> None:
-        cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-
-    def sql(self, text: str) -> str:
-        return text.replace("?", "%s")
-
-    def is_unavailable(self, exc: BaseException) -> bool:
-        import psycopg
-
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-
-
-def dialect_for(url: str, *, base: Path, password: str | None = None) -> Dialect:
-    """``sqlite:PATH`` (relative to ``base``), ``sqlite:///ABS``, or ``postgresql://…``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDialect(url, password)
-    if url.startswith("sqlite:"):
-        raw = url.removeprefix("sqlite:")
-        raw = "/" + raw.removeprefix("///") if raw.startswith("///") else raw
-        if not raw:
-            raise ConfigurationError("[state] url: sqlite: needs a file, e.g. sqlite:keybroker.db")
-        path = Path(raw).expanduser()
-        return SqliteDialect(path if path.is_absolute() else base / path)
-    raise ConfigurationError(
-        "[state] url: expected sqlite:FILE or postgresql://…, e.g. sqlite:keybroker.db"
-    )
 
 
 def _version(row: Sequence[Any]) -> VersionInfo:
@@ -214,91 +43,21 @@ _KEY_COLUMNS = (
 
 
 class SqlKeyStore:
-    """Implements :class:`keybroker.core.ports.KeyStore` over SQLite or PostgreSQL."""
+    """Implements :class:`keybroker.core.ports.KeyStore` on a :class:`Database`."""
 
-    def __init__(self, dialect: Dialect) -> None:
-        self._d = dialect
-        self._lock = threading.Lock()
-        self._conn: Any = None
-
-    @property
-    def backend(self) -> str:
-        return self._d.name
-
-    @property
-    def notifications(self) -> Callable[[], Any] | None:
-        """Opens a connection to LISTEN on for changes (PostgreSQL), or None (SQLite: poll)."""
-        return self._d.connect if isinstance(self._d, PostgresDialect) else None
-
-    # -- plumbing ----------------------------------------------------------------------------
-
-    @contextmanager
-    def _connection(self) -> Iterator[Any]:
-        with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = self._d.connect()
-                yield self._conn
-            except Exception as exc:
-                if not self._d.is_unavailable(exc):
-                    raise
-                log.warning("state store unavailable: %s", type(exc).__name__)
-                self._drop()
-                raise StoreUnavailableError from None
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # closing a broken connection
-                self._conn.close()
-            self._conn = None
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._d = db.dialect
 
     def _run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
-        with self._connection() as conn:
-            if write:
-                with self._d.write(conn) as cur:
-                    return fn(_Sql(cur, self._d))
-            cur = conn.cursor()
-            try:
-                return fn(_Sql(cur, self._d))
-            finally:
-                cur.close()
-
-    def migrate(self) -> int:
-        """Apply missing migrations; returns the schema version."""
-
-        def apply(cur: Cursor) -> int:
-            if self._d.name == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK_ID,))
-            cur.execute(
-                "CREATE TABLE IF NOT EXISTS kb_schema_migrations ("
-                "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
-            cur.execute("SELECT version FROM kb_schema_migrations")
-            applied = {int(r[0]) for r in cur.fetchall()}
-            if applied and max(applied) > SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"[state] the database schema (v{max(applied)}) is newer than this "
-                    f"keybroker (v{SCHEMA_VERSION}); upgrade keybroker"
-                )
-            for number, statements in MIGRATIONS:
-                if number in applied:
-                    continue
-                for statement in statements:
-                    cur.execute(statement)
-                cur.execute(
-                    "INSERT INTO kb_schema_migrations (version, applied_at) "
-                    "VALUES (?, CURRENT_TIMESTAMP)",
-                    (number,),
-                )
-                log.info("state store: applied schema migration %d", number)
-            return SCHEMA_VERSION
-
-        result: int = self._run(apply, write=True)
-        return result
+        return self._db.run(fn, write=write)
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._db.close()
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -580,27 +339,3 @@ class SqlKeyStore:
                 )
 
         self._run(write, write=True)
-
-
-class _Sql:
-    """A cursor that rewrites ``?`` placeholders for the dialect."""
-
-    def __init__(self, cur: Any, dialect: Dialect) -> None:
-        self._cur = cur
-        self._d = dialect
-
-    @property
-    def rowcount(self) -> int:
-        return int(self._cur.rowcount)
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._cur.execute(self._d.sql(sql), tuple(params))
-
-    def fetchone(self) -> Any:
-        return self._cur.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return list(self._cur.fetchall())
-
-    def close(self) -> None:
-        self._cur.close()

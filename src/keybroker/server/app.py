@@ -25,8 +25,9 @@ from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
-from keybroker.adapters.keystore import SqlKeyStore, dialect_for
+from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
+from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.adapters.telemetry import (
     SpanRecorder,
     configure_tracing,
@@ -136,13 +137,18 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
     return keks
 
 
-def open_store(settings: Settings) -> SqlKeyStore:
-    """The key metadata store named by ``[state] url``, migrated to this version's schema."""
+def open_database(settings: Settings) -> Database:
+    """The metadata database named by ``[state] url``, migrated to this version's schema."""
     state = settings.state
     base = settings.source.resolve().parent if settings.source else Path.cwd()
-    store = SqlKeyStore(dialect_for(state.url, base=base, password=state.read_password()))
-    store.migrate()
-    return store
+    db = Database(dialect_for(state.url, base=base, password=state.read_password()))
+    db.migrate()
+    return db
+
+
+def open_store(settings: Settings) -> SqlKeyStore:
+    """The key metadata store (its own connection to the database)."""
+    return SqlKeyStore(open_database(settings))
 
 
 def event_recorder(journal: Journal | None, live: DecisionRecorder) -> Callable[[Decision], None]:
@@ -323,7 +329,7 @@ def create_server(
         store,
         refresh_interval=state.refresh_interval,
         usage_flush_interval=state.usage_flush_interval,
-        listen=store.notifications,
+        listen=store.database.notifications,
         tick=scheduler_tick,
         tick_interval=state.scheduler_interval,
     )
