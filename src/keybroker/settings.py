@@ -122,6 +122,9 @@ class StateSettings:
     """Seconds between checks for due rotations, destructions and crash leftovers."""
     reconcile_after: float = 60.0
     """A rotation or destruction left half done this long ago was interrupted: finish it."""
+    max_staleness: float = 5.0
+    """A replica that could not refresh its erasure state for this long refuses unwraps
+    (fail closed); an erasure call waits at most this long for replicas to confirm. 0: never."""
 
     def read_password(self) -> str | None:
         if self.password_file is None:

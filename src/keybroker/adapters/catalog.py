@@ -56,6 +56,7 @@ class CachedCatalog:
         self._usage: dict[KeyRef, Usage] = {}
         self._usage_lock = threading.Lock()
         self._listeners: list[ChangeListener] = []
+        self._refreshers: list[Callable[[], object]] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -78,6 +79,10 @@ class CachedCatalog:
 
     def on_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
+
+    def also_refresh(self, refresher: Callable[[], object]) -> None:
+        """Run ``refresher`` after every refresh of the key metadata (same wake-ups)."""
+        self._refreshers.append(refresher)
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload if the store's generation moved; True if the snapshot changed."""
@@ -139,6 +144,8 @@ class CachedCatalog:
             if self._stopping.is_set():
                 return
             self._step("refresh", self.refresh)
+            for refresher in self._refreshers:
+                self._step("refresh", refresher)
             now = time.monotonic()
             if now >= next_flush:
                 next_flush = now + self._flush_interval

@@ -102,6 +102,8 @@ def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
         "keybroker.recording.id": d.recording_id,
         "keybroker.key.name": d.key_name,
         "keybroker.key.version": d.key_version,
+        "keybroker.reference": d.reference,
+        "keybroker.justification": d.justification,
     }
     attrs.update({k: v for k, v in optional.items() if v is not None})
     if d.purposes:

@@ -14,6 +14,13 @@ from keybroker.core import policy
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
 from keybroker.core.ports import Clock, KeyCatalog, KeyEncryptionKeys
+from keybroker.core.privacy import (
+    SCOPE_AMEND,
+    PrivacyView,
+    RecordingEntry,
+    require_not_erased,
+    validate_reason,
+)
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     NONCE_SIZE,
@@ -99,7 +106,9 @@ class KeyBroker:
         clock: Clock,
         default_key: str,
         default_retention_seconds: int,
+        privacy: PrivacyView | None = None,
     ) -> None:
+        self._privacy = privacy
         self._keks = keks
         self._catalog = catalog
         self._clock = clock
@@ -130,6 +139,8 @@ class KeyBroker:
         )
         decision.subject_ids = bindings.subject_ids
         policy.require_purposes_granted(principal, bindings.purposes)
+        if self._privacy is not None:
+            require_not_erased(self._privacy, bindings.recording_id, bindings.subject_ids)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
         decision.key_name = name
         key = self._catalog.snapshot().current(name)
@@ -138,6 +149,17 @@ class KeyBroker:
         data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
         wrapped = self._wrap(key, nonce, bindings, data_key)
         self._catalog.count(key, wraps=1)
+        if self._privacy is not None:
+            self._privacy.register(
+                RecordingEntry(
+                    bindings.recording_id,
+                    bindings.subject_ids,
+                    bindings.purposes,
+                    bindings.retain_until,
+                    key,
+                    now,
+                )
+            )
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
 
     def unwrap(
@@ -158,6 +180,7 @@ class KeyBroker:
             raise InvalidRequestError("purpose is required", reason="bad_purposes")
         parsed, data_key = self._open(wrapped_key, decision)
         policy.require_recording(parsed.bindings, recording_id)
+        self._require_not_erased(parsed.bindings)
         policy.require_purposes_granted(principal, (purpose,))
         policy.require_purpose_bound(parsed.bindings, purpose)
         policy.require_context(parsed.bindings, context)
@@ -189,6 +212,7 @@ class KeyBroker:
         decision.recording_id = recording_id or None
         parsed, data_key = self._open(wrapped_key, decision)
         policy.require_recording(parsed.bindings, recording_id)
+        self._require_not_erased(parsed.bindings)
         policy.require_retention(parsed.bindings, self._clock())
         current = self._catalog.snapshot().current(parsed.key.name)
         nonce = self._keks.random(NONCE_SIZE)
@@ -197,6 +221,55 @@ class KeyBroker:
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
         return RewrappedKey(wrapped, current)
+
+    def amend_purposes(
+        self,
+        principal: Principal,
+        *,
+        recording_id: str,
+        wrapped_key: bytes,
+        add: Sequence[str],
+        remove: Sequence[str],
+        reason: str,
+        decision: Decision,
+    ) -> RewrappedKey:
+        """The same data key with purposes added or removed (new consent, new lawful basis),
+        under the key's current version; who and why are in the decision."""
+        decision.recording_id = recording_id or None
+        decision.justification = reason.strip() or None
+        policy.require_scope(principal, SCOPE_AMEND)
+        validate_reason(reason)
+        if not add and not remove:
+            raise InvalidRequestError("give purposes to add or remove", reason="bad_purposes")
+        parsed, data_key = self._open(wrapped_key, decision)
+        policy.require_recording(parsed.bindings, recording_id)
+        self._require_not_erased(parsed.bindings)
+        policy.require_retention(parsed.bindings, self._clock())
+        bound = parsed.bindings
+        purposes = [p for p in bound.purposes if p not in set(remove)]
+        purposes += [p for p in add if p not in purposes]
+        if not purposes:
+            raise InvalidRequestError(
+                "a recording keeps at least one purpose; erase it instead", reason="bad_purposes"
+            )
+        bindings = Bindings.create(
+            recording_id=bound.recording_id,
+            purposes=purposes,
+            subject_ids=bound.subject_ids,
+            retain_until=bound.retain_until,
+            context=bound.context_map,
+        )
+        decision.purposes = bindings.purposes
+        current = self._catalog.snapshot().current(parsed.key.name)
+        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), bindings, data_key)
+        self._catalog.count(parsed.key, unwraps=1)
+        self._catalog.count(current, wraps=1)
+        decision.key_version = current.version
+        return RewrappedKey(wrapped, current)
+
+    def _require_not_erased(self, bindings: Bindings) -> None:
+        if self._privacy is not None:
+            require_not_erased(self._privacy, bindings.recording_id, bindings.subject_ids)
 
     def _open(self, wrapped_key: bytes, decision: Decision) -> tuple[WrappedKey, bytes]:
         """Parse and authenticate a wrapped key before any of its bindings is trusted.

@@ -39,5 +39,9 @@ class Decision:
     key_version: int | None = None
     started_ns: int = 0
     ended_ns: int = 0
+    reference: str | None = None
+    """What the call produced that an auditor can look up, e.g. ``erasure:17``."""
+    justification: str | None = None
+    """The reason a caller gave for a privacy operation (erasure, hold, purpose amendment)."""
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C ``traceparent``/``tracestate`` of the caller, to join its trace."""

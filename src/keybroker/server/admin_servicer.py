@@ -31,7 +31,7 @@ STATE_NAMES = {v: k for k, v in _STATES.items()}
 R = TypeVar("R")
 
 
-def _ts(seconds: float | None) -> Timestamp | None:
+def timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
     ts = Timestamp()
@@ -44,12 +44,12 @@ def _version(v: VersionInfo, current: int) -> pb.KeyVersion:
         version=v.version,
         state=_STATES[v.state],
         current=v.version == current,
-        created_at=_ts(v.created_at),
-        destroy_after=_ts(v.destroy_after),
-        destroyed_at=_ts(v.destroyed_at),
+        created_at=timestamp(v.created_at),
+        destroy_after=timestamp(v.destroy_after),
+        destroyed_at=timestamp(v.destroyed_at),
         wraps=v.wraps,
         unwraps=v.unwraps,
-        last_used_at=_ts(v.last_used_at),
+        last_used_at=timestamp(v.last_used_at),
     )
 
 
@@ -60,7 +60,7 @@ def key_message(key: KeyInfo) -> pb.Key:
         min_decryption_version=key.min_decryption_version,
         rotation_period_seconds=key.rotation_period or 0,
         rotate_after_wraps=key.rotate_after_wraps,
-        created_at=_ts(key.created_at),
+        created_at=timestamp(key.created_at),
         versions=[_version(v, key.current_version) for v in key.versions],
     )
 

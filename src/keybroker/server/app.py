@@ -27,6 +27,8 @@ from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
 from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
+from keybroker.adapters.privacy_cache import PrivacyCache
+from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.adapters.telemetry import (
     SpanRecorder,
@@ -42,15 +44,24 @@ from keybroker.core.decision import Decision
 from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
+from keybroker.core.privacy import PrivacyService
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
-from keybroker.server import admin_servicer
+from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
+from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
-from keybroker.v1 import admin_pb2, admin_pb2_grpc, keybroker_pb2, keybroker_pb2_grpc
+from keybroker.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    keybroker_pb2,
+    keybroker_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,7 @@ class RunningBroker:
     store: SqlKeyStore | None = None
     catalog: CachedCatalog | None = None
     lifecycle: KeyLifecycle | None = None
+    privacy: PrivacyCache | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
@@ -79,6 +91,8 @@ class RunningBroker:
         self.monitor.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
+        if self.privacy is not None:
+            self.privacy.close()  # flushes the recording registry
         if self.store is not None:
             self.store.close()
         if self.journal is not None:
@@ -265,6 +279,7 @@ def grpc_server(
     settings: Settings,
     servicer: KeyBrokerServicer,
     admin: KeyAdminServicer,
+    privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
 ) -> tuple[grpc.Server, int]:
     """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
@@ -278,11 +293,13 @@ def grpc_server(
     )
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
+    privacy_pb2_grpc.add_PrivacyServicer_to_server(privacy, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name,
+            privacy_pb2.DESCRIPTOR.services_by_name["Privacy"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -349,6 +366,14 @@ def create_server(
     )
     lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
+    privacy_cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+    )
+    privacy_cache.refresh()
+    catalog.also_refresh(privacy_cache.refresh)
     require_default_key(settings, catalog)
 
     def guard(service: str) -> CallGuard:
@@ -366,11 +391,18 @@ def create_server(
         clock=clock,
         default_key=settings.keys.default,
         default_retention_seconds=settings.keys.default_retention,
+        privacy=privacy_cache,
     )
     admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
+    privacy = PrivacyService(
+        privacy_cache.store, privacy_cache, clock=clock, mfa_required=auth.admin_require_mfa
+    )
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_state = Health(health_servicer, [SERVICE_NAME, admin_servicer.SERVICE_NAME])
+    health_state = Health(
+        health_servicer,
+        [SERVICE_NAME, admin_servicer.SERVICE_NAME, privacy_servicer.SERVICE_NAME],
+    )
     starting = health_state.watch("starting", False)
     health_state.publish()
     keks.on_health_change(health_state.watch("hsm", keks.healthy))
@@ -383,6 +415,7 @@ def create_server(
         settings,
         KeyBrokerServicer(broker, guard(SERVICE_NAME)),
         KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
+        PrivacyServicer(privacy, broker, guard(privacy_servicer.SERVICE_NAME), settings.audit.dir),
         health_servicer,
     )
     server.start()
@@ -405,6 +438,7 @@ def create_server(
         store,
         catalog,
         lifecycle,
+        privacy_cache,
     )
 
 

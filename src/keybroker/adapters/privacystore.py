@@ -1,0 +1,324 @@
+"""Privacy state in the metadata database: the recording registry, erasures, legal holds, and
+which replica has loaded which privacy generation.
+
+Every change takes one database-wide privacy lock (PostgreSQL advisory lock; SQLite's writer
+lock), so erasure sequence numbers commit in order and a replica loading "every erasure after
+the last one I saw" never skips one. Changes bump ``kb_meta.privacy_generation`` and notify.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from keybroker.adapters.sqldb import Cursor, Database
+from keybroker.core.privacy import Erasure, Hold, RecordingEntry, Target
+from keybroker.core.wrapped_key import KeyRef
+from keybroker.errors import FailedPreconditionError
+
+_PRIVACY_LOCK_ID = 7_274_512
+
+
+def _entry(row: Sequence[Any], subjects: tuple[str, ...]) -> RecordingEntry:
+    return RecordingEntry(
+        recording_id=row[0],
+        subject_ids=subjects,
+        purposes=tuple(json.loads(row[1])),
+        retain_until=float(row[2]),
+        key=KeyRef(row[3], int(row[4])),
+        created_at=float(row[5]),
+        erased_at=row[6],
+    )
+
+
+def _erasure(row: Sequence[Any], *, already: bool = False) -> Erasure:
+    return Erasure(
+        seq=int(row[0]),
+        kind=Target(row[1]),
+        target=row[2],
+        reason=row[3],
+        erased_by=row[4],
+        erased_at=float(row[5]),
+        recordings=int(row[6]),
+        already_erased=already,
+    )
+
+
+_ERASURE_COLUMNS = "seq, kind, target, reason, erased_by, erased_at, recordings"
+_RECORDING_COLUMNS = (
+    "recording_id, purposes, retain_until, key_name, key_version, created_at, erased_at"
+)
+
+
+class SqlPrivacyStore:
+    """Implements :class:`keybroker.core.privacy.PrivacyStore` on a :class:`Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def _run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
+        return self._db.run(fn, write=write)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _changed(self, cur: Cursor) -> None:
+        cur.execute("UPDATE kb_meta SET privacy_generation = privacy_generation + 1 WHERE id = 1")
+        self._db.dialect.notify(cur)
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def register(self, entries: Sequence[RecordingEntry]) -> None:
+        """Add recordings (a recording id seen again keeps its first entry)."""
+        if not entries:
+            return
+
+        def write(cur: Cursor) -> None:
+            for e in entries:
+                cur.execute(
+                    f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}) "  # noqa: S608 - constant
+                    "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (recording_id) DO NOTHING",
+                    (
+                        e.recording_id,
+                        json.dumps(list(e.purposes)),
+                        e.retain_until,
+                        e.key.name,
+                        e.key.version,
+                        e.created_at,
+                    ),
+                )
+                for subject in e.subject_ids:
+                    cur.execute(
+                        "INSERT INTO kb_recording_subjects (subject_id, recording_id) "
+                        "VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        (subject, e.recording_id),
+                    )
+
+        self._run(write, write=True)
+
+    def recordings_of(self, subject_id: str) -> list[RecordingEntry]:
+        def read(cur: Cursor) -> list[RecordingEntry]:
+            cur.execute(
+                f"SELECT {_RECORDING_COLUMNS} FROM kb_recordings WHERE recording_id IN "  # noqa: S608
+                "(SELECT recording_id FROM kb_recording_subjects WHERE subject_id = ?) "
+                "ORDER BY created_at, recording_id",
+                (subject_id,),
+            )
+            rows = cur.fetchall()
+            return [_entry(row, self._subjects(cur, row[0])) for row in rows]
+
+        result: list[RecordingEntry] = self._run(read, write=False)
+        return result
+
+    def recording(self, recording_id: str) -> RecordingEntry | None:
+        def read(cur: Cursor) -> RecordingEntry | None:
+            cur.execute(
+                f"SELECT {_RECORDING_COLUMNS} FROM kb_recordings WHERE recording_id = ?",  # noqa: S608
+                (recording_id,),
+            )
+            row = cur.fetchone()
+            return None if row is None else _entry(row, self._subjects(cur, recording_id))
+
+        result: RecordingEntry | None = self._run(read, write=False)
+        return result
+
+    @staticmethod
+    def _subjects(cur: Cursor, recording_id: str) -> tuple[str, ...]:
+        cur.execute(
+            "SELECT subject_id FROM kb_recording_subjects WHERE recording_id = ? "
+            "ORDER BY subject_id",
+            (recording_id,),
+        )
+        return tuple(r[0] for r in cur.fetchall())
+
+    # -- erasure -----------------------------------------------------------------------------
+
+    def erase(
+        self, kind: Target, target: str, *, reason: str, erased_by: str, now: float
+    ) -> Erasure:
+        def write(cur: Cursor) -> Erasure:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
+                (kind.value, target),
+            )
+            existing = cur.fetchone()
+            if existing is not None:
+                return _erasure(existing, already=True)
+            self._refuse_if_held(cur, kind, target)
+            if kind is Target.RECORDING:
+                cur.execute(
+                    "UPDATE kb_recordings SET erased_at = ? "
+                    "WHERE recording_id = ? AND erased_at IS NULL",
+                    (now, target),
+                )
+                covered = 1
+            else:
+                cur.execute(
+                    "UPDATE kb_recordings SET erased_at = ? WHERE erased_at IS NULL AND "
+                    "recording_id IN (SELECT recording_id FROM kb_recording_subjects "
+                    "WHERE subject_id = ?)",
+                    (now, target),
+                )
+                cur.execute(
+                    "SELECT COUNT(*) FROM kb_recording_subjects WHERE subject_id = ?", (target,)
+                )
+                covered = int(cur.fetchone()[0])
+            cur.execute(
+                "INSERT INTO kb_erasures (kind, target, reason, erased_by, erased_at, recordings) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (kind.value, target, reason, erased_by, now, covered),
+            )
+            cur.execute(
+                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
+                (kind.value, target),
+            )
+            row = cur.fetchone()
+            self._changed(cur)
+            return _erasure(row)
+
+        result: Erasure = self._run(write, write=True)
+        return result
+
+    def _refuse_if_held(self, cur: Cursor, kind: Target, target: str) -> None:
+        """A hold on the target, on the recording's subjects, or on the subject's recordings."""
+        if kind is Target.RECORDING:
+            cur.execute(
+                "SELECT kind, target FROM kb_holds WHERE (kind = 'recording' AND target = ?) "
+                "OR (kind = 'subject' AND target IN (SELECT subject_id FROM "
+                "kb_recording_subjects WHERE recording_id = ?))",
+                (target, target),
+            )
+        else:
+            cur.execute(
+                "SELECT kind, target FROM kb_holds WHERE (kind = 'subject' AND target = ?) "
+                "OR (kind = 'recording' AND target IN (SELECT recording_id FROM "
+                "kb_recording_subjects WHERE subject_id = ?))",
+                (target, target),
+            )
+        held = cur.fetchone()
+        if held is not None:
+            what = (
+                "this recording"
+                if held[0] == kind.value and held[1] == target
+                else (f"a {held[0]} it covers")
+            )
+            raise FailedPreconditionError(
+                f"under legal hold ({what}); release the hold before erasing",
+                reason="legal_hold",
+            )
+
+    def erasures_since(self, seq: int, limit: int = 100_000) -> list[Erasure]:
+        def read(cur: Cursor) -> list[Erasure]:
+            cur.execute(
+                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE seq > ? "  # noqa: S608
+                "ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+            return [_erasure(r) for r in cur.fetchall()]
+
+        result: list[Erasure] = self._run(read, write=False)
+        return result
+
+    # -- legal holds -------------------------------------------------------------------------
+
+    def place_hold(self, hold: Hold) -> None:
+        def write(cur: Cursor) -> None:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_holds WHERE kind = ? AND target = ?",
+                (hold.kind.value, hold.target),
+            )
+            if cur.fetchone() is not None:
+                raise FailedPreconditionError(
+                    f"{hold.kind.value} is already under legal hold", reason="already_held"
+                )
+            cur.execute(
+                "SELECT 1 FROM kb_erasures WHERE kind = ? AND target = ?",
+                (hold.kind.value, hold.target),
+            )
+            if cur.fetchone() is not None:
+                raise FailedPreconditionError(
+                    f"{hold.kind.value} is erased; there is nothing left to hold", reason="erased"
+                )
+            cur.execute(
+                "INSERT INTO kb_holds (kind, target, reason, placed_by, placed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (hold.kind.value, hold.target, hold.reason, hold.placed_by, hold.placed_at),
+            )
+            self._changed(cur)
+
+        self._run(write, write=True)
+
+    def release_hold(self, kind: Target, target: str) -> Hold:
+        def write(cur: Cursor) -> Hold:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT reason, placed_by, placed_at FROM kb_holds WHERE kind = ? AND target = ?",
+                (kind.value, target),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise FailedPreconditionError(
+                    f"{kind.value} is not under legal hold", reason="not_held"
+                )
+            cur.execute("DELETE FROM kb_holds WHERE kind = ? AND target = ?", (kind.value, target))
+            self._changed(cur)
+            return Hold(kind, target, row[0], row[1], float(row[2]))
+
+        result: Hold = self._run(write, write=True)
+        return result
+
+    def holds(self) -> list[Hold]:
+        def read(cur: Cursor) -> list[Hold]:
+            cur.execute(
+                "SELECT kind, target, reason, placed_by, placed_at FROM kb_holds "
+                "ORDER BY kind, target"
+            )
+            return [Hold(Target(r[0]), r[1], r[2], r[3], float(r[4])) for r in cur.fetchall()]
+
+        result: list[Hold] = self._run(read, write=False)
+        return result
+
+    # -- replicas ----------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        def read(cur: Cursor) -> int:
+            cur.execute("SELECT privacy_generation FROM kb_meta WHERE id = 1")
+            return int(cur.fetchone()[0])
+
+        result: int = self._run(read, write=False)
+        return result
+
+    def acknowledge(self, replica: str, generation: int, now: float) -> None:
+        """This replica enforces everything up to ``generation`` (and is alive)."""
+
+        def write(cur: Cursor) -> None:
+            cur.execute(
+                "INSERT INTO kb_replicas (replica_id, seen_privacy, heartbeat_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (replica_id) DO UPDATE SET seen_privacy = excluded.seen_privacy, "
+                "heartbeat_at = excluded.heartbeat_at",
+                (replica, generation, now),
+            )
+
+        self._run(write, write=True)
+
+    def lagging_replicas(self, generation: int, alive_since: float) -> list[str]:
+        """Live replicas (heartbeat after ``alive_since``) that have not loaded ``generation``."""
+
+        def read(cur: Cursor) -> list[str]:
+            cur.execute(
+                "SELECT replica_id FROM kb_replicas WHERE heartbeat_at >= ? AND seen_privacy < ?",
+                (alive_since, generation),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+        result: list[str] = self._run(read, write=False)
+        return result
+
+    def forget_replica(self, replica: str) -> None:
+        def write(cur: Cursor) -> None:
+            cur.execute("DELETE FROM kb_replicas WHERE replica_id = ?", (replica,))
+
+        self._run(write, write=True)
