@@ -4,6 +4,8 @@ access, fail-closed staleness, and erasure across replica processes."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from keybroker.v1 import privacy_pb2 as ppb
 from keybroker.v1 import privacy_pb2_grpc as ppb_grpc
 from tests.conftest import load_settings
 from tests.support.clients import auth, channel, generate_request, stub
-from tests.support.process import BrokerProcess
+from tests.support.process import BrokerProcess, run_cli
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -336,3 +338,64 @@ def _decisions(running: RunningBroker) -> list[tuple[int, Any]]:
 
     assert running.journal is not None
     return list(decisions(running.journal.directory.parent))
+
+
+def test_privacy_cli_holds_erases_amends_and_reports(devenv: DevEnv, tmp_path: Path) -> None:
+    running = create_server(
+        load_settings(
+            devenv,
+            state_url=f"sqlite:{tmp_path / 'kb.db'}",
+            audit_dir=str(tmp_path / "journal"),
+        )
+    )
+    try:
+        c = Calls(devenv, running.port)
+        token = tmp_path / "dpo.token"
+        token.write_text(c.dpo)
+        env = {"KEYBROKER_CLIENT_TARGET": f"127.0.0.1:{running.port}"}
+
+        def privacy(*args: str, code: int = 0) -> str:
+            out = run_cli(
+                "privacy", *args, "--config", str(devenv.config), "--token-file", str(token),
+                env=env,
+            )  # fmt: skip
+            assert out.returncode == code, out.stderr
+            return out.stdout if code == 0 else out.stderr
+
+        subject = f"s-{uuid.uuid4().hex[:8]}"
+        rec, other = rid(), rid()
+        c.generate(rec, (subject,))
+        blob = c.generate(other, (subject,))
+        assert "legal hold placed: recording" in privacy(
+            "hold", "--recording", rec, "--reason", "c1"
+        )
+        assert "legal hold" in privacy("erase-recording", rec, "--reason", "art. 17", code=1)
+        assert "released" in privacy("release", "--recording", rec)
+        receipt = privacy("erase-recording", rec, "--reason", "art. 17")
+        assert f"erased: recording {rec}" in receipt
+        assert "audit reference     erasure:" in receipt
+        amended = json.loads(
+            privacy(
+                "amend",
+                "--recording-id",
+                other,
+                "--wrapped-key",
+                base64.b64encode(blob).decode(),
+                "--add",
+                "qa",
+                "--reason",
+                "consent",
+                "--json",
+            )
+        )
+        assert amended["purposes"] == ["qa", "support"]
+        new_blob = base64.b64decode(amended["wrapped_key"])
+        assert len(c.unwrap(other, new_blob, "qa").data_key) == 32
+        assert running.privacy is not None
+        running.privacy.flush_registry()
+        report = privacy("report", subject)
+        assert f"subject {subject}: 2 recordings" in report
+        assert "KeyBroker/UnwrapDataKey" in report
+        c.close()
+    finally:
+        running.stop(1)

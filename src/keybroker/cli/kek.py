@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import json
 import os
 import tempfile
@@ -22,9 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
-from keybroker.client import KeyBrokerClient, TlsFiles, TokenFile
+from keybroker.cli.connect import add_connection_options, as_json, client_settings, table, when
+from keybroker.client import KeyBrokerClient
 from keybroker.client.admin import KeyAdminClient
 from keybroker.core.broker import MAX_REWRAP_BATCH
 from keybroker.errors import ConfigurationError, FailedPreconditionError, KeybrokerError
@@ -34,24 +32,9 @@ from keybroker.v1 import admin_pb2 as pb
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 
-def _client_settings(args: argparse.Namespace) -> tuple[str, TlsFiles, TokenFile, float]:
-    from keybroker import settings
-    from keybroker.cli.main import config_path
-
-    client = settings.load(config_path(args.config)).client
-    tls, token_file = client.require(args.token_file)
-    return client.target, TlsFiles(*tls), TokenFile(token_file), client.timeout
-
-
 def _admin(args: argparse.Namespace) -> KeyAdminClient:
-    target, tls, token, timeout = _client_settings(args)
+    target, tls, token, timeout = client_settings(args)
     return KeyAdminClient(target, tls=tls, token=token, timeout=timeout)
-
-
-def _when(ts: Any) -> str:
-    if not ts.seconds and not ts.nanos:
-        return "-"
-    return dt.datetime.fromtimestamp(ts.seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _state(value: int) -> str:
@@ -71,22 +54,21 @@ def format_key(key: pb.Key) -> str:
             (
                 f"{v.version}{'*' if v.current else ''}",
                 _state(v.state),
-                _when(v.created_at),
+                when(v.created_at),
                 str(v.wraps),
                 str(v.unwraps),
-                _when(v.last_used_at),
-                _when(v.destroy_after) if v.HasField("destroy_after") else "-",
+                when(v.last_used_at),
+                when(v.destroy_after) if v.HasField("destroy_after") else "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += table(rows)
     lines.append("(* = current; usage counts reach the store every few seconds)")
     return "\n".join(lines)
 
 
 def _print_key(args: argparse.Namespace, key: pb.Key) -> int:
     if args.json:
-        print(json.dumps(MessageToDict(key, preserving_proto_field_name=True), sort_keys=True))
+        print(as_json(key))
     else:
         print(format_key(key))
     return EXIT_OK
@@ -145,7 +127,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         keys = admin.list_keys()
     if args.json:
         for key in keys:
-            print(json.dumps(MessageToDict(key, preserving_proto_field_name=True), sort_keys=True))
+            print(as_json(key))
     else:
         print("\n\n".join(format_key(k) for k in keys) if keys else "no keys")
     return EXIT_OK
@@ -170,7 +152,7 @@ def _read_items(path: Path) -> Iterator[dict[str, Any]]:
 
 def _cmd_rewrap(args: argparse.Namespace) -> int:
     """Rewrap every wrapped key of a JSON-lines file to the current versions (bulk migration)."""
-    target, tls, token, timeout = _client_settings(args)
+    target, tls, token, timeout = client_settings(args)
     items = list(_read_items(args.input))
     done = failed = 0
     out_dir = args.output.resolve().parent
@@ -215,9 +197,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             p.add_argument("name")
         if version:
             p.add_argument("version", type=int)
-        p.add_argument("--config", help="settings file with a [client] section")
-        p.add_argument("--token-file", type=Path, help="token file (default: [client] token_file)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        add_connection_options(p)
         p.set_defaults(func=func)
         return p
 

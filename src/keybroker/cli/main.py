@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.set_defaults(func=_cmd_serve)
 
-    from keybroker.cli import audit, kek, recordings
+    from keybroker.cli import audit, kek, privacy, recordings
 
     kek.register(sub)
+    privacy.register(sub)
     recordings.register(sub)
     audit.register(sub)
 
