@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from keybroker.core.alerting import AlertThresholds
+from keybroker.core.retention import MONTH, EpochScheme
 from keybroker.errors import ConfigurationError
 
 ENV_PREFIX = "KEYBROKER_"
@@ -104,6 +105,20 @@ class KeysSettings:
     """Default wait between scheduling a version's destruction and carrying it out."""
     min_destruction_window: int = 86400
     """Shortest window a caller may ask for (never below 1 hour)."""
+    retention_epochs: bool = True
+    """Wrap under retention-epoch keys (``<key>.e<epoch>``), destroyed when the epoch is over."""
+    retention_epoch: str = "month"
+    """``month`` (calendar months, UTC) or a duration such as ``30d`` (at least 1 day)."""
+    retention_grace: int = 7 * 86400
+    """Wait after an epoch ends before its key is destroyed."""
+
+    def epoch_scheme(self) -> EpochScheme | None:
+        if not self.retention_epochs:
+            return None
+        period: str | int = self.retention_epoch
+        if period != MONTH:
+            period = parse_duration(period, "[keys] retention_epoch")
+        return EpochScheme(period, self.retention_grace)
 
 
 @dataclass(frozen=True)
@@ -287,6 +302,7 @@ _DURATION_KEYS = {
     "keys.default_retention",
     "keys.destruction_window",
     "keys.min_destruction_window",
+    "keys.retention_grace",
     "audit.max_file_age",
     "audit.checkpoint_interval",
     "audit.export_max_backoff",
@@ -423,7 +439,15 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
-    keys = settings.keys
+    _validate_keys(settings.keys)
+    state = settings.state
+    if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
+        raise ConfigurationError(
+            "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
+        )
+
+
+def _validate_keys(keys: KeysSettings) -> None:
     if keys.default_retention <= 0:
         raise ConfigurationError("[keys] default_retention: must be positive, e.g. '90d'")
     if keys.min_destruction_window < DESTRUCTION_WINDOW_FLOOR:
@@ -434,11 +458,9 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError(
             "[keys] destruction_window: must be at least [keys] min_destruction_window"
         )
-    state = settings.state
-    if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
-        raise ConfigurationError(
-            "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
-        )
+    keys.epoch_scheme()  # raises ConfigurationError for a bad [keys] retention_epoch
+    if keys.retention_grace < 0:
+        raise ConfigurationError("[keys] retention_grace: must be 0 or more, e.g. '7d'")
 
 
 def validate_for_serving(settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.sdk.trace import ReadableSpan
 
+from keybroker.core.retention import EpochScheme
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
@@ -29,11 +31,13 @@ def generate(kb: pb_grpc.KeyBrokerStub, token: str, **kwargs: Any) -> pb.Generat
 def test_generate_then_unwrap_returns_the_same_key(
     kb: pb_grpc.KeyBrokerStub, token: TokenFactory
 ) -> None:
-    """A generated data key unwraps to the same 32 bytes under recordings/v1."""
+    """A generated data key unwraps to the same 32 bytes, under the retention epoch key of
+    ``recordings`` that holds its retain-until (default: 90 days from now)."""
     t = token()
     gen = generate(kb, t, context={"tenant": "acme"})
     assert len(gen.data_key) == 32
-    assert (gen.key_ref.key_name, gen.key_ref.version) == ("recordings", 1)
+    epoch = EpochScheme().epoch_of(time.time() + 90 * 86400)
+    assert (gen.key_ref.key_name, gen.key_ref.version) == (f"recordings.e{epoch.label}", 1)
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
             recording_id="rec-1",

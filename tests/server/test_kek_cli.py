@@ -42,6 +42,7 @@ def running(devenv: DevEnv, tmp_path: Path, clock: Clock) -> Iterator[RunningBro
         audit_dir=str(tmp_path / "journal"),
         state_usage_flush_interval="0.1",
         state_scheduler_interval="0.1",
+        keys_retention_epochs="false",  # the cycle wraps under the key it manages
     )
     broker = create_server(settings, clock=clock)
     yield broker

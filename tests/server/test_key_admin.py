@@ -56,6 +56,7 @@ def _overrides(store_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
         "state_url": store_url,
         "audit_dir": str(tmp_path / f"journal-{uuid.uuid4().hex[:6]}"),
         "state_usage_flush_interval": "0.2",
+        "keys_retention_epochs": "false",  # these tests wrap under the keys they manage
         **extra,
     }
 
@@ -356,6 +357,7 @@ def _replicas(
             "KEYBROKER_STATE_URL": store_url,
             "KEYBROKER_AUDIT_DIR": str(tmp_path / f"journal-{i}"),
             "KEYBROKER_SERVER_PROCESSES": "1",
+            "KEYBROKER_KEYS_RETENTION_EPOCHS": "false",
             **{f"KEYBROKER_{k.upper()}": v for k, v in extra.items()},
         }
         procs.append(BrokerProcess(devenv, tmp_path / f"replica-{i}.log", env))

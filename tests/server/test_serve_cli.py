@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -93,6 +94,9 @@ def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> 
 
         worker = threading.Thread(target=load)
         worker.start()
+        deadline = time.monotonic() + 10
+        while not results and not refusals and time.monotonic() < deadline:
+            time.sleep(0.005)  # calls are flowing before the signal arrives
         try:
             assert proc.stop(signal.SIGTERM, timeout=20) == 0
         finally:

@@ -274,6 +274,36 @@ class SqlKeyStore:
         result: bool = self._run(write, write=True)
         return result
 
+    def claim_shred(self, name: str, now: float) -> list[int]:
+        """Every live version of ``name`` -> DESTROYING at once; the versions this caller won."""
+
+        def write(cur: Cursor) -> list[int]:
+            self._d.lock_key(cur, name)
+            live = (
+                VersionState.ENABLED.value,
+                VersionState.DECRYPT_ONLY.value,
+                VersionState.DISABLED.value,
+                VersionState.SCHEDULED_FOR_DESTRUCTION.value,
+            )
+            cur.execute(
+                "SELECT version FROM kb_key_versions WHERE name = ? AND state IN (?, ?, ?, ?) "
+                "ORDER BY version",
+                (name, *live),
+            )
+            versions = [int(r[0]) for r in cur.fetchall()]
+            if not versions:
+                return []
+            cur.execute(
+                "UPDATE kb_key_versions SET state = ?, updated_at = ? "
+                "WHERE name = ? AND state IN (?, ?, ?, ?)",
+                (VersionState.DESTROYING.value, now, name, *live),
+            )
+            self._changed(cur)
+            return versions
+
+        result: list[int] = self._run(write, write=True)
+        return result
+
     def finish_destruction(self, name: str, version: int, now: float) -> None:
         def write(cur: Cursor) -> None:
             cur.execute(

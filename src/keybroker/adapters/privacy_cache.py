@@ -108,6 +108,7 @@ class PrivacyCache:
         self._key = os.urandom(16)
         self._recordings = DigestSet()
         self._subjects = DigestSet()
+        self._held: frozenset[int] = frozenset()
         self._last_seq = 0
         self._generation = -1
         self._last_ok = time.monotonic()
@@ -135,6 +136,17 @@ class PrivacyCache:
         if self._digest(b"r\0", recording_id) in self._recordings:
             return True
         return any(self._digest(b"s\0", s) in self._subjects for s in subject_ids)
+
+    def is_held(self, recording_id: str, subject_ids: Sequence[str]) -> bool:
+        held = self._held
+        if not held:
+            return False
+        if self._digest(b"r\0", recording_id) in held:
+            return True
+        return any(self._digest(b"s\0", s) in held for s in subject_ids)
+
+    def hold_copy(self, recording_id: str) -> bytes | None:
+        return self._store.hold_copy(recording_id)
 
     def register(self, entry: RecordingEntry) -> None:
         with self._lock:
@@ -187,6 +199,10 @@ class PrivacyCache:
                         self._last_seq = max(self._last_seq, erasure.seq)
                 if len(batch) < 100_000:
                     break
+            self._held = frozenset(
+                self._digest(b"r\0" if h.kind is Target.RECORDING else b"s\0", h.target)
+                for h in self._store.holds()
+            )
         self.flush_registry()
         self._store.acknowledge(self.replica_id, generation, self._clock())
         self._generation = generation

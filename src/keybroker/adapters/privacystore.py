@@ -70,15 +70,18 @@ class SqlPrivacyStore:
     # -- registry ----------------------------------------------------------------------------
 
     def register(self, entries: Sequence[RecordingEntry]) -> None:
-        """Add recordings (a recording id seen again keeps its first entry)."""
+        """Add or update recordings (the latest wrapped key of a recording id wins)."""
         if not entries:
             return
 
         def write(cur: Cursor) -> None:
             for e in entries:
                 cur.execute(
-                    f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}) "  # noqa: S608 - constant
-                    "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (recording_id) DO NOTHING",
+                    f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}, wrapped_key) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (recording_id) DO UPDATE SET "
+                    "purposes = excluded.purposes, retain_until = excluded.retain_until, "
+                    "key_name = excluded.key_name, key_version = excluded.key_version, "
+                    "wrapped_key = excluded.wrapped_key",
                     (
                         e.recording_id,
                         json.dumps(list(e.purposes)),
@@ -86,6 +89,7 @@ class SqlPrivacyStore:
                         e.key.name,
                         e.key.version,
                         e.created_at,
+                        e.wrapped_key or None,
                     ),
                 )
                 for subject in e.subject_ids:
@@ -121,6 +125,65 @@ class SqlPrivacyStore:
             return None if row is None else _entry(row, self._subjects(cur, recording_id))
 
         result: RecordingEntry | None = self._run(read, write=False)
+        return result
+
+    def held_recordings(self, key_name: str) -> list[RecordingEntry]:
+        """Recordings wrapped under ``key_name`` that are under legal hold (directly or by a
+        subject), not erased, and not yet copied to the hold key; with their wrapped keys."""
+
+        def read(cur: Cursor) -> list[RecordingEntry]:
+            cur.execute(
+                f"SELECT {_RECORDING_COLUMNS}, wrapped_key FROM kb_recordings r "  # noqa: S608
+                "WHERE key_name = ? AND erased_at IS NULL AND held_wrapped_key IS NULL "
+                "AND wrapped_key IS NOT NULL AND ("
+                "EXISTS (SELECT 1 FROM kb_holds h WHERE h.kind = 'recording' "
+                "AND h.target = r.recording_id) OR EXISTS (SELECT 1 FROM kb_holds h "
+                "JOIN kb_recording_subjects s ON h.kind = 'subject' AND h.target = s.subject_id "
+                "WHERE s.recording_id = r.recording_id)) ORDER BY recording_id",
+                (key_name,),
+            )
+            rows = cur.fetchall()
+            out = []
+            for row in rows:
+                entry = _entry(row, self._subjects(cur, row[0]))
+                out.append(
+                    RecordingEntry(
+                        entry.recording_id,
+                        entry.subject_ids,
+                        entry.purposes,
+                        entry.retain_until,
+                        entry.key,
+                        entry.created_at,
+                        entry.erased_at,
+                        bytes(row[7]),
+                    )
+                )
+            return out
+
+        result: list[RecordingEntry] = self._run(read, write=False)
+        return result
+
+    def store_hold_copy(self, recording_id: str, wrapped_key: bytes) -> None:
+        def write(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE kb_recordings SET held_wrapped_key = ? WHERE recording_id = ?",
+                (wrapped_key, recording_id),
+            )
+
+        self._run(write, write=True)
+
+    def hold_copy(self, recording_id: str) -> bytes | None:
+        """The recording's wrapped key under the hold key, if it was moved there."""
+
+        def read(cur: Cursor) -> bytes | None:
+            cur.execute(
+                "SELECT held_wrapped_key FROM kb_recordings WHERE recording_id = ?",
+                (recording_id,),
+            )
+            row = cur.fetchone()
+            return None if row is None or row[0] is None else bytes(row[0])
+
+        result: bytes | None = self._run(read, write=False)
         return result
 
     @staticmethod

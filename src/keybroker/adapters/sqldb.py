@@ -98,6 +98,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE kb_meta ADD COLUMN privacy_generation BIGINT NOT NULL DEFAULT 0",
         ),
     ),
+    (
+        3,
+        (
+            # retention epochs: the registry keeps each recording's wrapped key (ciphertext
+            # under an HSM key) so held recordings can be moved to the hold key before their
+            # epoch key is destroyed, and the hold copy it made.
+            "ALTER TABLE kb_recordings ADD COLUMN wrapped_key {blob}",
+            "ALTER TABLE kb_recordings ADD COLUMN held_wrapped_key {blob}",
+            "CREATE INDEX kb_recordings_by_key ON kb_recordings (key_name)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -119,6 +130,8 @@ class Dialect(Protocol):
     name: str
     serial: str
     """Column type of an auto-incrementing integer primary key."""
+    blob: str
+    """Column type of binary data."""
 
     def connect(self) -> Any: ...
 
@@ -141,6 +154,7 @@ class Dialect(Protocol):
 class SqliteDialect:
     name = "sqlite"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    blob = "BLOB"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -185,6 +199,7 @@ class SqliteDialect:
 class PostgresDialect:
     name = "postgresql"
     serial = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    blob = "BYTEA"
 
     def __init__(self, url: str, password: str | None = None) -> None:
         self.url = url
@@ -316,7 +331,8 @@ class Database:
                 if number in applied:
                     continue
                 for statement in statements:
-                    cur.execute(statement.replace("{serial}", self._d.serial))
+                    sql = statement.replace("{serial}", self._d.serial)
+                    cur.execute(sql.replace("{blob}", self._d.blob))
                 cur.execute(
                     "INSERT INTO kb_schema_migrations (version, applied_at) "
                     "VALUES (?, CURRENT_TIMESTAMP)",

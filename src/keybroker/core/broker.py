@@ -7,7 +7,7 @@ methods apply the scope, purpose and binding rules and annotate the call's :clas
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from keybroker.core import policy
@@ -21,6 +21,7 @@ from keybroker.core.privacy import (
     require_not_erased,
     validate_reason,
 )
+from keybroker.core.retention import EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     NONCE_SIZE,
@@ -29,7 +30,12 @@ from keybroker.core.wrapped_key import (
     WrappedKey,
     validate_key_name,
 )
-from keybroker.errors import InvalidRequestError
+from keybroker.errors import (
+    FailedPreconditionError,
+    InvalidRequestError,
+    NotFoundError,
+    RetentionExpiredError,
+)
 
 #: Most items one RewrapDataKeys call may carry (the request must also fit
 #: ``[server] max_message_bytes``).
@@ -107,8 +113,14 @@ class KeyBroker:
         default_key: str,
         default_retention_seconds: int,
         privacy: PrivacyView | None = None,
+        epochs: EpochScheme | None = None,
+        ensure_key: Callable[[str], None] | None = None,
     ) -> None:
+        """``epochs``: wrap under retention-epoch keys of the requested key, made on first use
+        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`)."""
         self._privacy = privacy
+        self._epochs = epochs
+        self._ensure_key = ensure_key
         self._keks = keks
         self._catalog = catalog
         self._clock = clock
@@ -142,8 +154,8 @@ class KeyBroker:
         if self._privacy is not None:
             require_not_erased(self._privacy, bindings.recording_id, bindings.subject_ids)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
-        decision.key_name = name
-        key = self._catalog.snapshot().current(name)
+        key = self._current_for(name, retain_until)
+        decision.key_name = key.name
         decision.key_version = key.version
         material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
         data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
@@ -158,9 +170,25 @@ class KeyBroker:
                     bindings.retain_until,
                     key,
                     now,
+                    wrapped_key=wrapped,
                 )
             )
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
+
+    def _current_for(self, name: str, retain_until: float) -> KeyRef:
+        """The key version new wraps use: ``name``'s, or its retention epoch key's."""
+        snapshot = self._catalog.snapshot()
+        snapshot.current(name)  # the requested key must exist either way
+        if self._epochs is None:
+            return snapshot.current(name)
+        epoch_key = validate_key_name(self._epochs.key_for(name, retain_until))
+        try:
+            return snapshot.current(epoch_key)
+        except NotFoundError:
+            if self._ensure_key is None:
+                raise
+        self._ensure_key(epoch_key)
+        return self._catalog.snapshot().current(epoch_key)
 
     def unwrap(
         self,
@@ -184,7 +212,15 @@ class KeyBroker:
         policy.require_purposes_granted(principal, (purpose,))
         policy.require_purpose_bound(parsed.bindings, purpose)
         policy.require_context(parsed.bindings, context)
-        policy.require_retention(parsed.bindings, self._clock())
+        try:
+            policy.require_retention(parsed.bindings, self._clock())
+        except RetentionExpiredError:
+            bound = parsed.bindings
+            if self._privacy is None or not self._privacy.is_held(
+                bound.recording_id, bound.subject_ids
+            ):
+                raise
+            decision.reference = "legal_hold"  # past retention, kept by a legal hold
         self._catalog.count(parsed.key, unwraps=1)
         return UnwrappedKey(SecretBytes(data_key), parsed.key)
 
@@ -265,7 +301,42 @@ class KeyBroker:
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
+        if self._privacy is not None:
+            self._privacy.register(
+                RecordingEntry(
+                    bindings.recording_id,
+                    bindings.subject_ids,
+                    bindings.purposes,
+                    bindings.retain_until,
+                    current,
+                    self._clock(),
+                    wrapped_key=wrapped,
+                )
+            )
         return RewrappedKey(wrapped, current)
+
+    def _hold_copy(self, parsed: WrappedKey) -> WrappedKey | None:
+        """The copy under the hold key of a wrapped key whose epoch key is destroyed, if its
+        recording was under legal hold then. It must carry exactly the same bindings."""
+        if self._privacy is None:
+            return None
+        raw = self._privacy.hold_copy(parsed.bindings.recording_id)
+        if raw is None:
+            return None
+        held = WrappedKey.parse(raw)
+        if held.bindings.encode() != parsed.bindings.encode():
+            return None
+        return held
+
+    def move_to_hold(self, wrapped_key: bytes, hold_key_name: str) -> bytes:
+        """Rewrap a registry copy to the hold key (retention shredding; no caller involved)."""
+        parsed = WrappedKey.parse(wrapped_key)
+        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        current = self._catalog.snapshot().current(hold_key_name)
+        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), parsed.bindings, data_key)
+        self._catalog.count(parsed.key, unwraps=1)
+        self._catalog.count(current, wraps=1)
+        return wrapped
 
     def _require_not_erased(self, bindings: Bindings) -> None:
         if self._privacy is not None:
@@ -283,7 +354,15 @@ class KeyBroker:
         decision.key_name = parsed.key.name
         decision.key_version = parsed.key.version
         snapshot = self._catalog.snapshot()
-        snapshot.require_material(parsed.key)
+        try:
+            snapshot.require_material(parsed.key)
+        except FailedPreconditionError as exc:
+            held = self._hold_copy(parsed) if exc.reason == "key_version_destroyed" else None
+            if held is None:
+                raise
+            parsed = held
+            decision.key_name, decision.key_version = parsed.key.name, parsed.key.version
+            snapshot.require_material(parsed.key)
         data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
         snapshot.require_usable(parsed.key)

@@ -274,6 +274,37 @@ class KeyLifecycle:
             self._changed()
         return done
 
+    def ensure_key(self, name: str, reason: str) -> None:
+        """Create ``name`` unless it exists (e.g. a retention epoch key on first use); recorded.
+        Waits briefly if another replica is creating it at the same moment."""
+        try:
+            self.create(name)
+        except FailedPreconditionError as exc:
+            if exc.reason != "key_exists":
+                raise
+        else:
+            self._event("CreateKey", KeyRef(name, 1), reason)
+            return
+        for _ in range(50):  # bounded: 50 x 20 ms
+            key = self._store.key(name)
+            if key is not None and key.current_version:
+                self._changed()
+                return
+            time.sleep(0.02)
+        raise FailedPreconditionError(f"key {name!r} is still being created", reason="key_pending")
+
+    def shred(self, name: str, reason: str) -> int:
+        """Destroy every version of ``name`` (retention epoch over). Exactly one replica wins
+        each version; each destruction is recorded before the HSM object goes."""
+        versions = self._store.claim_shred(name, self._clock())
+        for version in versions:
+            ref = KeyRef(name, version)
+            self._event("RetentionShred", ref, reason)
+            self._destroy(ref)
+        if versions:
+            self._changed()
+        return len(versions)
+
     def _scheduled_rotation(self, key: KeyInfo, reason: str) -> int:
         version = self._store.claim_version(key.name, self._clock(), key.current_version)
         if version is None:
@@ -338,7 +369,12 @@ class KeyLifecycle:
         return repairs
 
     def _event(
-        self, operation: str, ref: KeyRef, reason: str, outcome: Outcome = Outcome.ALLOW
+        self,
+        operation: str,
+        ref: KeyRef,
+        reason: str,
+        outcome: Outcome = Outcome.ALLOW,
+        recording_id: str | None = None,
     ) -> None:
         now = time.time_ns()
         self._record(
@@ -349,12 +385,15 @@ class KeyLifecycle:
                 reason=reason,
                 status_code="OK" if outcome is Outcome.ALLOW else "INTERNAL",
                 subject=SCHEDULER_SUBJECT,
+                recording_id=recording_id,
                 key_name=ref.name,
                 key_version=ref.version,
                 started_ns=now,
                 ended_ns=now,
             )
         )
+
+    record_event = _event
 
 
 def _check_policy(rotation_period: int | None, rotate_after_wraps: int | None) -> None:

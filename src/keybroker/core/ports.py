@@ -144,6 +144,10 @@ class KeyStore(Protocol):
         """SCHEDULED (and due) -> DESTROYING; True for exactly one caller."""
         ...
 
+    def claim_shred(self, name: str, now: float) -> list[int]:
+        """Every live version of ``name`` -> DESTROYING; the versions this caller won."""
+        ...
+
     def finish_destruction(self, name: str, version: int, now: float) -> None:
         """DESTROYING -> DESTROYED."""
         ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -79,6 +79,8 @@ class RecordingEntry:
     key: KeyRef
     created_at: float
     erased_at: float | None = None
+    wrapped_key: bytes = field(default=b"", repr=False)
+    """Kept so a held recording can be moved to the hold key before its epoch key goes."""
 
 
 class PrivacyStore(Protocol):
@@ -101,6 +103,12 @@ class PrivacyStore(Protocol):
 
     def recordings_of(self, subject_id: str) -> list[RecordingEntry]: ...
 
+    def held_recordings(self, key_name: str) -> list[RecordingEntry]:
+        """Held, not erased recordings under ``key_name`` not yet copied to the hold key."""
+        ...
+
+    def store_hold_copy(self, recording_id: str, wrapped_key: bytes) -> None: ...
+
 
 class PrivacyView(Protocol):
     """The in-memory privacy state the hot path reads, plus the registry's write buffer."""
@@ -110,6 +118,15 @@ class PrivacyView(Protocol):
         ...
 
     def is_erased(self, recording_id: str, subject_ids: Sequence[str]) -> bool: ...
+
+    def is_held(self, recording_id: str, subject_ids: Sequence[str]) -> bool:
+        """Under legal hold (the recording or one of its subjects)?"""
+        ...
+
+    def hold_copy(self, recording_id: str) -> bytes | None:
+        """The wrapped key moved to the hold key when its epoch key was destroyed (rare path:
+        may read the store)."""
+        ...
 
     def register(self, entry: RecordingEntry) -> None:
         """Add to the registry (buffered: never a synchronous write on the call)."""

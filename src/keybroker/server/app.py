@@ -45,6 +45,7 @@ from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
+from keybroker.core.retention import RetentionShredder
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
@@ -83,6 +84,7 @@ class RunningBroker:
     catalog: CachedCatalog | None = None
     lifecycle: KeyLifecycle | None = None
     privacy: PrivacyCache | None = None
+    shredder: RetentionShredder | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
@@ -337,9 +339,13 @@ def create_server(
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
     state = settings.state
+    epochs = settings.keys.epoch_scheme()
+    shredder: RetentionShredder | None = None
 
     def scheduler_tick() -> None:
         lifecycle.run_due()
+        if shredder is not None:
+            shredder.run_due()
         lifecycle.reconcile()
 
     catalog = CachedCatalog(
@@ -392,6 +398,20 @@ def create_server(
         default_key=settings.keys.default,
         default_retention_seconds=settings.keys.default_retention,
         privacy=privacy_cache,
+        epochs=epochs,
+        ensure_key=lambda name: lifecycle.ensure_key(name, "retention_epoch_key"),
+    )
+    shredder = (
+        RetentionShredder(
+            epochs,
+            keys=store,
+            privacy=privacy_cache.store,
+            broker=broker,
+            lifecycle=lifecycle,
+            clock=clock,
+        )
+        if epochs is not None
+        else None
     )
     admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
     privacy = PrivacyService(
@@ -439,6 +459,7 @@ def create_server(
         catalog,
         lifecycle,
         privacy_cache,
+        shredder,
     )
 
 

@@ -1,0 +1,166 @@
+"""Retention epochs: crypto-shredding by destroying one KEK per retention period.
+
+A recording whose ``retain_until`` falls in an epoch (by default a calendar month, UTC) has its
+data key wrapped under that epoch's KEK, named ``<key>.e<label>`` (``recordings.e2027-02``), made
+on first use. Once the epoch has ended and a grace period has passed, every version of the epoch
+KEK is destroyed in the HSM: no copy of any wrapped key of that epoch — in any backup — can be
+unwrapped again. Before that, recordings under legal hold are rewrapped to the hold key
+``<key>.hold`` (from the copy of their wrapped key the registry keeps) so the hold survives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from keybroker.core.decision import Outcome
+from keybroker.core.keys import VersionState
+from keybroker.core.ports import Clock, KeyStore
+from keybroker.core.wrapped_key import WrappedKey
+from keybroker.errors import ConfigurationError, KeybrokerError
+
+if TYPE_CHECKING:
+    from keybroker.core.broker import KeyBroker
+    from keybroker.core.lifecycle import KeyLifecycle
+    from keybroker.core.privacy import PrivacyStore
+
+log = logging.getLogger(__name__)
+
+MONTH = "month"
+HOLD_SUFFIX = ".hold"
+_EPOCH_RE = re.compile(r"(?P<base>.+)\.e(?P<label>\d{4}-\d{2}|\d{8})")
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    label: str
+    start: float
+    end: float
+    """First instant after the epoch (Unix seconds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpochScheme:
+    """``period`` is ``"month"`` (calendar months, UTC) or a number of seconds (aligned to the
+    Unix epoch, labelled by their first day)."""
+
+    period: str | int = MONTH
+    grace: int = 7 * 86400
+
+    def __post_init__(self) -> None:
+        if self.period != MONTH and not (isinstance(self.period, int) and self.period >= 86400):
+            raise ConfigurationError(
+                "[keys] retention_epoch must be 'month' or a duration of at least 1 day"
+            )
+
+    def epoch_of(self, when: float) -> Epoch:
+        moment = dt.datetime.fromtimestamp(when, dt.UTC)
+        if self.period == MONTH:
+            start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+            return Epoch(f"{start:%Y-%m}", start.timestamp(), end.timestamp())
+        assert isinstance(self.period, int)  # noqa: S101 - checked in __post_init__
+        first = int(when) // self.period * self.period
+        label = dt.datetime.fromtimestamp(first, dt.UTC).strftime("%Y%m%d")
+        return Epoch(label, float(first), float(first + self.period))
+
+    def key_for(self, base: str, retain_until: float) -> str:
+        return f"{base}.e{self.epoch_of(retain_until).label}"
+
+    def parse(self, name: str) -> tuple[str, Epoch] | None:
+        """(base key, epoch) if ``name`` is an epoch key of this scheme."""
+        m = _EPOCH_RE.fullmatch(name)
+        if m is None:
+            return None
+        label = m["label"]
+        try:
+            if self.period == MONTH:
+                if len(label) != 7:
+                    return None
+                start = dt.datetime.strptime(label, "%Y-%m").replace(tzinfo=dt.UTC)
+            else:
+                if len(label) != 8:
+                    return None
+                start = dt.datetime.strptime(label, "%Y%m%d").replace(tzinfo=dt.UTC)
+        except ValueError:
+            return None
+        epoch = self.epoch_of(start.timestamp())
+        return (m["base"], epoch) if epoch.label == label else None
+
+    def shred_after(self, epoch: Epoch) -> float:
+        return epoch.end + self.grace
+
+
+def hold_key(base: str) -> str:
+    return base + HOLD_SUFFIX
+
+
+class RetentionShredder:
+    """Destroys retention epoch keys once their epoch and grace period are over, after moving
+    the keys of held recordings to the hold key. Runs on every replica's scheduler; the store's
+    claims make each destruction happen once."""
+
+    def __init__(
+        self,
+        scheme: EpochScheme,
+        *,
+        keys: KeyStore,
+        privacy: PrivacyStore,
+        broker: KeyBroker,
+        lifecycle: KeyLifecycle,
+        clock: Clock,
+    ) -> None:
+        self._scheme = scheme
+        self._keys = keys
+        self._privacy = privacy
+        self._broker = broker
+        self._life = lifecycle
+        self._clock = clock
+
+    def run_due(self) -> int:
+        """Shred every epoch key that is due; returns the number of versions destroyed."""
+        destroyed = 0
+        now = self._clock()
+        for key in self._keys.list_keys():
+            parsed = self._scheme.parse(key.name)
+            if parsed is None or now < self._scheme.shred_after(parsed[1]):
+                continue
+            if all(v.state in (VersionState.DESTROYED, VersionState.PENDING) for v in key.versions):
+                continue
+            if not self._move_holds(key.name, hold_key(parsed[0])):
+                continue  # a held recording could not be moved: keep the key, retry later
+            destroyed += self._life.shred(key.name, "retention_epoch_ended")
+        return destroyed
+
+    def _move_holds(self, key_name: str, hold_name: str) -> bool:
+        held = self._privacy.held_recordings(key_name)
+        if not held:
+            return True
+        self._life.ensure_key(hold_name, "legal_hold_key")
+        for entry in held:
+            try:
+                moved = self._broker.move_to_hold(entry.wrapped_key, hold_name)
+            except KeybrokerError as exc:
+                log.error(  # noqa: TRY400 - the reason is the whole story; no traceback
+                    "retention: cannot move held recording to %s (%s); %s is kept",
+                    hold_name,
+                    exc.reason,
+                    key_name,
+                )
+                self._life.record_event(
+                    "RetentionHoldMove",
+                    entry.key,
+                    exc.reason,
+                    Outcome.ERROR,
+                    recording_id=entry.recording_id,
+                )
+                return False
+            self._privacy.store_hold_copy(entry.recording_id, moved)
+            ref = WrappedKey.parse(moved).key
+            self._life.record_event(
+                "RetentionHoldMove", ref, "legal_hold", recording_id=entry.recording_id
+            )
+        return True
