@@ -29,6 +29,7 @@ def test_spans_are_exported_over_otlp(devenv: DevEnv, tmp_path: Path) -> None:
                 "KEYBROKER_TELEMETRY_OTLP_ENDPOINT": f"127.0.0.1:{receiver.port}",
                 "KEYBROKER_TELEMETRY_OTLP_INSECURE": "true",
                 "KEYBROKER_TELEMETRY_SERVICE_NAME": "keybroker-test",
+                "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),  # only this test's records
             },
         )
         port = proc.wait_listening()

@@ -30,7 +30,12 @@ class BrokerProcess:
     def __init__(self, env: DevEnv, log: Path, overrides: Mapping[str, str] | None = None) -> None:
         self.env = env
         self.log = log
-        environ = {**os.environ, "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0"}
+        environ = {
+            **os.environ,
+            "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
+            # its own journal: never the in-process session broker's (one writer per chain)
+            "KEYBROKER_AUDIT_DIR": str(log.with_suffix(".journal")),
+        }
         environ.update(overrides or {})
         self._fh = log.open("wb")
         self.proc = subprocess.Popen(
