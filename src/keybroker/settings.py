@@ -129,7 +129,7 @@ class StateSettings:
     """``sqlite:FILE`` (relative to the config file's folder) or ``postgresql://…``."""
     password_file: Path | None = None
     """PostgreSQL password, read from this file (never put it in the URL)."""
-    refresh_interval: float = 0.5
+    refresh_interval: float = 0.25
     """Longest time a replica serves key metadata older than the store's (see README)."""
     usage_flush_interval: float = 5.0
     """Seconds between adding in-memory usage counts to the store."""

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _MAX_LOAD = 0.6
 _MAX_BUFFER = 1_000_000
+_HEARTBEAT = 1.0  # seconds between acknowledgements when nothing changed (liveness)
 
 
 class DigestSet:
@@ -112,6 +113,7 @@ class PrivacyCache:
         self._last_seq = 0
         self._generation = -1
         self._last_ok = time.monotonic()
+        self._last_ack = 0.0
         self._lock = threading.Lock()
         self._buffer: list[RecordingEntry] = []
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
@@ -204,9 +206,12 @@ class PrivacyCache:
                 for h in self._store.holds()
             )
         self.flush_registry()
-        self._store.acknowledge(self.replica_id, generation, self._clock())
+        now = time.monotonic()
+        if generation != self._generation or now - self._last_ack >= _HEARTBEAT:
+            self._store.acknowledge(self.replica_id, generation, self._clock())
+            self._last_ack = now
         self._generation = generation
-        self._last_ok = time.monotonic()
+        self._last_ok = now
 
     def flush_registry(self) -> None:
         with self._lock:
