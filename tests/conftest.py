@@ -55,6 +55,15 @@ def load_settings(env: DevEnv, **overrides: str) -> settings_mod.Settings:
     return settings_mod.load(env.config, environ=environ)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh metadata database: each test using it runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:{tmp_path / 'keybroker.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 @pytest.fixture(scope="session")
 def span_exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()

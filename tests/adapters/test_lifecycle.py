@@ -60,14 +60,6 @@ def keks(devenv: DevEnv) -> Pkcs11Keks:
     return connect_hsm(load_settings(devenv))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'keybroker.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 class World:
     """One replica's view: store, lifecycle, catalog and data-plane broker over the real HSM."""
 

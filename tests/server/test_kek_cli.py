@@ -14,19 +14,11 @@ import pytest
 
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker, create_server
-from tests.conftest import load_settings
+from tests.conftest import Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
 from tests.support.process import run_cli
 
 DAY = 86400
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ from tests.support.process import BrokerProcess, run_cli
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'keybroker.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 @pytest.fixture
 def running(devenv: DevEnv, store_url: str, tmp_path: Path) -> Iterator[RunningBroker]:
     broker = create_server(

@@ -26,26 +26,10 @@ from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import privacy_pb2 as ppb
 from keybroker.v1 import privacy_pb2_grpc as ppb_grpc
-from tests.conftest import load_settings
+from tests.conftest import Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
 
 DAY = 86400
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'keybroker.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 @pytest.fixture

@@ -8,48 +8,13 @@ administrative change is not assumed idempotent.
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any
-
-import grpc
-
-from keybroker.client import _calls
-from keybroker.client._calls import TlsFiles
-from keybroker.client.tokens import TokenProvider, as_provider
+from keybroker.client._unary import UnaryClient
 from keybroker.v1 import admin_pb2 as pb
 from keybroker.v1 import admin_pb2_grpc as pb_grpc
 
 
-class KeyAdminClient:
-    def __init__(
-        self, target: str, *, tls: TlsFiles, token: str | TokenProvider, timeout: float = 10.0
-    ) -> None:
-        self._channel = grpc.secure_channel(target, tls.credentials())
-        self._stub = pb_grpc.KeyAdminStub(self._channel)  # type: ignore[no-untyped-call]
-        self._token = as_provider(token)
-        self._timeout = timeout
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> KeyAdminClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self._stub, method)(
-                request, metadata=_calls.metadata(self._token()), timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise _calls.translate(exc) from None
+class KeyAdminClient(UnaryClient):
+    stub_class = pb_grpc.KeyAdminStub
 
     def create_key(
         self, name: str, *, rotation_period: int = 0, rotate_after_wraps: int = 0

@@ -8,48 +8,21 @@ person makes, and the caller decides whether to repeat them (erasing twice is ha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any
 
-import grpc
-
-from keybroker.client import _calls
 from keybroker.client._calls import TlsFiles
-from keybroker.client.tokens import TokenProvider, as_provider
+from keybroker.client._unary import UnaryClient
+from keybroker.client.tokens import TokenProvider
 from keybroker.v1 import privacy_pb2 as pb
 from keybroker.v1 import privacy_pb2_grpc as pb_grpc
 
 
-class PrivacyClient:
+class PrivacyClient(UnaryClient):
+    stub_class = pb_grpc.PrivacyStub
+
     def __init__(
         self, target: str, *, tls: TlsFiles, token: str | TokenProvider, timeout: float = 30.0
     ) -> None:
-        self._channel = grpc.secure_channel(target, tls.credentials())
-        self._stub = pb_grpc.PrivacyStub(self._channel)  # type: ignore[no-untyped-call]
-        self._token = as_provider(token)
-        self._timeout = timeout
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> PrivacyClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self._stub, method)(
-                request, metadata=_calls.metadata(self._token()), timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise _calls.translate(exc) from None
+        super().__init__(target, tls=tls, token=token, timeout=timeout)
 
     def erase_recording(self, recording_id: str, *, reason: str) -> pb.ErasureReceipt:
         request = pb.EraseRecordingRequest(recording_id=recording_id, reason=reason)
