@@ -228,6 +228,7 @@ class KeyBroker:
         self, principal: Principal, *, recording_id: str, wrapped_key: bytes, decision: Decision
     ) -> RewrappedKey:
         """The same data key under the key's current version, every binding kept."""
+        decision.recording_id = recording_id or None
         policy.require_scope(principal, policy.SCOPE_REWRAP)
         return self.rewrap_item(
             recording_id=recording_id, wrapped_key=wrapped_key, decision=decision
