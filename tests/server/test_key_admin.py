@@ -29,7 +29,7 @@ from keybroker.v1 import admin_pb2_grpc as apb_grpc
 from keybroker.v1 import keybroker_pb2 as pb
 from tests.conftest import Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
-from tests.support.process import BrokerProcess
+from tests.support.process import BrokerProcess, stop_all
 
 ENABLED = apb.KEY_VERSION_STATE_ENABLED
 DAY = 86400
@@ -376,8 +376,7 @@ def test_changes_through_one_replica_are_in_force_on_the_other_within_a_second(
             assert time_until(lambda: _unwrap_code(kb, token, blob) is None) < 1.0
         admin.close()
     finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
+        assert stop_all([a, b]) == [0, 0]
 
 
 def test_concurrent_rotations_from_two_processes_stay_consistent(
@@ -418,8 +417,7 @@ def test_concurrent_rotations_from_two_processes_stay_consistent(
         assert on_token == set(range(1, 22))  # every version has its HSM object, and no more
         first.close()
     finally:
-        for r in replicas:
-            assert r.stop() == 0
+        assert stop_all(replicas) == [0, 0]
 
 
 CRASH_SCRIPT = textwrap.dedent(
@@ -445,12 +443,13 @@ def test_a_process_killed_between_the_hsm_and_store_steps_is_reconciled_at_start
     devenv: DevEnv, tmp_path: Path, store_url: str, keks: Pkcs11Keks
 ) -> None:
     [replica] = _replicas(devenv, tmp_path, store_url, count=1)
-    port = replica.wait_listening()
-    admin = Admin(devenv, port)
     name = new_name()
-    admin("CreateKey", name=name)
-    admin.close()
-    assert replica.stop() == 0
+    try:
+        admin = Admin(devenv, replica.wait_listening())
+        admin("CreateKey", name=name)
+        admin.close()
+    finally:
+        assert stop_all([replica]) == [0]
     env = {**os.environ, "KEYBROKER_STATE_URL": store_url}
     crash = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT, str(devenv.config), name],
@@ -466,7 +465,7 @@ def test_a_process_killed_between_the_hsm_and_store_steps_is_reconciled_at_start
         assert [(v.version, v.state) for v in key.versions] == [(1, ENABLED), (2, ENABLED)]
         admin.close()
     finally:
-        assert restarted.stop() == 0
+        assert stop_all([restarted]) == [0]
     records = journal_records(tmp_path / "journal-0")
     assert any(
         r.get("operation") == "Reconcile" and r.get("reason") == "rotation_completed"

@@ -23,7 +23,7 @@ from keybroker.v1 import privacy_pb2 as ppb
 from keybroker.v1 import privacy_pb2_grpc as ppb_grpc
 from tests.conftest import load_settings
 from tests.support.clients import auth, channel, generate_request, stub
-from tests.support.process import BrokerProcess, run_cli
+from tests.support.process import BrokerProcess, run_cli, stop_all
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -309,8 +309,7 @@ def test_erasure_through_one_replica_is_in_force_on_the_other_when_it_returns(
         a.close()
         b.close()
     finally:
-        for p in procs:
-            assert p.stop() == 0
+        assert stop_all(procs) == [0, 0]
 
 
 def test_digest_set_has_no_false_negatives_and_grows() -> None:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from keybroker.devenv import DevEnv
@@ -77,3 +77,14 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
         [sys.executable, "-m", "keybroker.cli.main", *args],
         capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False,
     )  # fmt: skip
+
+
+def stop_all(procs: Sequence[BrokerProcess]) -> list[int]:
+    """Stop every process (each one, even if another fails to stop); their exit codes."""
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.stop())
+        except Exception:
+            codes.append(-1)
+    return codes
