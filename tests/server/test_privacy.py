@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keybroker.adapters.privacy_cache import DigestSet
 from keybroker.devenv import DevEnv, mint_token
@@ -273,9 +274,22 @@ def test_a_replica_that_cannot_refresh_refuses_unwraps(devenv: DevEnv, tmp_path:
         time.sleep(0.7)
         code, _message, reason = refused(lambda: c.unwrap(rec, blob))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "privacy_state_stale")
+        health = health_pb2_grpc.HealthStub(c._channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        def status() -> int:
+            response = health.Check(health_pb2.HealthCheckRequest(service=""))
+            code: int = response.status
+            return code
+
+        deadline = time.monotonic() + 5
+        while status() == serving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status() != serving  # load balancers route around a stale replica
         assert running.privacy is not None
         running.privacy.refresh()
         assert len(c.unwrap(rec, blob).data_key) == 32
+        assert status() == serving
         c.close()
     finally:
         running.stop(1)

@@ -114,6 +114,8 @@ class PrivacyCache:
         self._generation = -1
         self._last_ok = time.monotonic()
         self._last_ack = 0.0
+        self._healthy = True
+        self._listeners: list[Callable[[bool], None]] = []
         self._lock = threading.Lock()
         self._buffer: list[RecordingEntry] = []
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
@@ -133,6 +135,29 @@ class PrivacyCache:
             raise UnavailableError(
                 "privacy state could not be refreshed; retry later", reason="privacy_state_stale"
             )
+
+    # -- health ------------------------------------------------------------------------------
+
+    def on_health_change(self, listener: Callable[[bool], None]) -> None:
+        self._listeners.append(listener)
+
+    def _set_health(self, ok: bool) -> None:
+        if ok != self._healthy:
+            self._healthy = ok
+            (log.info if ok else log.error)(
+                "privacy state %s", "current again" if ok else "stale: refusing unwraps"
+            )
+            for listener in self._listeners:
+                listener(ok)
+
+    def check(self) -> None:
+        """Health probe: NOT_SERVING while the erasure list is too old to trust."""
+        try:
+            self.require_current()
+        except UnavailableError:
+            self._set_health(False)
+            raise
+        self._set_health(True)
 
     def is_erased(self, recording_id: str, subject_ids: Sequence[str]) -> bool:
         if self._digest(b"r\0", recording_id) in self._recordings:
@@ -212,6 +237,7 @@ class PrivacyCache:
             self._last_ack = now
         self._generation = generation
         self._last_ok = now
+        self._set_health(True)
 
     def flush_registry(self) -> None:
         with self._lock:

@@ -426,7 +426,8 @@ def create_server(
     starting = health_state.watch("starting", False)
     health_state.publish()
     keks.on_health_change(health_state.watch("hsm", keks.healthy))
-    probes = [keks.check]
+    privacy_cache.on_health_change(health_state.watch("privacy", True))
+    probes = [keks.check, privacy_cache.check]
     if journal is not None:
         journal.on_health_change(health_state.watch("journal", journal.healthy))
         probes.append(journal.check)
