@@ -272,16 +272,27 @@ class SqlPrivacyStore:
                 reason="legal_hold",
             )
 
-    def erasures_since(self, seq: int, limit: int = 100_000) -> list[Erasure]:
-        def read(cur: Cursor) -> list[Erasure]:
+    def erasure_targets_since(self, seq: int, limit: int) -> list[tuple[int, str, str]]:
+        """``(seq, kind, target)`` of the erasures after ``seq`` (what the hot path loads)."""
+
+        def read(cur: Cursor) -> list[tuple[int, str, str]]:
             cur.execute(
-                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE seq > ? "  # noqa: S608
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, kind, target FROM kb_erasures WHERE seq > ? ORDER BY seq LIMIT ?",
                 (seq, limit),
             )
-            return [_erasure(r) for r in cur.fetchall()]
+            return [(int(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
 
-        result: list[Erasure] = self._run(read, write=False)
+        result: list[tuple[int, str, str]] = self._run(read, write=False)
+        return result
+
+    def erasure_counts(self) -> dict[str, int]:
+        """Erasures per kind (to size the cache before loading)."""
+
+        def read(cur: Cursor) -> dict[str, int]:
+            cur.execute("SELECT kind, COUNT(*) FROM kb_erasures GROUP BY kind")
+            return {str(r[0]): int(r[1]) for r in cur.fetchall()}
+
+        result: dict[str, int] = self._run(read, write=False)
         return result
 
     # -- legal holds -------------------------------------------------------------------------
