@@ -87,6 +87,7 @@ def running_broker(
     threads: int,
     name: str = "",
     overrides: dict[str, str] | None = None,
+    start_timeout: float = 60.0,
 ) -> Iterator[Broker]:
     """Provision a fresh state directory, start the broker, prepare the requests; stop it after.
 
@@ -108,7 +109,9 @@ def running_broker(
         **(overrides or {}),
     }
     argv = [*_serve_argv(), "--config", str(env.config)]
-    with _started(argv, work / f"broker{suffix}.log", environ, processes) as child:
+    with _started(
+        argv, work / f"broker{suffix}.log", environ, processes, timeout=start_timeout
+    ) as child:
         files = work / f"requests{suffix}"
         files.mkdir(exist_ok=True)
         _prepare_requests(env, port, files)
@@ -142,14 +145,20 @@ def _production_telemetry(config: Path) -> None:
 
 @contextmanager
 def _started(
-    argv: list[str], log: Path, environ: dict[str, str], processes: int, attempts: int = 3
+    argv: list[str],
+    log: Path,
+    environ: dict[str, str],
+    processes: int,
+    *,
+    attempts: int = 3,
+    timeout: float = 60.0,
 ) -> Iterator[procs.Child]:
     """Start the broker; retry a start whose worker lost a race for the token (see
     docs/PERFORMANCE.md: workers starting at once sometimes fail to find the SoftHSM token)."""
     for attempt in range(1, attempts + 1):
         child = procs.Child(argv, log=log, env=environ)
         try:
-            _wait_listening(child, processes)
+            _wait_listening(child, processes, timeout)
         except SystemExit as exc:
             child.stop()
             if attempt == attempts or "no token labelled" not in str(exc):
@@ -229,8 +238,18 @@ class LoadSpec:
     max_calls: int
 
 
-def run_load(loadgen: Path, broker: Broker, method: str, spec: LoadSpec, log: Path) -> Measurement:
-    """One closed-loop phase of the C++ load generator; server CPU sampled at its window marks."""
+def run_load(
+    loadgen: Path,
+    broker: Broker,
+    method: str,
+    spec: LoadSpec,
+    log: Path,
+    *,
+    request: Path | None = None,
+    token: Path | None = None,
+) -> Measurement:
+    """One closed-loop phase of the C++ load generator; server CPU sampled at its window marks.
+    ``request`` and ``token`` replace the broker's prepared ones (other methods, scopes)."""
     argv = [
         str(loadgen),
         "--target", broker.target,
@@ -238,7 +257,7 @@ def run_load(loadgen: Path, broker: Broker, method: str, spec: LoadSpec, log: Pa
         "--cert", str(broker.env.cert("client")),
         "--key", str(broker.env.key("client")),
         "--method", method,
-        "--request", str(broker.request_file(method)),
+        "--request", str(request or broker.request_file(method)),
         "--concurrency", str(spec.concurrency),
         "--connections", str(spec.connections),
         "--warmup", str(spec.warmup),
@@ -246,7 +265,7 @@ def run_load(loadgen: Path, broker: Broker, method: str, spec: LoadSpec, log: Pa
         "--max-calls", str(spec.max_calls),
     ]  # fmt: skip
     if method != HEALTH:
-        argv += ["--token-file", str(broker.token_file)]
+        argv += ["--token-file", str(token or broker.token_file)]
     roots = [broker.child.pid]
     before = after = None
     result: dict[str, object] | None = None

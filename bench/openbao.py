@@ -1,8 +1,9 @@
 """The OpenBao baseline: ``bao server -dev -dev-tls`` on 127.0.0.1, transit, policy-scoped tokens.
 
-Set-up uses the root token (mount transit, create key ``recordings``, write a policy that grants
-only ``update`` on ``transit/decrypt/recordings`` and ``transit/datakey/plaintext/recordings``,
-create the tokens); load uses only the scoped tokens:
+Set-up uses the root token (mount transit, create key ``recordings``, encrypt 200 keys for the
+batch rewrap bodies and rotate the key, write a policy that grants only ``update`` on
+``transit/decrypt/recordings``, ``transit/datakey/plaintext/recordings`` and
+``transit/rewrap/recordings``, create the tokens); load uses only the scoped tokens:
 
 * typical: created with the policy; OpenBao attaches its built-in ``default`` policy as it does to
   every token unless told otherwise;
@@ -43,9 +44,17 @@ path "transit/decrypt/{KEY}" {{
 path "transit/datakey/plaintext/{KEY}" {{
   capabilities = ["update"]
 }}
+path "transit/rewrap/{KEY}" {{
+  capabilities = ["update"]
+}}
 """
 DECRYPT = f"/v1/transit/decrypt/{KEY}"
 DATAKEY = f"/v1/transit/datakey/plaintext/{KEY}"
+REWRAP = f"/v1/transit/rewrap/{KEY}"
+#: Batch sizes of the prepared rewrap bodies (``bodies`` keys ``rewrap-<n>``). OpenBao refuses
+#: JSON with more than about a thousand strings ("high complexity"): 200 items with associated
+#: data would be near its ceiling.
+REWRAP_BATCHES = (100, 200)
 
 
 class BaoError(RuntimeError):
@@ -177,13 +186,35 @@ def _set_up(
         root,
         {"plaintext": base64.b64encode(data_key).decode(), "associated_data": ad},
     )
-    bodies = {
+    bodies: dict[str, Any] = {
         DECRYPT: {"ciphertext": encrypted["data"]["ciphertext"], "associated_data": ad},
         DATAKEY: {"bits": 256, "associated_data": ad},
     }
+    # Batch rewrap: distinct ciphertexts under version 1, then a rotation, so every rewrap moves
+    # a key from v1 to v2 (what RewrapDataKeys does after a rotation). Without associated data:
+    # transit rewrap does not take it (it fails authentication), which only makes its job easier.
+    batch: list[dict[str, Any]] = []
+    while len(batch) < max(REWRAP_BATCHES):
+        batch += api.call(
+            "POST",
+            f"/v1/transit/encrypt/{KEY}",
+            root,
+            {
+                "batch_input": [
+                    {"plaintext": base64.b64encode(secrets.token_bytes(32)).decode()}
+                    for _ in range(100)
+                ]
+            },
+        )["data"]["batch_results"]
+    api.call("POST", f"/v1/transit/keys/{KEY}/rotate", root)
+    for size in REWRAP_BATCHES:
+        bodies[f"rewrap-{size}"] = {
+            "batch_input": [{"ciphertext": item["ciphertext"]} for item in batch[:size]]
+        }
     files: dict[str, Path] = {}
     for path, body in bodies.items():
-        files[path] = state / (path.rsplit("/", 2)[-2] + ".json")
+        name = path if path.startswith("rewrap-") else path.rsplit("/", 2)[-2]
+        files[path] = state / f"{name}.json"
         files[path].write_text(json.dumps(body))
 
     # The scoped tokens do what the load does, and nothing else.
@@ -194,6 +225,11 @@ def _set_up(
         made = api.call("POST", DATAKEY, token, bodies[DATAKEY])["data"]
         if len(base64.b64decode(made["plaintext"])) != 32:
             raise SystemExit("bench: OpenBao datakey returned a wrong-sized key")
+        moved = api.call("POST", REWRAP, token, bodies["rewrap-100"])["data"]["batch_results"]
+        if len(moved) != 100 or not all(
+            str(r.get("ciphertext", "")).startswith("vault:v2:") for r in moved
+        ):
+            raise SystemExit(f"bench: OpenBao batch rewrap did not move 100 keys to v2: {moved[0]}")
         try:
             api.call("POST", f"/v1/transit/encrypt/{KEY}", token, {"plaintext": ""})
         except BaoError as exc:
@@ -214,9 +250,15 @@ def run_wrk(
     warmup: float,
     duration: float,
     log: Path,
+    body: str | None = None,
 ) -> Measurement:
-    """A warm-up wrk run, then the measured one with server CPU sampled around it."""
-    env = {**os.environ, "BENCH_BODY_FILE": str(bao.bodies[path]), "BENCH_TOKEN": bao.tokens[kind]}
+    """A warm-up wrk run, then the measured one with server CPU sampled around it. ``body``
+    names a prepared body other than ``path``'s (e.g. ``rewrap-100``)."""
+    env = {
+        **os.environ,
+        "BENCH_BODY_FILE": str(bao.bodies[body or path]),
+        "BENCH_TOKEN": bao.tokens[kind],
+    }
     script = Path(__file__).with_name("wrk_post.lua")
     threads = max(1, min(threads, connections))
 

@@ -90,7 +90,7 @@ class CachedCatalog:
         if not force and generation == self._snapshot.generation:
             return False
         keys = self._store.list_keys()
-        old, new = self._snapshot, KeySnapshot(generation, {k.name: k for k in keys})
+        old, new = self._snapshot, KeySnapshot.of(generation, {k.name: k for k in keys})
         self._snapshot = new
         for listener in self._listeners:
             listener(old, new)

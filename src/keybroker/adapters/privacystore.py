@@ -74,30 +74,35 @@ class SqlPrivacyStore:
         if not entries:
             return
 
+        recordings = [
+            (
+                e.recording_id,
+                json.dumps(list(e.purposes)),
+                e.retain_until,
+                e.key.name,
+                e.key.version,
+                e.created_at,
+                e.wrapped_key or None,
+            )
+            for e in entries
+        ]
+        subjects = [(s, e.recording_id) for e in entries for s in e.subject_ids]
+
         def write(cur: Cursor) -> None:
-            for e in entries:
-                cur.execute(
-                    f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}, wrapped_key) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (recording_id) DO UPDATE SET "
-                    "purposes = excluded.purposes, retain_until = excluded.retain_until, "
-                    "key_name = excluded.key_name, key_version = excluded.key_version, "
-                    "wrapped_key = excluded.wrapped_key",
-                    (
-                        e.recording_id,
-                        json.dumps(list(e.purposes)),
-                        e.retain_until,
-                        e.key.name,
-                        e.key.version,
-                        e.created_at,
-                        e.wrapped_key or None,
-                    ),
+            cur.executemany(
+                f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}, wrapped_key) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (recording_id) DO UPDATE SET "
+                "purposes = excluded.purposes, retain_until = excluded.retain_until, "
+                "key_name = excluded.key_name, key_version = excluded.key_version, "
+                "wrapped_key = excluded.wrapped_key",
+                recordings,
+            )
+            if subjects:
+                cur.executemany(
+                    "INSERT INTO kb_recording_subjects (subject_id, recording_id) "
+                    "VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    subjects,
                 )
-                for subject in e.subject_ids:
-                    cur.execute(
-                        "INSERT INTO kb_recording_subjects (subject_id, recording_id) "
-                        "VALUES (?, ?) ON CONFLICT DO NOTHING",
-                        (subject, e.recording_id),
-                    )
 
         self._run(write, write=True)
 

@@ -121,6 +121,8 @@ class Cursor(Protocol):
 
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
+
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...
@@ -362,6 +364,9 @@ class _Sql:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._cur.execute(self._d.sql(sql), tuple(params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        return self._cur.executemany(self._d.sql(sql), [tuple(r) for r in rows])
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()

@@ -118,6 +118,13 @@ class KeySnapshot:
 
     generation: int = 0
     keys: Mapping[str, KeyInfo] = field(default_factory=dict)
+    index: Mapping[KeyRef, tuple[KeyInfo, VersionInfo]] = field(default_factory=dict)
+    """Every version by reference: O(1) lookups whatever the number of versions."""
+
+    @classmethod
+    def of(cls, generation: int, keys: Mapping[str, KeyInfo]) -> KeySnapshot:
+        index = {KeyRef(k.name, v.version): (k, v) for k in keys.values() for v in k.versions}
+        return cls(generation, dict(keys), index)
 
     def current(self, name: str) -> KeyRef:
         key = self.keys.get(name)
@@ -126,9 +133,8 @@ class KeySnapshot:
         return KeyRef(name, key.current_version)
 
     def is_scheduled_for_destruction(self, name: str, version: int) -> bool:
-        key = self.keys.get(name)
-        found = key.version(version) if key is not None else None
-        return found is not None and found.state is S.SCHEDULED_FOR_DESTRUCTION
+        found = self.index.get(KeyRef(name, version))
+        return found is not None and found[1].state is S.SCHEDULED_FOR_DESTRUCTION
 
     def require_material(self, ref: KeyRef) -> None:
         """Before the HSM is asked: is there key material to authenticate the blob with?
@@ -136,8 +142,8 @@ class KeySnapshot:
         A version the store does not know reads like any other bad blob (no oracle); a destroyed
         one is said to be destroyed (nothing can be authenticated with it any more).
         """
-        key = self.keys.get(ref.name)
-        version = key.version(ref.version) if key is not None else None
+        found = self.index.get(ref)
+        version = found[1] if found is not None else None
         if version is None or version.state is S.PENDING:
             raise InvalidWrappedKeyError
         if version.state in (S.DESTROYING, S.DESTROYED):
@@ -145,8 +151,8 @@ class KeySnapshot:
 
     def require_usable(self, ref: KeyRef) -> None:
         """After the blob authenticated: may this version be used to unwrap it?"""
-        key = self.keys[ref.name]
-        state = version.state if (version := key.version(ref.version)) else S.DESTROYED
+        key, version = self.index[ref]
+        state = version.state
         if state in UNWRAPPABLE:
             if ref.version < key.min_decryption_version:
                 raise FailedPreconditionError(
