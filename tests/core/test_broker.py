@@ -106,7 +106,7 @@ class FakeCatalog:
             keys[name] = KeyInfo(
                 name, NOW, refs[-1].version, self.min_version.get(name, 1), versions=versions
             )
-        return KeySnapshot(1, keys)
+        return KeySnapshot.of(1, keys)
 
     def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
         self.uses.append((key, wraps, unwraps))
