@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -320,6 +321,57 @@ def test_erasure_through_one_replica_is_in_force_on_the_other_when_it_returns(
         b.call("PlaceLegalHold", ppb.LegalHoldRequest(recording_id=held, reason="case"))
         erase = ppb.EraseRecordingRequest(recording_id=held, reason="r")
         assert refused(lambda: a.call("EraseRecording", erase))[2] == "legal_hold"
+        a.close()
+        b.close()
+    finally:
+        assert stop_all(procs) == [0, 0]
+
+
+def test_a_frozen_replica_never_serves_a_key_erased_meanwhile(
+    devenv: DevEnv, tmp_path: Path, store_url: str
+) -> None:
+    """Replica B is frozen (SIGSTOP) when a recording is erased through A: the erasure waits until
+    B can no longer serve on its stale state (not merely until B's heartbeat looks old), and once
+    B is resumed it refuses the key (erased, or stale until it has refreshed)."""
+    staleness = 2.0
+    procs = [
+        BrokerProcess(
+            devenv,
+            tmp_path / f"r{i}.log",
+            {
+                "KEYBROKER_STATE_URL": store_url,
+                "KEYBROKER_STATE_MAX_STALENESS": str(staleness),
+                "KEYBROKER_AUDIT_DIR": str(tmp_path / f"j{i}"),
+            },
+        )
+        for i in range(2)
+    ]
+    try:
+        a, b = (Calls(devenv, p.wait_listening()) for p in procs)
+        time.sleep(1.0)  # both replicas have acknowledged once
+        rec = rid()
+        blob = b.generate(rec)
+        assert len(b.unwrap(rec, blob).data_key) == 32
+        procs[1].proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            a.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r"))
+            waited = time.monotonic() - started
+        finally:
+            procs[1].proc.send_signal(signal.SIGCONT)
+        # B acknowledged at most ~1 s before it froze; it may serve for max_staleness after its
+        # last refresh (+ 1 s heartbeat, 1 s clock-skew margin, one refresh interval).
+        assert staleness + 1.0 <= waited <= staleness + 5.0
+        code, _, reason = refused(lambda: b.unwrap(rec, blob))
+        assert (code, reason) in {
+            (grpc.StatusCode.FAILED_PRECONDITION, "erased"),
+            (grpc.StatusCode.UNAVAILABLE, "privacy_state_stale"),
+        }
+        deadline = time.monotonic() + 10
+        while reason != "erased" and time.monotonic() < deadline:  # once refreshed: erased
+            time.sleep(0.1)
+            code, _, reason = refused(lambda: b.unwrap(rec, blob))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "erased")
         a.close()
         b.close()
     finally:

@@ -11,8 +11,8 @@ Freshness is fail-closed: every refresh (see :class:`~keybroker.adapters.catalog
 loads the erasures committed since the last one, and acknowledges the generation it now enforces
 in ``kb_replicas``. If a replica could not refresh for ``max_staleness`` seconds, it refuses
 unwraps (UNAVAILABLE) rather than risk serving an erased key. An erasure call therefore returns
-once every live replica has acknowledged it, or ``max_staleness`` has passed — after which a
-replica that has not is refusing anyway.
+once every replica that may still be serving has acknowledged it: a replica that has not
+acknowledged anything for longer than it may serve on stale state is refusing anyway.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ _MAX_LOAD = 0.7
 _LOAD_BATCH = 200_000
 _MAX_BUFFER = 1_000_000
 _HEARTBEAT = 1.0  # seconds between acknowledgements when nothing changed (liveness)
+_CLOCK_SKEW = 1.0  # margin for wall clocks of replicas on different hosts (their acks' times)
 
 
 class DigestSet:
@@ -132,6 +133,11 @@ class PrivacyCache:
         raw = hashlib.blake2b(tag + identifier.encode(), digest_size=8, key=self._key).digest()
         return int.from_bytes(raw, "big") or 1
 
+    @property
+    def serving_window(self) -> float:
+        """Seconds after its last acknowledgement during which a replica may still serve."""
+        return self._max_staleness + _HEARTBEAT + _CLOCK_SKEW + self._refresh_interval
+
     def require_current(self) -> None:
         if self._max_staleness and time.monotonic() - self._last_ok > self._max_staleness:
             raise UnavailableError(
@@ -198,13 +204,21 @@ class PrivacyCache:
         self.wait_for_replicas(self._store.generation())
 
     def wait_for_replicas(self, generation: int) -> bool:
-        """Until every live replica enforces ``generation`` (True), or ``max_staleness`` passed."""
-        deadline = time.monotonic() + max(self._max_staleness, self._refresh_interval * 2)
-        alive = max(2.0, 4 * self._refresh_interval)
+        """Until every replica that may still be serving enforces ``generation`` (True).
+
+        A replica may serve for ``max_staleness`` after its last successful refresh, and it
+        acknowledges at least every ``_HEARTBEAT`` while it refreshes; so one whose last
+        acknowledgement is older than :meth:`serving_window` (plus a margin for clock skew between
+        hosts) is refusing unwraps by its own staleness rule, and is no longer waited for. A
+        stalled replica (paused, partitioned from the store) therefore delays an erasure by at most
+        that window, and never lets an erased key out after the call returns.
+        """
+        window = self.serving_window
+        deadline = time.monotonic() + window
         while True:
             lagging = [
                 r
-                for r in self._store.lagging_replicas(generation, self._clock() - alive)
+                for r in self._store.lagging_replicas(generation, self._clock() - window)
                 if r != self.replica_id
             ]
             if not lagging:
