@@ -34,7 +34,8 @@ def test_parse_round_trips_and_rejects_other_names() -> None:
     assert daily.key_for("r", ts(2027, 2, 14, 13)) == "r.e20270214"
     assert daily.parse("r.e20270214") is not None
     assert daily.parse("r.e2027-02") is None  # another scheme's key is never touched
-    assert hold_key("recordings") == "recordings.hold"
+    assert hold_key("recordings.e2027-02") == "recordings.e2027-02.hold"
+    assert scheme.parse(hold_key("recordings.e2027-02")) is None  # a hold key is no epoch key
 
 
 def test_periods_shorter_than_a_day_are_refused() -> None:

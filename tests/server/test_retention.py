@@ -135,7 +135,7 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
     for recording, gen in ((held, g_held), (by_subject, g_subject)):
         out = unwrap(recording, gen.wrapped_key)  # the old blob still works: moved to the hold key
         assert len(out.data_key) == 32
-        assert out.key_ref.key_name == f"{base_key}.hold"
+        assert out.key_ref.key_name == f"{epoch_key}.hold"
     assert len(unwrap(later, g_later.wrapped_key).data_key) == 32  # a later epoch is untouched
     erase = ppb.EraseRecordingRequest(recording_id=held, reason="art. 17")
     with pytest.raises(grpc.RpcError) as info:
@@ -147,6 +147,26 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
         unwrap(held, g_held.wrapped_key)
     err = info.value
     assert err.details() == "retention expired"  # released: its retention applies again
+    hold_key = f"{epoch_key}.hold"
+    assert running.shredder.run_due() == 0  # by_subject is still held: the hold key stays
+    with pytest.raises(grpc.RpcError) as info:
+        unwrap(held, g_held.wrapped_key)  # but the released recording's hold copy is gone
+    assert info.value.details() == "key version destroyed"
+    assert len(unwrap(by_subject, g_subject.wrapped_key).data_key) == 32
+    privacy.ReleaseLegalHold(ppb.LegalHoldRequest(subject_id=held_subject), metadata=auth(dpo))
+    running.privacy.refresh()
+    assert running.shredder.run_due() == 1  # the last hold of the epoch released: shredded
+    assert running.shredder.run_due() == 0  # exactly once
+    assert not any(ref.name == hold_key for ref in keks.versions_on_token())
+    assert {v.state.value for v in running.lifecycle.get(hold_key).versions} == {"destroyed"}  # type: ignore[union-attr]
+    for recording, gen in ((held, g_held), (by_subject, g_subject)):
+        with pytest.raises(grpc.RpcError) as info:
+            unwrap(recording, gen.wrapped_key)  # gone, in every backup of blob and registry
+        err = info.value
+        assert (err.code(), err.details()) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "key version destroyed",
+        )
     ch.close()
 
     assert running.journal is not None
@@ -156,6 +176,7 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
         if d.subject == "keybroker:scheduler"
     ]
     assert ("RetentionShred", "retention_epoch_ended", None) in events
+    assert ("RetentionShred", "legal_holds_released", None) in events
     assert ("RetentionHoldMove", "legal_hold", held) in events
     assert ("RetentionHoldMove", "legal_hold", by_subject) in events
     assert ("CreateKey", "retention_epoch_key", None) in events

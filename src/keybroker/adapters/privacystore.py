@@ -46,6 +46,11 @@ def _erasure(row: Sequence[Any], *, already: bool = False) -> Erasure:
 
 
 _ERASURE_COLUMNS = "seq, kind, target, reason, erased_by, erased_at, recordings"
+_HELD = (  # SQL: recording r is under legal hold, directly or through one of its subjects
+    "(EXISTS (SELECT 1 FROM kb_holds h WHERE h.kind = 'recording' AND h.target = r.recording_id) "
+    "OR EXISTS (SELECT 1 FROM kb_holds h JOIN kb_recording_subjects s ON h.kind = 'subject' "
+    "AND h.target = s.subject_id WHERE s.recording_id = r.recording_id))"
+)
 _RECORDING_COLUMNS = (
     "recording_id, purposes, retain_until, key_name, key_version, created_at, erased_at"
 )
@@ -140,11 +145,7 @@ class SqlPrivacyStore:
             cur.execute(
                 f"SELECT {_RECORDING_COLUMNS}, wrapped_key FROM kb_recordings r "  # noqa: S608
                 "WHERE key_name = ? AND erased_at IS NULL AND held_wrapped_key IS NULL "
-                "AND wrapped_key IS NOT NULL AND ("
-                "EXISTS (SELECT 1 FROM kb_holds h WHERE h.kind = 'recording' "
-                "AND h.target = r.recording_id) OR EXISTS (SELECT 1 FROM kb_holds h "
-                "JOIN kb_recording_subjects s ON h.kind = 'subject' AND h.target = s.subject_id "
-                "WHERE s.recording_id = r.recording_id)) ORDER BY recording_id",
+                f"AND wrapped_key IS NOT NULL AND {_HELD} ORDER BY recording_id",
                 (key_name,),
             )
             rows = cur.fetchall()
@@ -176,6 +177,32 @@ class SqlPrivacyStore:
             )
 
         self._run(write, write=True)
+
+    def drop_released_hold_copies(self, key_name: str) -> int:
+        def write(cur: Cursor) -> int:
+            cur.execute(
+                "UPDATE kb_recordings AS r SET held_wrapped_key = NULL "  # noqa: S608 - constants
+                "WHERE key_name = ? AND held_wrapped_key IS NOT NULL AND (erased_at IS NOT NULL "
+                f"OR NOT ({_HELD}))",
+                (key_name,),
+            )
+            return int(cur.rowcount or 0)
+
+        count: int = self._run(write, write=True)
+        return count
+
+    def count_hold_copies(self, key_name: str) -> int:
+        def read(cur: Cursor) -> int:
+            cur.execute(
+                "SELECT COUNT(*) FROM kb_recordings "
+                "WHERE key_name = ? AND held_wrapped_key IS NOT NULL",
+                (key_name,),
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+        count: int = self._run(read, write=False)
+        return count
 
     def hold_copy(self, recording_id: str) -> bytes | None:
         """The recording's wrapped key under the hold key, if it was moved there."""

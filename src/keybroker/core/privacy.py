@@ -109,6 +109,15 @@ class PrivacyStore(Protocol):
 
     def store_hold_copy(self, recording_id: str, wrapped_key: bytes) -> None: ...
 
+    def drop_released_hold_copies(self, key_name: str) -> int:
+        """Delete the hold copies of recordings under ``key_name`` that are no longer held (or
+        erased); returns how many were deleted."""
+        ...
+
+    def count_hold_copies(self, key_name: str) -> int:
+        """Hold copies still kept for recordings under ``key_name``."""
+        ...
+
 
 class PrivacyView(Protocol):
     """The in-memory privacy state the hot path reads, plus the registry's write buffer."""

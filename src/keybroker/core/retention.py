@@ -4,8 +4,11 @@ A recording whose ``retain_until`` falls in an epoch (by default a calendar mont
 data key wrapped under that epoch's KEK, named ``<key>.e<label>`` (``recordings.e2027-02``), made
 on first use. Once the epoch has ended and a grace period has passed, every version of the epoch
 KEK is destroyed in the HSM: no copy of any wrapped key of that epoch — in any backup — can be
-unwrapped again. Before that, recordings under legal hold are rewrapped to the hold key
-``<key>.hold`` (from the copy of their wrapped key the registry keeps) so the hold survives.
+unwrapped again. Before that, recordings under legal hold are rewrapped to that epoch's hold key
+``<epoch key>.hold`` (``recordings.e2027-02.hold``, from the copy of their wrapped key the registry
+keeps) so the hold survives. Once no recording of the epoch is held any more, the hold copies are
+deleted and every version of the epoch's hold key is destroyed too: a released recording is
+crypto-shredded like the others, registry backups included.
 """
 
 from __future__ import annotations
@@ -94,8 +97,9 @@ class EpochScheme:
         return epoch.end + self.grace
 
 
-def hold_key(base: str) -> str:
-    return base + HOLD_SUFFIX
+def hold_key(epoch_key: str) -> str:
+    """The key that keeps the held recordings of one retention epoch past its shredding."""
+    return epoch_key + HOLD_SUFFIX
 
 
 class RetentionShredder:
@@ -121,19 +125,33 @@ class RetentionShredder:
         self._clock = clock
 
     def run_due(self) -> int:
-        """Shred every epoch key that is due; returns the number of versions destroyed."""
+        """Shred every epoch key that is due, and every epoch hold key whose holds are all
+        released; returns the number of versions destroyed."""
         destroyed = 0
         now = self._clock()
         for key in self._keys.list_keys():
-            parsed = self._scheme.parse(key.name)
+            is_hold = key.name.endswith(HOLD_SUFFIX)
+            epoch_key = key.name.removesuffix(HOLD_SUFFIX)
+            parsed = self._scheme.parse(epoch_key)
             if parsed is None or now < self._scheme.shred_after(parsed[1]):
                 continue
             if all(v.state in (VersionState.DESTROYED, VersionState.PENDING) for v in key.versions):
                 continue
-            if not self._move_holds(key.name, hold_key(parsed[0])):
+            if is_hold:
+                destroyed += self._shred_released(key.name, epoch_key)
+                continue
+            if not self._move_holds(key.name, hold_key(key.name)):
                 continue  # a held recording could not be moved: keep the key, retry later
             destroyed += self._life.shred(key.name, "retention_epoch_ended")
         return destroyed
+
+    def _shred_released(self, hold_name: str, epoch_key: str) -> int:
+        """Delete the hold copies of released recordings of an epoch; once none is left, destroy
+        the epoch's hold key (its recordings' retention ended with the epoch)."""
+        self._privacy.drop_released_hold_copies(epoch_key)
+        if self._privacy.count_hold_copies(epoch_key):
+            return 0  # some recording of this epoch is still held
+        return self._life.shred(hold_name, "legal_holds_released")
 
     def _move_holds(self, key_name: str, hold_name: str) -> bool:
         held = self._privacy.held_recordings(key_name)
