@@ -1,13 +1,10 @@
 """The durable audit journal: hash-chained JSON lines, group commit, fail closed, self-recovering.
 
 :meth:`Journal.record` returns only once the decision is durable (written and, by default,
-``fdatasync``-ed). One writer thread per journal does every write and flush (group commit): it
-takes every record queued while the previous flush ran and makes them durable with one
-``fdatasync``, then wakes their callers together. Request threads never hold a lock across I/O and
-never queue behind one another for the flush. If a write or flush fails (disk full, permissions),
-the records not yet durable are dropped from the chain, their callers get UnavailableError, the
-file is cut back to its last durable byte, and health reports NOT_SERVING; the next call or health
-probe tries again.
+``fdatasync``-ed). Concurrent callers share one flush (group commit): whoever flushes writes every
+record queued so far. If a write or flush fails (disk full, permissions), the records not yet
+durable are dropped from the chain, their callers get UnavailableError, the file is cut back to its
+last durable byte, and health reports NOT_SERVING; the next call or health probe tries again.
 
 Layout: ``<dir>/w<worker>/journal-<first seq>.jsonl`` (one chain per worker process, files rotated
 by size and age) and ``checkpoints.jsonl`` (every signed checkpoint, to ship off-host).
@@ -67,13 +64,9 @@ class Journal:
     def __init__(self, config: JournalConfig, *, clock: Callable[[], int] = time.time_ns) -> None:
         self._c = config
         self._clock = clock
-        self._lock = threading.Lock()  # chain state, pending buffer, durability
-        self._queued = threading.Condition(self._lock)  # the writer waits for records
-        self._flushed = threading.Condition(self._lock)  # callers wait for their flush
+        self._lock = threading.Lock()  # chain state and pending buffer
+        self._flush_lock = threading.Lock()  # one writer at a time
         self._pending: list[bytes] = []
-        self._closing = False
-        self._writer: threading.Thread | None = None
-        self._lost: dict[int, int] = {}  # epoch -> durable seq when a failure ended it
         self._checkpoints_pending: list[bytes] = []
         self._listeners: list[Callable[[bool], None]] = []
         self._healthy = True
@@ -193,8 +186,9 @@ class Journal:
                 self._c.chain_key, seq=seq, ts=self._clock(), prev=self._mac, decision=decision
             )
             self._seq, self._mac = seq, rec.mac
-            self._enqueue(rec.line())
-            self._wait_durable(seq, self._epoch)
+            self._pending.append(rec.line())
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
         return seq
 
     def record_many(self, decisions: Sequence[Decision]) -> int:
@@ -202,17 +196,18 @@ class Journal:
         if not decisions:
             return self._durable_seq
         with self._lock:
-            seq, mac = self._seq, self._mac
+            seq, mac, lines = self._seq, self._mac, []
             for decision in decisions:
                 seq += 1
                 rec = jf.decision_record(
                     self._c.chain_key, seq=seq, ts=self._clock(), prev=mac, decision=decision
                 )
                 mac = rec.mac
-                self._pending.append(rec.line())
+                lines.append(rec.line())
+            self._pending.extend(lines)
             self._seq, self._mac = seq, mac
-            self._enqueue(None)
-            self._wait_durable(seq, self._epoch)
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
         return seq
 
     def checkpoint(self) -> int:
@@ -227,50 +222,25 @@ class Journal:
                 prev=self._mac,
             )
             self._seq, self._mac = seq, rec.mac
+            self._pending.append(rec.line())
             self._checkpoints_pending.append(rec.line())
             self._last_checkpoint = time.monotonic()
-            self._enqueue(rec.line())
-            self._wait_durable(seq, self._epoch)
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
         return seq
 
-    # Everything below marked "lock held" runs with self._lock held.
-
-    def _enqueue(self, line: bytes | None) -> None:
-        """Queue a line for the writer and wake it (lock held)."""
-        if self._closing:
-            raise JournalUnavailableError
-        if line is not None:
-            self._pending.append(line)
-        if self._writer is None:
-            self._writer = threading.Thread(
-                target=self._write_loop, name="journal-writer", daemon=True
-            )
-            self._writer.start()
-        self._queued.notify()
-
-    def _wait_durable(self, seq: int, epoch: int) -> None:
-        """Block until record ``seq`` of ``epoch`` is on disk; raise if a failure dropped it
-        (lock held; the wait releases it)."""
-        while True:
+    def _flush_until(self, seq: int, epoch: int) -> None:
+        with self._flush_lock:
             if epoch != self._epoch:
-                if seq <= self._lost.get(epoch, 0):
-                    return  # durable before the failure that ended its epoch
-                raise JournalUnavailableError
+                raise JournalUnavailableError  # dropped by a failed flush before ours
             if self._durable_seq >= seq:
                 return
-            self._flushed.wait()
-
-    def _write_loop(self) -> None:
-        """The writer thread: one write and one flush for everything queued meanwhile."""
-        while True:
             with self._lock:
-                while not self._pending and not self._closing:
-                    self._queued.wait()
-                if not self._pending:
-                    return  # closing, and nothing left to write
                 batch, self._pending = self._pending, []
                 anchors, self._checkpoints_pending = self._checkpoints_pending, []
                 head_seq, head_mac = self._seq, self._mac
+            if self._durable_seq >= seq:
+                return
             started = time.perf_counter()
             try:
                 self._rotate_if_due(head_seq - len(batch) + 1)
@@ -282,31 +252,23 @@ class Journal:
                     os.fdatasync(self._fd)
                 if anchors:
                     self._append_anchors(b"".join(anchors))
-            except Exception as exc:  # noqa: BLE001 - the writer must never die: callers wait on it
+            except OSError as exc:
                 self._fail(exc)
-                continue
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                self._durable_size += len(data)
-                self._durable_seq, self._durable_mac = head_seq, head_mac
-                self._flushed.notify_all()
+                raise JournalUnavailableError from None
+            self._durable_size += len(data)
+            self._durable_seq, self._durable_mac = head_seq, head_mac
             if self._on_flush is not None:
-                self._on_flush(elapsed, len(batch))
-            self._set_health(True)
+                self._on_flush(time.perf_counter() - started, len(batch))
+        self._set_health(True)
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: OSError) -> None:
         """Drop every record that is not durable and cut the file back to its last durable byte."""
-        if isinstance(exc, OSError):
-            log.error("audit journal write failed: %s", exc.strerror or exc)
-        else:
-            log.error("audit journal writer failed", exc_info=exc)
+        log.error("audit journal write failed: %s", exc.strerror or exc)
         with self._lock:
             self._pending.clear()
             self._checkpoints_pending.clear()
             self._seq, self._mac = self._durable_seq, self._durable_mac
-            self._lost[self._epoch] = self._durable_seq
             self._epoch += 1
-            self._flushed.notify_all()
         try:
             if self._fd >= 0:
                 os.ftruncate(self._fd, self._durable_size)
@@ -331,18 +293,10 @@ class Journal:
             os.close(fd)
 
     def close(self) -> None:
-        """Write a final checkpoint, stop the writer and close the file."""
         if self._fd >= 0:
             try:
                 self.checkpoint()
             except UnavailableError:
                 log.warning("no final checkpoint: journal unavailable")
-        with self._lock:
-            self._closing = True
-            self._queued.notify_all()
-            writer = self._writer
-        if writer is not None:
-            writer.join()
-        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
