@@ -220,6 +220,26 @@ def test_amend_purposes_adds_and_removes_with_a_recorded_reason(
     )
     assert list(removed.purposes) == ["qa"]
     assert refused(lambda: calls.unwrap(rec, removed.wrapped_key))[2] == "purpose_not_bound"
+    # consent withdrawn holds for every copy: wrapped keys made before the removal are refused too
+    for old in (blob, out.wrapped_key):
+        code, message, reason = refused(lambda old=old: calls.unwrap(rec, old))
+        assert (code, message, reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "purpose withdrawn for this recording",
+            "purpose_withdrawn",
+        )
+    assert len(calls.unwrap(rec, out.wrapped_key, "qa").data_key) == 32  # the others stay
+    restored = calls.call(
+        "AmendPurposes",
+        ppb.AmendPurposesRequest(
+            recording_id=rec,
+            wrapped_key=removed.wrapped_key,
+            add_purposes=["support"],
+            reason="consent given again",
+        ),
+    )
+    assert list(restored.purposes) == ["qa", "support"]
+    assert len(calls.unwrap(rec, blob).data_key) == 32  # given back: old copies work again
     for bad in (
         ppb.AmendPurposesRequest(recording_id=rec, wrapped_key=blob, add_purposes=["qa"]),
         ppb.AmendPurposesRequest(
@@ -316,6 +336,15 @@ def test_erasure_through_one_replica_is_in_force_on_the_other_when_it_returns(
             a.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r"))
             # no waiting: from the moment the call returns, replica B refuses
             assert refused(lambda rec=rec, blob=blob: b.unwrap(rec, blob))[2] == "erased"
+        rec = rid()
+        blob = b.generate(rec)
+        withdraw = ppb.AmendPurposesRequest(
+            recording_id=rec, wrapped_key=blob, add_purposes=["qa"], remove_purposes=["support"],
+            reason="consent withdrawn",
+        )  # fmt: skip
+        a.call("AmendPurposes", withdraw)
+        # no waiting: replica B refuses the old copy for the withdrawn purpose at once
+        assert refused(lambda: b.unwrap(rec, blob))[2] == "purpose_withdrawn"
         held = rid()
         b.generate(held)
         b.call("PlaceLegalHold", ppb.LegalHoldRequest(recording_id=held, reason="case"))

@@ -113,6 +113,10 @@ class PrivacyCache:
         self._recordings = DigestSet()
         self._subjects = DigestSet()
         self._held: frozenset[int] = frozenset()
+        self._withdrawn: frozenset[int] = frozenset()
+        # purpose changes this replica made, by the generation they committed: merged into any
+        # reload that may have read the store before them (never a window of serving them)
+        self._local_purpose_changes: list[tuple[int, frozenset[int], frozenset[int]]] = []
         self._last_seq = 0
         self._generation = -1
         self._last_ok = time.monotonic()
@@ -180,6 +184,49 @@ class PrivacyCache:
             return True
         return any(self._digest(b"s\0", s) in held for s in subject_ids)
 
+    def _purpose_digest(self, recording_id: str, purpose: str) -> int:
+        return self._digest(b"p\0" + purpose.encode() + b"\0", recording_id)
+
+    def is_withdrawn(self, recording_id: str, purpose: str) -> bool:
+        withdrawn = self._withdrawn
+        return bool(withdrawn) and self._purpose_digest(recording_id, purpose) in withdrawn
+
+    def change_purposes(
+        self,
+        recording_id: str,
+        *,
+        withdrawn: Sequence[str],
+        restored: Sequence[str],
+        reason: str,
+        by: str,
+    ) -> None:
+        self._store.change_purposes(
+            recording_id,
+            withdrawn=withdrawn,
+            restored=restored,
+            reason=reason,
+            by=by,
+            now=self._clock(),
+        )
+        generation = self._store.generation()
+        change = (
+            generation,
+            frozenset(self._purpose_digest(recording_id, p) for p in withdrawn),
+            frozenset(self._purpose_digest(recording_id, p) for p in restored),
+        )
+        with self._lock:
+            self._local_purpose_changes.append(change)
+            self._withdrawn = self._with_local_changes(self._withdrawn)
+        self.wait_for_replicas(generation)
+
+    def _with_local_changes(self, withdrawn: frozenset[int]) -> frozenset[int]:
+        """``withdrawn`` with this replica's own recent changes applied in order (lock held)."""
+        current = set(withdrawn)
+        for _generation, added, lifted in self._local_purpose_changes:
+            current -= lifted
+            current |= added
+        return frozenset(current)
+
     def hold_copy(self, recording_id: str) -> bytes | None:
         return self._store.hold_copy(recording_id)
 
@@ -224,7 +271,9 @@ class PrivacyCache:
             if not lagging:
                 return True
             if time.monotonic() >= deadline:
-                log.warning("erasure: replicas %s did not confirm in time", ", ".join(lagging))
+                log.warning(
+                    "privacy change: replicas %s did not confirm in time", ", ".join(lagging)
+                )
                 return False
             time.sleep(0.02)
 
@@ -243,6 +292,15 @@ class PrivacyCache:
                 self._digest(b"r\0" if h.kind is Target.RECORDING else b"s\0", h.target)
                 for h in self._store.holds()
             )
+            loaded = frozenset(
+                self._purpose_digest(recording_id, purpose)
+                for recording_id, purpose in self._store.purpose_withdrawals()
+            )
+            with self._lock:
+                self._local_purpose_changes = [
+                    c for c in self._local_purpose_changes if c[0] > generation
+                ]
+                self._withdrawn = self._with_local_changes(loaded)
         self.flush_registry()
         now = time.monotonic()
         if generation != self._generation or now - self._last_ack >= _HEARTBEAT:

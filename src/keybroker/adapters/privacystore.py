@@ -387,6 +387,51 @@ class SqlPrivacyStore:
         result: list[Hold] = self._run(read, write=False)
         return result
 
+    # -- purpose withdrawals -------------------------------------------------------------------
+
+    def change_purposes(
+        self,
+        recording_id: str,
+        *,
+        withdrawn: Sequence[str],
+        restored: Sequence[str],
+        reason: str,
+        by: str,
+        now: float,
+    ) -> None:
+        """Record purposes withdrawn from a recording and lift those given back, in one change."""
+
+        def write(cur: Cursor) -> None:
+            for purpose in restored:
+                cur.execute(
+                    "DELETE FROM kb_purpose_withdrawals WHERE recording_id = ? AND purpose = ?",
+                    (recording_id, purpose),
+                )
+            for purpose in withdrawn:
+                cur.execute(
+                    "SELECT 1 FROM kb_purpose_withdrawals WHERE recording_id = ? AND purpose = ?",
+                    (recording_id, purpose),
+                )
+                if cur.fetchone() is None:
+                    cur.execute(
+                        "INSERT INTO kb_purpose_withdrawals (recording_id, purpose, reason, "
+                        "withdrawn_by, withdrawn_at) VALUES (?, ?, ?, ?, ?)",
+                        (recording_id, purpose, reason, by, now),
+                    )
+            self._changed(cur)
+
+        self._run(write, write=True)
+
+    def purpose_withdrawals(self) -> list[tuple[str, str]]:
+        """Every ``(recording id, purpose)`` withdrawn and not given back."""
+
+        def read(cur: Cursor) -> list[tuple[str, str]]:
+            cur.execute("SELECT recording_id, purpose FROM kb_purpose_withdrawals")
+            return [(str(r[0]), str(r[1])) for r in cur.fetchall()]
+
+        result: list[tuple[str, str]] = self._run(read, write=False)
+        return result
+
     # -- replicas ----------------------------------------------------------------------------
 
     def generation(self) -> int:

@@ -109,6 +109,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX kb_recordings_by_key ON kb_recordings (key_name)",
         ),
     ),
+    (
+        4,
+        (
+            # purposes removed from a recording by AmendPurposes (consent withdrawn): refused at
+            # unwrap even with a wrapped key made before the removal, until added back.
+            """CREATE TABLE kb_purpose_withdrawals (
+                recording_id TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                withdrawn_by TEXT NOT NULL,
+                withdrawn_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (recording_id, purpose))""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -34,6 +34,7 @@ from keybroker.errors import (
     FailedPreconditionError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     RetentionExpiredError,
 )
 
@@ -211,6 +212,10 @@ class KeyBroker:
         self._require_not_erased(parsed.bindings)
         policy.require_purposes_granted(principal, (purpose,))
         policy.require_purpose_bound(parsed.bindings, purpose)
+        if self._privacy is not None and self._privacy.is_withdrawn(recording_id, purpose):
+            raise PermissionDeniedError(
+                "purpose withdrawn for this recording", reason="purpose_withdrawn"
+            )
         policy.require_context(parsed.bindings, context)
         try:
             policy.require_retention(parsed.bindings, self._clock())
@@ -303,6 +308,13 @@ class KeyBroker:
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
         if self._privacy is not None:
+            self._privacy.change_purposes(
+                bindings.recording_id,
+                withdrawn=[p for p in bound.purposes if p not in bindings.purposes],
+                restored=[p for p in bindings.purposes if p not in bound.purposes],
+                reason=decision.justification or "",
+                by=principal.subject,
+            )
             self._privacy.register(
                 RecordingEntry(
                     bindings.recording_id,

@@ -145,6 +145,23 @@ class PrivacyView(Protocol):
         """This replica refuses at once; then wait (bounded) until every live replica does."""
         ...
 
+    def is_withdrawn(self, recording_id: str, purpose: str) -> bool:
+        """Was ``purpose`` withdrawn from this recording (AmendPurposes) and not given back?"""
+        ...
+
+    def change_purposes(
+        self,
+        recording_id: str,
+        *,
+        withdrawn: Sequence[str],
+        restored: Sequence[str],
+        reason: str,
+        by: str,
+    ) -> None:
+        """Store the change; this replica applies it at once, then wait (bounded) until every
+        replica that may still serve does."""
+        ...
+
 
 def require_not_erased(view: PrivacyView, recording_id: str, subject_ids: Sequence[str]) -> None:
     view.require_current()
