@@ -276,6 +276,11 @@ def test_subject_access_report_lists_recordings_and_decisions(
         ("KeyBroker/UnwrapDataKey", "deny", ["marketing"]),
     ]
     assert all(d.principal == "dev-storage" for d in report.decisions)
+    request = ppb.SubjectAccessReportRequest(subject_id=subject)
+    code, _message, reason = refused(
+        lambda: calls.call("SubjectAccessReport", request, token=calls.data)
+    )
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "scope_missing")  # audit:read
 
 
 def test_a_replica_that_cannot_refresh_refuses_unwraps(devenv: DevEnv, tmp_path: Path) -> None:

@@ -180,3 +180,52 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
     assert ("RetentionHoldMove", "legal_hold", held) in events
     assert ("RetentionHoldMove", "legal_hold", by_subject) in events
     assert ("CreateKey", "retention_epoch_key", None) in events
+
+
+def test_the_scheduler_shreds_an_epoch_key_on_its_own(
+    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock, base_key: str
+) -> None:
+    """Nobody calls the shredder: the broker's own scheduler destroys the epoch key once the
+    clock passes the end of its epoch and grace period, and its wrapped keys stop unwrapping."""
+    settings = load_settings(
+        devenv,
+        state_url=store_url,
+        audit_dir=str(tmp_path / "journal"),
+        keys_retention_epoch="1d",
+        keys_retention_grace="1h",
+        state_scheduler_interval="0.2",
+    )
+    running = create_server(settings, clock=clock)
+    try:
+        assert running.lifecycle is not None
+        data = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
+        ch = channel(devenv, running.port, own_connection=True)
+        kb = stub(ch)
+        recording = f"rec-{uuid.uuid4().hex[:8]}"
+        request = generate_request(recording, key_name=base_key)
+        request.retain_until.CopyFrom(Timestamp(seconds=int(clock() + DAY / 2)))
+        generated = kb.GenerateWrappedDataKey(request, metadata=auth(data))
+        epoch_key = generated.key_ref.key_name
+        unwrap = pb.UnwrapDataKeyRequest(
+            recording_id=recording, wrapped_key=generated.wrapped_key, purpose="support"
+        )
+        time.sleep(1.0)  # several scheduler ticks: nothing is due yet
+        assert len(kb.UnwrapDataKey(unwrap, metadata=auth(data)).data_key) == 32
+        epoch = EpochScheme(DAY, 3600).parse(epoch_key)
+        assert epoch is not None
+        clock.offset = EpochScheme(DAY, 3600).shred_after(epoch[1]) - time.time() + 1
+        deadline = time.monotonic() + 15
+        states: set[str] = set()
+        while time.monotonic() < deadline:
+            states = {v.state.value for v in running.lifecycle.get(epoch_key).versions}
+            if states == {"destroyed"}:
+                break
+            time.sleep(0.1)
+        assert states == {"destroyed"}
+        assert not any(ref.name == epoch_key for ref in running.keks.versions_on_token())
+        with pytest.raises(grpc.RpcError) as info:
+            kb.UnwrapDataKey(unwrap, metadata=auth(data))
+        assert info.value.details() == "key version destroyed"
+        ch.close()
+    finally:
+        running.stop(1)
