@@ -310,8 +310,10 @@ class KeyBroker:
         if self._privacy is not None:
             self._privacy.change_purposes(
                 bindings.recording_id,
-                withdrawn=[p for p in bound.purposes if p not in bindings.purposes],
-                restored=[p for p in bindings.purposes if p not in bound.purposes],
+                # what the caller asked for, whatever the blob in hand carries: adding a
+                # purpose back through an old copy that still lists it lifts its withdrawal too
+                withdrawn=[p for p in remove if p not in bindings.purposes],
+                restored=[p for p in add if p in bindings.purposes],
                 reason=decision.justification or "",
                 by=principal.subject,
             )
