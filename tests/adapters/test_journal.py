@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -74,3 +75,41 @@ def test_group_commit_keeps_one_gapless_chain_under_threads(tmp_path: Path) -> N
     assert sorted(seqs) == list(range(1, 1601))
     assert journal.durable_seq == 1601  # + the closing checkpoint
     assert len(list(jf.verify(KEY, read_lines(tmp_path)))) == 1601
+
+
+def test_group_commit_shares_flushes_between_threads(tmp_path: Path) -> None:
+    """Under 8 concurrent writers, flushes carry several records on average (one fdatasync for
+    many decisions), and every record is counted by exactly one flush."""
+    journal = Journal(JournalConfig(tmp_path, KEY, SIGNER))
+    flushes: list[int] = []
+    journal.on_flush(lambda _seconds, records: flushes.append(records))
+    barrier = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        barrier.wait()
+        for i in range(100):
+            journal.record(decision(n * 1000 + i))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(flushes) == 800
+    assert len(flushes) < 800 * 0.75  # most flushes were shared
+    journal.close()
+
+
+def test_files_rotate_by_age(tmp_path: Path) -> None:
+    """A file older than max_file_age is closed and the next record starts a new one; the chain
+    continues across them."""
+    journal = Journal(JournalConfig(tmp_path, KEY, SIGNER, max_file_age=0.2))
+    journal.record(decision(0))
+    journal.record(decision(1))
+    time.sleep(0.3)
+    journal.record(decision(2))
+    journal.close()
+    files = journal_files(tmp_path)
+    assert len(files) >= 2
+    assert files[-1].name == "journal-000000000003.jsonl"
+    assert [r.seq for r in jf.verify(KEY, read_lines(tmp_path))] == [1, 2, 3, 4]

@@ -178,6 +178,23 @@ def test_every_answered_call_is_in_the_journal(devenv: DevEnv, tmp_path: Path) -
         "audit", "query", "--config", str(devenv.config), "--subject", "subj-j", "--json", env=env
     )
     assert len(by_subject.stdout.splitlines()) == 1
+    # every other filter, each matching one of the two calls (all given filters must match)
+    thumbprint = rows[0]["cert_thumbprint"]
+    for flags, expected in (
+        (["--recording", "rec-j2"], ["rec-j2"]),
+        (["--decision", "deny"], ["rec-j2"]),
+        (["--decision", "allow", "--operation", "GenerateDataKey"], ["rec-j1"]),
+        (["--principal", rows[0]["subject"], "--recording", "rec-j1"], ["rec-j1"]),
+        (["--cert", thumbprint, "--decision", "deny"], ["rec-j2"]),
+        (["--key", rows[0]["key_name"], "--decision", "allow"], ["rec-j1"]),
+        (["--key", f"{rows[0]['key_name']}/v{rows[0]['key_version']}"], ["rec-j1"]),
+        (["--since", "2000-01-01", "--until", "2100-01-01", "--recording", "rec-j1"], ["rec-j1"]),
+        (["--until", "2000-01-01"], []),
+    ):
+        out = run_cli("audit", "query", "--config", str(devenv.config), "--json", *flags, env=env)
+        found = [json.loads(line) for line in out.stdout.splitlines()]
+        found = [r["recording_id"] for r in found if r["service"] == "keybroker.v1.KeyBroker"]
+        assert (out.returncode, found) == (0, expected), (flags, out.stderr)
     assert verify(devenv, journal_dir).returncode == 0
 
 
