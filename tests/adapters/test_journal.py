@@ -6,9 +6,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from keybroker.adapters.journal import Journal, JournalConfig, journal_files, read_lines
+from keybroker.adapters.journal import (
+    PREALLOCATE,
+    Journal,
+    JournalConfig,
+    journal_files,
+    read_lines,
+)
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 
@@ -113,3 +120,26 @@ def test_files_rotate_by_age(tmp_path: Path) -> None:
     assert len(files) >= 2
     assert files[-1].name == "journal-000000000003.jsonl"
     assert [r.seq for r in jf.verify(KEY, read_lines(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_preallocated_space_is_invisible_and_cut_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live journal file ends in zeroed space after its last record: readers stop there, a
+    crash (no close) leaves it for the next start to cut without calling it torn, and close()
+    cuts the file back to its records."""
+    journal = Journal(JournalConfig(tmp_path, KEY, SIGNER))
+    for i in range(3):
+        journal.record(decision(i))
+    [path] = journal_files(tmp_path)
+    data = path.read_bytes()
+    assert len(data) >= PREALLOCATE and data.endswith(b"\0")  # zeroed space ahead
+    assert [r.seq for r in jf.verify(KEY, read_lines(tmp_path))] == [1, 2, 3]
+    with caplog.at_level("WARNING"):
+        reopened = Journal(JournalConfig(tmp_path, KEY, SIGNER))  # as after a crash
+    assert "torn" not in caplog.text
+    assert reopened.record(decision(3)) == 4
+    reopened.close()
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and b"\0" not in data  # cut back to its records
+    assert [r.seq for r in jf.verify(KEY, read_lines(tmp_path))] == [1, 2, 3, 4, 5]

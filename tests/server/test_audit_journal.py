@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keybroker import settings as settings_mod
-from keybroker.adapters.journal import Journal, JournalConfig, read_lines
+from keybroker.adapters.journal import PREALLOCATE, Journal, JournalConfig, read_lines
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision, Outcome
 from keybroker.devenv import DevEnv, mint_token
@@ -244,10 +244,11 @@ def test_full_disk_fails_closed_and_recovers(
                 pass
             finally:
                 os.close(fd)
-            # Writes still fit in the journal file's last allocated page; within a few dozen
-            # records the disk refuses, and from then on every call fails closed.
+            # Records still fit in the space the journal preallocated (at most PREALLOCATE bytes,
+            # a few hundred records); once that is used up the disk refuses the next
+            # preallocation, and from then on every call fails closed.
             refused = None
-            for _ in range(200):
+            for _ in range(PREALLOCATE // 200):
                 try:
                     kb.GenerateDataKey(generate_request(), metadata=auth(token))
                 except grpc.RpcError as exc:
