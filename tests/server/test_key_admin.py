@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from keybroker.adapters.hsm import Pkcs11Keks
+from keybroker.adapters.journal import read_lines
 from keybroker.core.broker import GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
@@ -115,11 +116,8 @@ def new_name() -> str:
 
 def journal_records(directory: Path) -> list[dict[str, Any]]:
     """The decisions in a journal directory, oldest first."""
-    records = [
-        json.loads(line)
-        for path in sorted(directory.rglob("journal-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
+    chains = sorted({path.parent for path in directory.rglob("journal-*.jsonl")})
+    records = [json.loads(raw) for chain in chains for _where, raw in read_lines(chain)]
     return [r["d"] for r in records if r["kind"] == "decision"]
 
 

@@ -124,7 +124,7 @@ class Journal:
 
     def _previous_head(self, files: list[Path]) -> str:
         for path in reversed(files[:-1]):
-            lines = path.read_bytes().splitlines()
+            lines = path.read_bytes().rstrip(b"\0").splitlines()  # zeros: see module doc
             if lines:
                 return str(jf.parse_line(lines[-1])["mac"])
         return jf.GENESIS
