@@ -16,6 +16,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "keybroker_keys"
 _MIGRATION_LOCK_ID = 7_274_511  # PostgreSQL advisory lock for migrations
+_MIGRATION_ATTEMPTS = 5
 
 #: Numbered schema migrations; never edit one that has shipped, add the next.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -305,7 +307,8 @@ class Database:
             except Exception as exc:
                 if not self._d.is_unavailable(exc):
                     raise
-                log.warning("state store unavailable: %s", type(exc).__name__)
+                detail = f": {exc}" if isinstance(exc, sqlite3.Error) else ""  # no secrets in it
+                log.warning("state store unavailable: %s%s", type(exc).__name__, detail)
                 self._drop()
                 raise StoreUnavailableError from None
 
@@ -357,8 +360,18 @@ class Database:
                 log.info("state store: applied schema migration %d", number)
             return SCHEMA_VERSION
 
-        result: int = self.run(apply, write=True)
-        return result
+        # Start-up of several replicas or workers on one fresh store: a competitor converting
+        # SQLite to WAL or holding the migration lock can make an attempt fail at once (not
+        # every SQLite lock waits for the busy timeout). Migrating is idempotent: try again.
+        for attempt in range(1, _MIGRATION_ATTEMPTS):
+            try:
+                result: int = self.run(apply, write=True)
+            except StoreUnavailableError:
+                time.sleep(0.1 * attempt)
+            else:
+                return result
+        last: int = self.run(apply, write=True)  # the last attempt's failure is the caller's
+        return last
 
     def close(self) -> None:
         with self._lock:
