@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 for key, b in brokers.items():
                     memory[key] = rss_mib(b.child.pid)
                 for round_no in range(1, args.rounds + 1):
-                    for key, b in brokers.items():
+                    order = list(brokers.items())  # the two take turns going first
+                    for key, b in order if round_no % 2 else order[::-1]:
                         others = [o.child for k, o in brokers.items() if k != key]
                         with procs.paused(others):
                             procs.wait_quiet()
