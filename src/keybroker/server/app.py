@@ -474,7 +474,12 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # Wake up now and then: the kernel may deliver the signal to one of gRPC's threads, and
+    # Python then runs the handler only when the main thread next executes bytecode. An
+    # untimed wait() could sleep through SIGTERM for ever (seen in CI as a broker that never
+    # stopped).
+    while not stopping.wait(0.2):
+        pass
     broker.stop(settings.server.grace_period)
 
 
