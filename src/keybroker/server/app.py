@@ -476,8 +476,8 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
     signal.signal(signal.SIGINT, on_signal)
     # Wake up now and then: the kernel may deliver the signal to one of gRPC's threads, and
     # Python then runs the handler only when the main thread next executes bytecode. An
-    # untimed wait() could sleep through SIGTERM for ever (seen in CI as a broker that never
-    # stopped).
+    # untimed wait() could sleep through SIGTERM for ever (seen once in a clean-clone test run
+    # as a broker that never stopped).
     while not stopping.wait(0.2):
         pass
     broker.stop(settings.server.grace_period)
