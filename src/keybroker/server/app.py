@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -66,6 +66,8 @@ from keybroker.v1 import (
 
 log = logging.getLogger(__name__)
 
+_DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
+
 
 @dataclass
 class RunningBroker:
@@ -85,10 +87,19 @@ class RunningBroker:
     lifecycle: KeyLifecycle | None = None
     privacy: PrivacyCache | None = None
     shredder: RetentionShredder | None = None
+    draining: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls; in-flight calls get ``grace`` seconds to finish."""
+        """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
+
+        First a short drain: new calls are refused with UNAVAILABLE (``shutting_down``), which
+        clients retry elsewhere, while health says NOT_SERVING. Only then does gRPC stop, so no
+        call races its shutdown (gRPC cancels a call that arrives while it stops, and CANCELLED
+        is not safe for a client to retry blindly)."""
         self.health.enter_graceful_shutdown()
+        self.draining.set()
+        if grace:
+            time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
         self.monitor.stop()
         if self.catalog is not None:
@@ -382,6 +393,8 @@ def create_server(
     catalog.also_refresh(privacy_cache.refresh)
     require_default_key(settings, catalog)
 
+    draining = threading.Event()
+
     def guard(service: str) -> CallGuard:
         return CallGuard(
             service=service,
@@ -389,6 +402,7 @@ def create_server(
             recorder=obs.recorder,
             require_cnf=auth.require_cnf,
             durable=journal,
+            draining=draining,
         )
 
     broker = KeyBroker(
@@ -461,6 +475,7 @@ def create_server(
         lifecycle,
         privacy_cache,
         shredder,
+        draining,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from keybroker.core import policy
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.identity import Principal
 from keybroker.core.ports import DecisionRecorder, DurableRecorder
-from keybroker.errors import AuthenticationError, KeybrokerError
+from keybroker.errors import AuthenticationError, KeybrokerError, UnavailableError
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
 
@@ -89,8 +90,10 @@ class CallGuard:
         recorder: DecisionRecorder,
         require_cnf: bool,
         durable: DurableRecorder | None = None,
+        draining: threading.Event | None = None,
     ) -> None:
         self._service = service
+        self._draining = draining
         self._verify = verifier
         self._recorder = recorder
         self._durable = durable
@@ -175,6 +178,8 @@ class CallGuard:
         decision.peer_address = peer.address
         decision.cert_identity = peer.identity
         decision.cert_thumbprint = peer.thumbprint
+        if self._draining is not None and self._draining.is_set():
+            raise UnavailableError("broker shutting down; retry", reason="shutting_down")
         policy.require_tls13(peer)
         principal = self._verify(bearer_token(metadata))
         decision.subject = principal.subject
