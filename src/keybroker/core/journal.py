@@ -110,7 +110,7 @@ def decision_record(key: bytes, *, seq: int, ts: int, prev: str, decision: Decis
     d = decision_to_dict(decision)
     head = b'{"d":' + canonical(d) + b',"kind":"' + KIND_DECISION.encode() + b'"'
     tail = f',"prev":"{prev}","seq":{int(seq)},"ts":{int(ts)},"v":{FORMAT_VERSION}}}'.encode()
-    mac = hmac.new(key, head + tail, hashlib.sha256).hexdigest()
+    mac = hmac.digest(key, head + tail, "sha256").hex()  # one-shot C HMAC
     body = {"v": FORMAT_VERSION, "seq": seq, "ts": ts, "kind": KIND_DECISION, "prev": prev, "d": d}
     line = b"".join((head, b',"mac":"', mac.encode(), b'"', tail, b"\n"))
     return Record(seq, ts, KIND_DECISION, body, prev, mac, line)

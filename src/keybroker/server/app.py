@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,6 +51,7 @@ from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
+from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
@@ -73,7 +73,7 @@ _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 class RunningBroker:
     """A started server and what it owns."""
 
-    server: grpc.Server
+    server: LoopServer
     port: int
     keks: Pkcs11Keks
     monitor: HealthMonitor
@@ -288,26 +288,31 @@ def start_exporter(
     return exporter
 
 
+INLINE_METHODS = frozenset(
+    {
+        f"/{SERVICE_NAME}/GenerateDataKey",
+        f"/{SERVICE_NAME}/GenerateWrappedDataKey",
+        f"/{SERVICE_NAME}/UnwrapDataKey",
+        f"/{SERVICE_NAME}/RewrapDataKey",
+        "/grpc.health.v1.Health/Check",
+    }
+)
+"""Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
+
+
 def grpc_server(
     settings: Settings,
     servicer: KeyBrokerServicer,
     admin: KeyAdminServicer,
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
-) -> tuple[grpc.Server, int]:
+) -> tuple[LoopServer, int]:
     """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.server.threads),
-        options=[
-            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
-            ("grpc.max_send_message_length", settings.server.max_message_bytes),
-            ("grpc.so_reuseport", 1),
-        ],
-    )
-    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
-    privacy_pb2_grpc.add_PrivacyServicer_to_server(privacy, server)  # type: ignore[no-untyped-call]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    registry = HandlerRegistry()
+    keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
+    admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, registry)  # type: ignore[no-untyped-call]
+    privacy_pb2_grpc.add_PrivacyServicer_to_server(privacy, registry)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registry)
     reflection.enable_server_reflection(
         (
             keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
@@ -316,7 +321,19 @@ def grpc_server(
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
-        server,
+        registry,  # type: ignore[arg-type]  # it only calls add_*_handlers
+    )
+    server = LoopServer(
+        registry,
+        inline=INLINE_METHODS,
+        options=LoopOptions(
+            pool_threads=settings.server.threads,
+            channel_options=(
+                ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+                ("grpc.max_send_message_length", settings.server.max_message_bytes),
+                ("grpc.so_reuseport", 1),
+            ),
+        ),
     )
     try:
         port = server.add_secure_port(settings.server.listen, server_credentials(settings))
@@ -494,8 +511,11 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
     # untimed wait() could sleep through SIGTERM for ever (seen once in a clean-clone test run
     # as a broker that never stopped).
     while not stopping.wait(0.2):
-        pass
+        if broker.server.failed:
+            break
     broker.stop(settings.server.grace_period)
+    if broker.server.failed:
+        raise SystemExit("keybroker: the gRPC server loop failed (see the log); exiting")
 
 
 def _worker(settings: Settings, worker: int) -> None:

@@ -65,6 +65,50 @@ def _allowed(decision: Decision) -> None:
     decision.status_code = grpc.StatusCode.OK.name
 
 
+@dataclass(slots=True)
+class DeferredRecord:
+    """A decision whose durable and live recording the server does later, before the reply."""
+
+    decision: Decision
+    durable: DurableRecorder | None
+    live: DecisionRecorder
+    error: KeybrokerError | None = None  # set by commit_deferred when it could not be durable
+
+
+class RecordDeferral:
+    """Implemented by a call context whose server commits decision records itself.
+
+    :class:`keybroker.server.loop.LoopServer` answers data-plane calls on one thread and writes
+    the records of all calls answered in one turn with one journal flush (group commit); it
+    sends no reply before :func:`commit_deferred` has made that call's record durable."""
+
+    def defer(self, record: DeferredRecord) -> bool:
+        """Take over ``record``; False when this call records immediately after all."""
+        return False
+
+
+def commit_deferred(records: Sequence[DeferredRecord]) -> None:
+    """Make deferred records durable (one flush per journal), then record them live.
+
+    A record that could not be made durable gets ``error`` set and its decision turns into an
+    error (UNAVAILABLE), as :meth:`CallGuard._record` does for one call: its caller must get
+    UNAVAILABLE and nothing else."""
+    journals: dict[int, tuple[DurableRecorder, list[DeferredRecord]]] = {}
+    for record in records:
+        if record.durable is not None:
+            journals.setdefault(id(record.durable), (record.durable, []))[1].append(record)
+    for durable, batch in journals.values():
+        try:
+            durable.record_many([r.decision for r in batch])
+        except KeybrokerError as exc:
+            for r in batch:
+                r.error = exc
+                r.decision.outcome, r.decision.reason = Outcome.ERROR, exc.reason
+                r.decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+    for record in records:
+        record.live.record(record.decision)
+
+
 class FanOut:
     """Passes each decision to several live recorders; one failing never fails the call."""
 
@@ -201,6 +245,10 @@ class CallGuard:
     def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
         """Durable record first (fail closed), then the live span."""
         decision.ended_ns = time.time_ns()
+        if isinstance(context, RecordDeferral) and context.defer(
+            DeferredRecord(decision, self._durable, self._recorder)
+        ):
+            return
         if self._durable is not None:
             try:
                 self._durable.record(decision)

@@ -1,0 +1,541 @@
+"""The gRPC server: the data plane runs on one thread per process, between completion-queue polls.
+
+grpcio's stock server (``grpc.server``) gives every call to a thread pool: the polling thread and a
+worker thread hand each call back and forth three times, and on a small VM those thread wake-ups
+and GIL hand-overs cost more than the call itself (docs/PERFORMANCE.md). This server polls gRPC
+core's completion queue on one thread and answers the data-plane methods (``inline``) right
+there. Everything else — key administration, privacy calls that wait for replicas, batch
+rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread pool, so a slow
+call never holds up the data plane.
+
+Group commit without threads: a call answered inline hands its decision record to the loop
+instead of writing it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events
+are ready (or after ``max_turn`` calls), the loop makes the turn's records durable with one
+journal flush, records them live, and only then sends their replies. A record that cannot be
+made durable turns its call into UNAVAILABLE: no data key leaves without its durable decision.
+
+This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
+grpcio's own server makes; pyproject.toml pins grpcio to the minor version it was written for.
+TLS, HTTP/2, message-size limits and the auth context are gRPC core's, exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
+
+from keybroker.server.guard import DeferredRecord, RecordDeferral, commit_deferred
+from keybroker.server.status import REASON_METADATA
+
+log = logging.getLogger(__name__)
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
+_FLAGS = 0
+_ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
+
+
+class _Tag:
+    """Completion-queue tags the loop tells apart by identity."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_NEW_CALL = _Tag("new call")
+_FINISHED = _Tag("call finished")
+_SHUTDOWN = _Tag("server shut down")
+
+
+class _Aborted(Exception):
+    """Raised by :meth:`LoopContext.abort`: the handler ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code.name)
+        self.code = code
+        self.details = details
+
+
+class LoopContext(grpc.ServicerContext, RecordDeferral):
+    """The ``ServicerContext`` of one call; deferring when the call runs inline."""
+
+    def __init__(self, event: Any, *, deferring: bool) -> None:
+        self._call = event.call
+        self._metadata: Metadata = tuple(event.invocation_metadata or ())
+        self._deadline: float = event.call_details.deadline
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = []
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.trailing: Metadata = ()
+        self.deferred: list[DeferredRecord] | None = [] if deferring else None
+
+    # -- record deferral (inline calls) ---------------------------------------------------------
+
+    def defer(self, record: DeferredRecord) -> bool:
+        if self.deferred is None:
+            return False
+        self.deferred.append(record)
+        return True
+
+    # -- what handlers read --------------------------------------------------------------------
+
+    def invocation_metadata(self) -> Metadata:
+        return self._metadata
+
+    def peer(self) -> str:
+        return bytes(self._call.peer()).decode("utf-8", "replace")
+
+    def auth_context(self) -> Mapping[str, Any]:  # name -> list of values
+        auth = cygrpc.auth_context(self._call) or {}
+        return {bytes(k).decode("ascii", "replace") if isinstance(k, bytes) else k: v
+                for k, v in auth.items()}  # fmt: skip
+
+    def peer_identities(self) -> Sequence[bytes] | None:
+        identities: Sequence[bytes] | None = cygrpc.peer_identities(self._call)
+        return identities
+
+    def peer_identity_key(self) -> str | None:
+        key = cygrpc.peer_identity_key(self._call)
+        return None if key is None else bytes(key).decode("ascii", "replace")
+
+    def time_remaining(self) -> float:
+        return max(self._deadline - time.time(), 0.0)
+
+    def is_active(self) -> bool:
+        with self._lock:
+            return self._callbacks is not None
+
+    # -- what handlers set ---------------------------------------------------------------------
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        if code == grpc.StatusCode.OK:  # an abort is never a success
+            code, details = grpc.StatusCode.INTERNAL, "internal error"
+        raise _Aborted(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        self.trailing = tuple(status.trailing_metadata or ())
+        self.abort(status.code, status.details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, trailing_metadata: Metadata) -> None:
+        self.trailing = tuple(trailing_metadata)
+
+    def send_initial_metadata(self, initial_metadata: Metadata) -> None:
+        raise NotImplementedError("keybroker handlers send no initial metadata")
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._callbacks is None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def _terminated(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks or [], None
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("call termination callback failed")
+
+
+@dataclass(slots=True)
+class _Unary:
+    """A unary call whose request message is on its way (the tag of that receive)."""
+
+    event: Any
+    handler: Handler
+    inline: bool
+
+
+@dataclass(slots=True)
+class _Reply:
+    """An inline call's outcome, waiting for its turn's journal flush."""
+
+    context: LoopContext
+    code: grpc.StatusCode
+    details: str
+    response: bytes | None
+
+
+def _final_ops(
+    code: grpc.StatusCode, details: str, trailing: Metadata, response: bytes | None
+) -> tuple[Any, ...]:
+    ops: list[Any] = [cygrpc.SendInitialMetadataOperation(None, _FLAGS)]
+    if response is not None:
+        ops.append(cygrpc.SendMessageOperation(response, _FLAGS))
+    ops.append(
+        cygrpc.SendStatusFromServerOperation(
+            trailing or None, code.value[0], details.encode("utf-8"), _FLAGS
+        )
+    )
+    ops.append(cygrpc.ReceiveCloseOnServerOperation(_FLAGS))
+    return tuple(ops)
+
+
+def _run_unary(
+    handler: Handler, request: bytes, context: LoopContext
+) -> tuple[grpc.StatusCode, str, bytes | None]:
+    """Run one unary-unary handler; every outcome becomes a status (never UNKNOWN)."""
+    try:
+        message = handler.request_deserializer(request) if handler.request_deserializer else request
+    except Exception:  # noqa: BLE001 - a request that does not parse changes nothing
+        return grpc.StatusCode.INVALID_ARGUMENT, "malformed request message", None
+    behaviour = handler.unary_unary
+    if behaviour is None:
+        log.error("not a unary-unary handler: %r", handler)
+        return grpc.StatusCode.INTERNAL, "internal error", None
+    try:
+        response = behaviour(message, context)
+    except _Aborted as aborted:
+        return aborted.code, aborted.details, None
+    except Exception:
+        log.exception("unexpected error in a call handler")
+        return grpc.StatusCode.INTERNAL, "internal error", None
+    if context.code not in (None, grpc.StatusCode.OK):
+        return context.code, context.details, None
+    serialized = handler.response_serializer(response) if handler.response_serializer else response
+    return grpc.StatusCode.OK, "", serialized
+
+
+class _Closing:
+    """Tag of a streaming call's close-on-server receive: the call has ended."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: LoopContext) -> None:
+        self.context = context
+
+
+class _Stream:
+    """A streaming call (reflection, health ``Watch``), run on a pool thread.
+
+    The thread starts each receive and send itself and waits for its completion, which the loop
+    thread routes back here by tag (the stream object itself)."""
+
+    def __init__(self, event: Any, handler: Handler) -> None:
+        self._call = event.call
+        self._handler = handler
+        self.context = LoopContext(event, deferring=False)
+        self._completions: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sent_initial = False
+
+    def on_event(self, event: Any) -> None:
+        self._completions.put(event)
+
+    def _batch(self, ops: tuple[Any, ...]) -> bool:
+        self._call.start_server_batch(ops, self)
+        return bool(self._completions.get().success)
+
+    def _requests(self) -> Iterator[Any]:
+        while True:
+            self._call.start_server_batch((cygrpc.ReceiveMessageOperation(_FLAGS),), self)
+            event = self._completions.get()
+            message = event.batch_operations[0].message() if event.success else None
+            if message is None:
+                return
+            deserialize = self._handler.request_deserializer
+            yield deserialize(message) if deserialize else message
+
+    def _responses(self) -> Iterator[Any]:
+        handler = self._handler
+        if handler.request_streaming:
+            if handler.stream_stream is None:
+                raise TypeError("not a stream-stream handler")
+            yield from handler.stream_stream(self._requests(), self.context)
+            return
+        request = next(self._requests(), None)
+        if request is None:
+            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected")
+        if handler.unary_stream is None:
+            raise TypeError("not a unary-stream handler")
+        yield from handler.unary_stream(request, self.context)
+
+    def run(self) -> None:
+        self._call.start_server_batch(
+            (cygrpc.ReceiveCloseOnServerOperation(_FLAGS),), _Closing(self.context)
+        )
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            serialize = self._handler.response_serializer
+            for response in self._responses():
+                ops: list[Any] = []
+                if not self._sent_initial:
+                    ops.append(cygrpc.SendInitialMetadataOperation(None, _FLAGS))
+                    self._sent_initial = True
+                ops.append(cygrpc.SendMessageOperation(
+                    serialize(response) if serialize else response, _FLAGS
+                ))  # fmt: skip
+                if not self._batch(tuple(ops)):
+                    break  # the client went away; the status below completes the call
+            else:
+                if self.context.code not in (None, grpc.StatusCode.OK):
+                    code, details = self.context.code, self.context.details
+        except _Aborted as aborted:
+            code, details = aborted.code, aborted.details
+        except Exception:
+            log.exception("unexpected error in a streaming call")
+            code, details = grpc.StatusCode.INTERNAL, "internal error"
+        ops = [] if self._sent_initial else [cygrpc.SendInitialMetadataOperation(None, _FLAGS)]
+        ops.append(cygrpc.SendStatusFromServerOperation(
+            self.context.trailing or None, code.value[0], details.encode("utf-8"), _FLAGS
+        ))  # fmt: skip
+        self._call.start_server_batch(tuple(ops), _FINISHED)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs (see ``[server]`` in docs/DEPLOYMENT.md)."""
+
+    pool_threads: int = 4
+    max_turn: int = 64
+    channel_options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class _Stopping:
+    grace_timer: threading.Timer | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class LoopServer:
+    """A gRPC server: inline methods on the loop thread, the others on a thread pool."""
+
+    def __init__(
+        self,
+        handlers: HandlerRegistry,
+        *,
+        inline: frozenset[str],
+        options: LoopOptions,
+    ) -> None:
+        unknown = sorted(m for m in inline if handlers.lookup(m) is None)
+        if unknown:
+            raise ValueError(f"inline methods without a handler: {unknown}")
+        self._handlers = handlers
+        self._inline = inline
+        self._options = options
+        self._cq = cygrpc.CompletionQueue()
+        self._server = cygrpc.Server(options.channel_options, False)
+        self._server.register_completion_queue(self._cq)
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=options.pool_threads, thread_name_prefix="kb-call"
+        )
+        self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
+        self._in_flight = 0  # loop thread only
+        self._stopping: _Stopping | None = None
+        self._destroyed = False
+        self._abandon_at: float | None = None
+        self._lock = threading.Lock()
+        self.failed = False
+        """Set when the loop died of a bug: the process should exit (``keybroker serve`` does)."""
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        port: int = self._server.add_http2_port(
+            address.encode("utf-8"),
+            credentials._credentials,  # type: ignore[attr-defined] # the core credentials grpc wraps
+        )
+        return port
+
+    def start(self) -> None:
+        self._server.start()
+        self._server.request_call(self._cq, self._cq, _NEW_CALL)
+        self._thread.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls; cancel those still running after ``grace`` seconds (now if None).
+        The returned event is set once every call has ended and the loop has exited."""
+        with self._lock:
+            if self._stopping is not None:
+                return self._stopping.done
+            self._stopping = stopping = _Stopping()
+        self._server.shutdown(self._cq, _SHUTDOWN)
+        if grace:
+            stopping.grace_timer = threading.Timer(grace, self._cancel_all)
+            stopping.grace_timer.daemon = True
+            stopping.grace_timer.start()
+        else:
+            self._cancel_all()
+        return stopping.done
+
+    def _cancel_all(self) -> None:
+        with self._lock:
+            if not self._destroyed:
+                self._server.cancel_all_calls()
+                self._abandon_at = time.monotonic() + _ABANDON_AFTER
+
+    def _abandoned(self) -> bool:
+        """After cancelling, handlers get a last moment to return before the loop exits."""
+        return self._abandon_at is not None and time.monotonic() >= self._abandon_at
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        replies: list[_Reply] = []
+        shut_down = False
+        try:
+            while not (shut_down and (self._in_flight == 0 or self._abandoned())):
+                # replies waiting: only take what is ready; stopping: look at the clock now and then
+                deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
+                event = self._cq.poll(deadline)
+                if event.completion_type == cygrpc.CompletionType.queue_timeout:
+                    _commit(replies)
+                    replies = []
+                    continue
+                tag = event.tag
+                if tag is _SHUTDOWN:
+                    shut_down = True
+                else:
+                    self._dispatch(tag, event, replies)
+                if len(replies) >= self._options.max_turn:
+                    _commit(replies)
+                    replies = []
+            _commit(replies)
+            if self._in_flight:
+                log.warning("stopped with %d calls whose handlers never returned", self._in_flight)
+        except Exception:  # pragma: no cover - a bug here must not leave callers hanging
+            log.exception("gRPC server loop failed; cancelling every call")
+            self.failed = True
+            self._cancel_all()
+            raise
+        finally:
+            with self._lock:
+                self._destroyed = True
+                self._server.destroy()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._stopping is not None:
+                if self._stopping.grace_timer is not None:
+                    self._stopping.grace_timer.cancel()
+                self._stopping.done.set()
+
+    def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
+        if tag is _FINISHED:
+            self._in_flight -= 1
+        elif type(tag) is _Unary:
+            self._received(tag, event, replies)
+        elif tag is _NEW_CALL:
+            self._new_call(event)
+        elif type(tag) is _Stream:
+            tag.on_event(event)
+        elif type(tag) is _Closing:
+            tag.context._terminated()  # the loop owns call lifetimes
+        else:  # pragma: no cover
+            log.error("unexpected completion-queue tag %r", tag)
+
+    def _new_call(self, event: Any) -> None:
+        if self._stopping is None:
+            self._server.request_call(self._cq, self._cq, _NEW_CALL)
+        if not event.success:
+            return  # the server is shutting down
+        self._in_flight += 1
+        method = bytes(event.call_details.method).decode("utf-8", "replace")
+        handler = self._handlers.lookup(method)
+        if handler is None:
+            event.call.start_server_batch(
+                _final_ops(grpc.StatusCode.UNIMPLEMENTED, "method not found", (), None),
+                _FINISHED,
+            )
+        elif handler.request_streaming or handler.response_streaming:
+            self._pool.submit(_Stream(event, handler).run)
+        else:
+            event.call.start_server_batch(
+                (cygrpc.ReceiveMessageOperation(_FLAGS),),
+                _Unary(event, handler, method in self._inline),
+            )
+
+    def _received(self, tag: _Unary, event: Any, replies: list[_Reply]) -> None:
+        message = event.batch_operations[0].message() if event.success else None
+        call = tag.event.call
+        if message is None:
+            call.start_server_batch(
+                _final_ops(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected", (),
+                           None),
+                _FINISHED,
+            )  # fmt: skip
+            return
+        if tag.inline:
+            context = LoopContext(tag.event, deferring=True)
+            code, details, response = _run_unary(tag.handler, message, context)
+            replies.append(_Reply(context, code, details, response))
+        else:
+            self._pool.submit(_run_in_pool, tag.handler, tag.event, message)
+
+
+def _run_in_pool(handler: Handler, event: Any, message: bytes) -> None:
+    context = LoopContext(event, deferring=False)
+    code, details, response = _run_unary(handler, message, context)
+    event.call.start_server_batch(_final_ops(code, details, context.trailing, response), _FINISHED)
+
+
+@dataclass(frozen=True, slots=True)
+class _CallDetails(grpc.HandlerCallDetails):
+    method: str
+    invocation_metadata: Metadata
+
+
+def _commit(replies: Sequence[_Reply]) -> None:
+    """Make the replies' decisions durable (one flush), record them live, then send them."""
+    if not replies:
+        return
+    commit_deferred([r for reply in replies for r in reply.context.deferred or ()])
+    for reply in replies:
+        context = reply.context
+        failed = next((r.error for r in context.deferred or () if r.error), None)
+        if failed is not None:  # fail closed: nothing of this call leaves
+            reply.code, reply.details, reply.response = (
+                grpc.StatusCode.UNAVAILABLE, failed.message, None
+            )  # fmt: skip
+            context.trailing = ((REASON_METADATA, failed.reason),)
+        context._call.start_server_batch(
+            _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
+        )
+
+
+class HandlerRegistry:
+    """Collects the method handlers that generated ``add_*_to_server`` functions register."""
+
+    def __init__(self) -> None:
+        self._registered: dict[str, Handler] = {}
+        self._generic: list[GenericHandler] = []
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
+        for name, handler in handlers.items():
+            self._registered[f"/{service}/{name}"] = handler
+
+    def add_generic_rpc_handlers(self, generic_handlers: Sequence[GenericHandler]) -> None:
+        self._generic.extend(generic_handlers)
+
+    def lookup(self, method: str) -> Handler | None:
+        handler = self._registered.get(method)
+        if handler is not None:
+            return handler
+        details = _CallDetails(method, ())
+        for generic in self._generic:
+            handler = generic.service(details)
+            if handler is not None:
+                return handler
+        return None
