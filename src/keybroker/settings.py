@@ -49,7 +49,8 @@ class ServerSettings:
     processes: int = 1
     """Worker processes sharing the port (SO_REUSEPORT); 0 means one per CPU."""
     threads: int = 4
-    """gRPC worker threads per process."""
+    """Threads per process for calls off the data plane (admin, privacy, batch, streams); the
+    data-plane methods run on each process's server loop (keybroker.server.loop)."""
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536

@@ -1,8 +1,8 @@
 """The gRPC server: the data plane runs on one thread per process, between completion-queue polls.
 
 grpcio's stock server (``grpc.server``) gives every call to a thread pool: the polling thread and a
-worker thread hand each call back and forth three times, and on a small VM those thread wake-ups
-and GIL hand-overs cost more than the call itself (docs/PERFORMANCE.md). This server polls gRPC
+worker thread hand each call back and forth (new call, request message, reply), and on a small VM
+those thread wake-ups and GIL hand-overs cost as much as the work (docs/PERFORMANCE.md). This server polls gRPC
 core's completion queue on one thread and answers the data-plane methods (``inline``) right
 there. Everything else — key administration, privacy calls that wait for replicas, batch
 rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread pool, so a slow
