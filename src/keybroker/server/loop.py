@@ -2,11 +2,11 @@
 
 grpcio's stock server (``grpc.server``) gives every call to a thread pool: the polling thread and a
 worker thread hand each call back and forth (new call, request message, reply), and on a small VM
-those thread wake-ups and GIL hand-overs cost as much as the work (docs/PERFORMANCE.md). This server polls gRPC
-core's completion queue on one thread and answers the data-plane methods (``inline``) right
-there. Everything else — key administration, privacy calls that wait for replicas, batch
-rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread pool, so a slow
-call never holds up the data plane.
+those thread wake-ups and GIL hand-overs cost as much as the work (docs/PERFORMANCE.md). This
+server polls gRPC core's completion queue on one thread and answers the data-plane methods
+(``inline``) right there. Everything else — key administration, privacy calls that wait for
+replicas, batch rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread
+pool, so a slow call never holds up the data plane.
 
 Group commit without threads: a call answered inline hands its decision record to the loop
 instead of writing it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events
