@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keybroker.core import wrapped_key
 from keybroker.core.broker import GeneratedKey, RewrappedKey, SecretBytes, UnwrappedKey
 from keybroker.core.wrapped_key import (
     MAX_RETAIN_UNTIL,
@@ -636,3 +637,70 @@ def test_reprs_never_show_key_material() -> None:
     _assert_hidden(RewrappedKey(vector.blob, key), vector.ciphertext, vector.nonce)
     assert secret.reveal() == vector.data_key
     assert len(secret) == 32
+
+
+# -- the hot-path bindings parser against the straightforward one -----------------------------
+
+
+def _both_parsers(raw: bytes) -> None:
+    """The index-based parser accepts exactly what read-then-re-encode accepts, with equal
+    bindings; anything else is the uniform InvalidWrappedKeyError from both."""
+    try:
+        expected = wrapped_key._reference_parse_bindings(raw)
+    except InvalidWrappedKeyError:
+        with pytest.raises(InvalidWrappedKeyError):
+            wrapped_key._parse_bindings(raw)
+        return
+    assert wrapped_key._parse_bindings(raw) == expected
+
+
+def _bindings_of(vector: ValidVector) -> bytes:
+    return WrappedKey.parse(vector.blob).bindings.encode()
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fast_bindings_parser_matches_reference_on_arbitrary_bytes(raw: bytes) -> None:
+    _both_parsers(raw)
+
+
+@FUZZ
+@given(st.sampled_from(VALID), st.lists(_MUTATIONS, min_size=1, max_size=4))
+def test_fast_bindings_parser_matches_reference_on_mutated_bindings(
+    vector: ValidVector, mutations: list[tuple[str, int, int]]
+) -> None:
+    _both_parsers(_mutate(_bindings_of(vector), mutations))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    recording_id=_utf8_text(40),
+    retain_until=st.sampled_from([0, 1, MAX_RETAIN_UNTIL, MAX_RETAIN_UNTIL + 1, 2**64 - 1]),
+    purposes=st.lists(st.sampled_from(["a", "b", "B", "support", "x" * 65, ""]), max_size=3),
+    subject_ids=st.lists(st.sampled_from(["s", "t", "\x85", "é", ""]), max_size=3),
+    context=st.lists(
+        st.tuples(st.sampled_from(["k", "l", "", "\x01"]), st.sampled_from(["", "v", "\x9f"])),
+        max_size=3,
+    ),
+)
+def test_fast_bindings_parser_matches_reference_on_near_canonical_encodings(
+    recording_id: str,
+    retain_until: int,
+    purposes: list[str],
+    subject_ids: list[str],
+    context: list[tuple[str, str]],
+) -> None:
+    """Hand-built encodings in any order, with duplicates, empty and out-of-bound values and
+    control characters: what the canonical rules are about."""
+
+    def short(text: str) -> bytes:
+        raw = text.encode()
+        return bytes([len(raw)]) + raw
+
+    raw = short(recording_id) + min(retain_until, 2**64 - 1).to_bytes(8, "big")
+    raw += bytes([len(purposes)]) + b"".join(short(p) for p in purposes)
+    raw += bytes([len(subject_ids)]) + b"".join(short(s) for s in subject_ids)
+    raw += bytes([len(context)])
+    for key, value in context:
+        raw += short(key) + len(value.encode()).to_bytes(2, "big") + value.encode()
+    _both_parsers(raw)

@@ -197,11 +197,11 @@ class Journal:
         """Append a decision and return its sequence number once it is durable."""
         with self._lock:
             seq = self._seq + 1
-            rec = jf.decision_record(
+            mac, line = jf.decision_line(
                 self._c.chain_key, seq=seq, ts=self._clock(), prev=self._mac, decision=decision
             )
-            self._seq, self._mac = seq, rec.mac
-            self._pending.append(rec.line())
+            self._seq, self._mac = seq, mac
+            self._pending.append(line)
             epoch = self._epoch
         self._flush_until(seq, epoch)
         return seq
@@ -210,20 +210,31 @@ class Journal:
         """Append several decisions with one flush; returns the last sequence number."""
         if not decisions:
             return self._durable_seq
+        ticket = self.append_many(decisions)
+        self.flush(ticket)
+        return ticket[0]
+
+    def append_many(self, decisions: Sequence[Decision]) -> tuple[int, int]:
+        """Chain decisions into the pending buffer (nothing written yet). The ticket, for
+        :meth:`flush`, is the last sequence number and the failure epoch."""
         with self._lock:
             seq, mac, lines = self._seq, self._mac, []
             for decision in decisions:
                 seq += 1
-                rec = jf.decision_record(
+                mac, line = jf.decision_line(
                     self._c.chain_key, seq=seq, ts=self._clock(), prev=mac, decision=decision
                 )
-                mac = rec.mac
-                lines.append(rec.line())
+                lines.append(line)
             self._pending.extend(lines)
             self._seq, self._mac = seq, mac
-            epoch = self._epoch
-        self._flush_until(seq, epoch)
-        return seq
+            return seq, self._epoch
+
+    def flush(self, ticket: object) -> None:
+        """Write and sync until the ticket's records are durable (group commit)."""
+        if not isinstance(ticket, tuple):
+            raise TypeError("not a journal ticket")
+        seq, epoch = ticket
+        self._flush_until(int(seq), int(epoch))
 
     def checkpoint(self) -> int:
         """Append a signed checkpoint of the current head (also to checkpoints.jsonl)."""

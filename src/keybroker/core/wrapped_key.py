@@ -17,6 +17,7 @@ has exactly one encoding.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -224,7 +225,86 @@ class _Reader:
         return self._pos == len(self._data)
 
 
+def _increasing(items: list[bytes]) -> bool:
+    """Sorted by bytes and free of duplicates: what canonical lists are."""
+    return all(a < b for a, b in itertools.pairwise(items))
+
+
+def _clean(text: str, max_bytes: int, raw: bytes, *, allow_empty: bool = False) -> bool:
+    return (allow_empty or bool(raw)) and len(raw) <= max_bytes and not _CONTROL_RE.search(text)
+
+
 def _parse_bindings(raw: bytes) -> Bindings:
+    """Parse canonical bindings; refuse every other byte string.
+
+    Hot path (one per unwrap): reads by index instead of through :class:`_Reader`, and checks
+    the canonical rules of :meth:`Bindings.encode` directly instead of re-encoding. A slice that
+    runs past the end leaves ``p`` beyond it, so the final length check catches every overrun.
+    tests/core/test_wrapped_key.py checks, on arbitrary input, that this accepts exactly what
+    re-encoding would."""
+    try:
+        n = raw[0]
+        p = 1 + n
+        rid_raw = raw[1:p]
+        recording_id = rid_raw.decode("utf-8")
+        retain_until = int.from_bytes(raw[p : p + 8], "big")
+        count, p = raw[p + 8], p + 9
+        purposes_raw: list[bytes] = []
+        for _ in range(count):
+            q = p + 1 + raw[p]
+            purposes_raw.append(raw[p + 1 : q])
+            p = q
+        count, p = raw[p], p + 1
+        subjects_raw: list[bytes] = []
+        for _ in range(count):
+            q = p + 1 + raw[p]
+            subjects_raw.append(raw[p + 1 : q])
+            p = q
+        count, p = raw[p], p + 1
+        keys_raw: list[bytes] = []
+        values_raw: list[bytes] = []
+        for _ in range(count):
+            q = p + 1 + raw[p]
+            keys_raw.append(raw[p + 1 : q])
+            r = q + 2 + int.from_bytes(raw[q : q + 2], "big")
+            values_raw.append(raw[q + 2 : r])
+            p = r
+        if p != len(raw):
+            raise InvalidWrappedKeyError
+        purposes = tuple(v.decode("ascii") for v in purposes_raw)
+        subject_ids = tuple(v.decode("utf-8") for v in subjects_raw)
+        context = tuple(
+            (k.decode("utf-8"), v.decode("utf-8"))
+            for k, v in zip(keys_raw, values_raw, strict=True)
+        )
+    except (IndexError, UnicodeDecodeError):
+        raise InvalidWrappedKeyError from None
+    canonical = (
+        _clean(recording_id, MAX_RECORDING_ID, rid_raw)
+        and 0 < retain_until <= MAX_RETAIN_UNTIL
+        and 1 <= len(purposes) <= MAX_PURPOSES
+        and all(_PURPOSE_RE.fullmatch(v) for v in purposes)
+        and _increasing(purposes_raw)
+        and len(subject_ids) <= MAX_SUBJECTS
+        and all(
+            _clean(v, MAX_SUBJECT_ID, b) for v, b in zip(subject_ids, subjects_raw, strict=True)
+        )
+        and _increasing(subjects_raw)
+        and len(context) <= MAX_CONTEXT_ENTRIES
+        and all(
+            _clean(k, MAX_CONTEXT_KEY, kb) and _clean(v, MAX_CONTEXT_VALUE, vb, allow_empty=True)
+            for (k, v), kb, vb in zip(context, keys_raw, values_raw, strict=True)
+        )
+        and _increasing(keys_raw)
+    )
+    if not canonical:  # unsorted, duplicated, out of bounds or otherwise non-canonical
+        raise InvalidWrappedKeyError
+    return Bindings(recording_id, purposes, subject_ids, retain_until, context)
+
+
+def _reference_parse_bindings(raw: bytes) -> Bindings:
+    """The straightforward parser: read, then re-encode and compare (slow; tests compare the
+    hot-path parser above against it)."""
     r = _Reader(raw)
     recording_id = r.text(r.u8())
     retain_until = r.u64()

@@ -72,7 +72,7 @@ class DeferredRecord:
     decision: Decision
     durable: DurableRecorder | None
     live: DecisionRecorder
-    error: KeybrokerError | None = None  # set by commit_deferred when it could not be durable
+    error: KeybrokerError | None = None  # set when it could not be made durable
 
 
 class RecordDeferral:
@@ -80,32 +80,60 @@ class RecordDeferral:
 
     :class:`keybroker.server.loop.LoopServer` answers data-plane calls on one thread and writes
     the records of all calls answered in one turn with one journal flush (group commit); it
-    sends no reply before :func:`commit_deferred` has made that call's record durable."""
+    sends no reply before :func:`flush_staged` has made that call's record durable."""
 
     def defer(self, record: DeferredRecord) -> bool:
         """Take over ``record``; False when this call records immediately after all."""
         return False
 
 
-def commit_deferred(records: Sequence[DeferredRecord]) -> None:
-    """Make deferred records durable (one flush per journal), then record them live.
+@dataclass(slots=True)
+class StagedRecords:
+    """Deferred records appended to their journals, each journal waiting for one flush."""
 
-    A record that could not be made durable gets ``error`` set and its decision turns into an
-    error (UNAVAILABLE), as :meth:`CallGuard._record` does for one call: its caller must get
-    UNAVAILABLE and nothing else."""
+    records: Sequence[DeferredRecord]
+    tickets: list[tuple[DurableRecorder, object, list[DeferredRecord]]]
+
+
+def _fail_closed(batch: Sequence[DeferredRecord], exc: KeybrokerError) -> None:
+    for r in batch:
+        r.error = exc
+        r.decision.outcome, r.decision.reason = Outcome.ERROR, exc.reason
+        r.decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+
+
+def stage_deferred(records: Sequence[DeferredRecord]) -> StagedRecords:
+    """Append deferred records to their journals (no disk wait); :func:`flush_staged` next.
+
+    A record that cannot be appended or, later, flushed gets ``error`` set and its decision
+    turns into an error (UNAVAILABLE), as :meth:`CallGuard._record` does for one call: its
+    caller must get UNAVAILABLE and nothing else."""
     journals: dict[int, tuple[DurableRecorder, list[DeferredRecord]]] = {}
     for record in records:
         if record.durable is not None:
             journals.setdefault(id(record.durable), (record.durable, []))[1].append(record)
+    tickets: list[tuple[DurableRecorder, object, list[DeferredRecord]]] = []
     for durable, batch in journals.values():
         try:
-            durable.record_many([r.decision for r in batch])
+            tickets.append((durable, durable.append_many([r.decision for r in batch]), batch))
         except KeybrokerError as exc:
-            for r in batch:
-                r.error = exc
-                r.decision.outcome, r.decision.reason = Outcome.ERROR, exc.reason
-                r.decision.status_code = grpc.StatusCode.UNAVAILABLE.name
-    for record in records:
+            _fail_closed(batch, exc)
+    return StagedRecords(records, tickets)
+
+
+def flush_staged(staged: StagedRecords) -> None:
+    """Wait until the staged records are durable (one flush per journal, shared with whatever
+    else is pending there)."""
+    for durable, ticket, batch in staged.tickets:
+        try:
+            durable.flush(ticket)
+        except KeybrokerError as exc:
+            _fail_closed(batch, exc)
+
+
+def record_live(staged: StagedRecords) -> None:
+    """Hand the (now final) decisions to the live recorders: spans, alerts, metrics."""
+    for record in staged.records:
         record.live.record(record.decision)
 
 

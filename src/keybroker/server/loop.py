@@ -33,7 +33,14 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-from keybroker.server.guard import DeferredRecord, RecordDeferral, commit_deferred
+from keybroker.server.guard import (
+    DeferredRecord,
+    RecordDeferral,
+    StagedRecords,
+    flush_staged,
+    record_live,
+    stage_deferred,
+)
 from keybroker.server.status import REASON_METADATA
 
 log = logging.getLogger(__name__)
@@ -346,6 +353,7 @@ class LoopServer:
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
         )
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
+        self._sender = _Sender()
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
         self._destroyed = False
@@ -364,6 +372,7 @@ class LoopServer:
     def start(self) -> None:
         self._server.start()
         self._server.request_call(self._cq, self._cq, _NEW_CALL)
+        self._sender.start()
         self._thread.start()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -403,7 +412,7 @@ class LoopServer:
                 deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
                 event = self._cq.poll(deadline)
                 if event.completion_type == cygrpc.CompletionType.queue_timeout:
-                    _commit(replies)
+                    self._end_turn(replies)
                     replies = []
                     continue
                 tag = event.tag
@@ -412,9 +421,9 @@ class LoopServer:
                 else:
                     self._dispatch(tag, event, replies)
                 if len(replies) >= self._options.max_turn:
-                    _commit(replies)
+                    self._end_turn(replies)
                     replies = []
-            _commit(replies)
+            self._end_turn(replies)
             if self._in_flight:
                 log.warning("stopped with %d calls whose handlers never returned", self._in_flight)
         except Exception:  # pragma: no cover - a bug here must not leave callers hanging
@@ -423,6 +432,7 @@ class LoopServer:
             self._cancel_all()
             raise
         finally:
+            self._sender.stop()
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -431,6 +441,17 @@ class LoopServer:
                 if self._stopping.grace_timer is not None:
                     self._stopping.grace_timer.cancel()
                 self._stopping.done.set()
+
+    def _end_turn(self, replies: list[_Reply]) -> None:
+        """Stage the turn's records; replies that wait for a flush go to the sender."""
+        if not replies:
+            return
+        staged = stage_deferred([r for reply in replies for r in reply.context.deferred or ()])
+        if staged.tickets:
+            self._sender.submit(replies, staged)
+        else:  # nothing to wait for (no journal, or appending failed: fail closed now)
+            record_live(staged)
+            _send(replies)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
         if tag is _FINISHED:
@@ -497,11 +518,8 @@ class _CallDetails(grpc.HandlerCallDetails):
     invocation_metadata: Metadata
 
 
-def _commit(replies: Sequence[_Reply]) -> None:
-    """Make the replies' decisions durable (one flush), record them live, then send them."""
-    if not replies:
-        return
-    commit_deferred([r for reply in replies for r in reply.context.deferred or ()])
+def _send(replies: Sequence[_Reply]) -> None:
+    """Send each reply, or UNAVAILABLE where its decision could not be made durable."""
     for reply in replies:
         context = reply.context
         failed = next((r.error for r in context.deferred or () if r.error), None)
@@ -513,6 +531,52 @@ def _commit(replies: Sequence[_Reply]) -> None:
         context._call.start_server_batch(
             _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
         )
+
+
+class _Sender:
+    """Waits for the disk on its own thread, then sends the replies it was holding back.
+
+    The loop appends a turn's records to the journal and hands the turn here; while this
+    thread sits in ``fdatasync`` and in gRPC core's writes (both without the GIL), the loop
+    answers the next calls. Turns queued behind a flush share the next one."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._queue: list[tuple[list[_Reply], StagedRecords]] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kb-send", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, replies: list[_Reply], staged: StagedRecords) -> None:
+        with self._ready:
+            self._queue.append((replies, staged))
+            self._ready.notify()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopped:
+                    self._ready.wait()
+                turns, self._queue = self._queue, []
+            if not turns:
+                return  # stopped, nothing left
+            try:
+                for _replies, staged in turns:
+                    flush_staged(staged)
+                for replies, staged in turns:
+                    record_live(staged)  # as for any call: durable, then live, then the reply
+                    _send(replies)
+            except Exception:  # pragma: no cover - a bug: log it, keep the thread alive
+                log.exception("committing decision records failed")
 
 
 class HandlerRegistry:
