@@ -8,11 +8,13 @@ server polls gRPC core's completion queue on one thread and answers the data-pla
 replicas, batch rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread
 pool, so a slow call never holds up the data plane.
 
-Group commit without threads: a call answered inline hands its decision record to the loop
-instead of writing it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events
-are ready (or after ``max_turn`` calls), the loop makes the turn's records durable with one
-journal flush, records them live, and only then sends their replies. A record that cannot be
-made durable turns its call into UNAVAILABLE: no data key leaves without its durable decision.
+Group commit: a call answered inline hands its decision record to the loop instead of writing
+it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
+``max_turn`` calls), the loop appends the turn's records to the journal and hands the turn to
+the sender thread, which waits for the disk (``fdatasync``, shared by every turn queued behind
+it), records the decisions live, and only then sends the replies — while the loop already
+answers the next calls. A record that cannot be made durable turns its call into UNAVAILABLE:
+no data key leaves without its durable decision.
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes; pyproject.toml pins grpcio to the minor version it was written for.
