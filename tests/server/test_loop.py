@@ -9,6 +9,7 @@ honours the grace period.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -80,6 +81,7 @@ class Service:
         self.live = Live()
         self.release = threading.Event()
         self.terminated = threading.Event()
+        self.slow_returned = threading.Event()
 
     def fast(self, request: bytes, context: LoopContext) -> bytes:
         decision = Decision(service=SERVICE, operation="Fast", outcome=Outcome.ALLOW)
@@ -88,8 +90,11 @@ class Service:
         return b"fast:" + request
 
     def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self.release.wait(10)
-        return b"slow"
+        try:
+            self.release.wait(10)
+            return b"slow"
+        finally:
+            self.slow_returned.set()
 
     def boom(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         raise RuntimeError("secret-detail")
@@ -112,8 +117,7 @@ def _parse_strict(data: bytes) -> bytes:
     return data
 
 
-@pytest.fixture
-def service(devenv: DevEnv) -> Iterator[tuple[Service, LoopServer, grpc.Channel]]:
+def _start(devenv: DevEnv) -> tuple[Service, LoopServer, int]:
     svc = Service()
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Fast": grpc.unary_unary_rpc_method_handler(svc.fast, request_deserializer=_parse_strict),
@@ -136,6 +140,12 @@ def service(devenv: DevEnv) -> Iterator[tuple[Service, LoopServer, grpc.Channel]
     )
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
+    return svc, server, port
+
+
+@pytest.fixture
+def service(devenv: DevEnv) -> Iterator[tuple[Service, LoopServer, grpc.Channel]]:
+    svc, server, port = _start(devenv)
     ch = channel(devenv, port)
     try:
         yield svc, server, ch
@@ -269,3 +279,20 @@ def test_stop_waits_for_in_flight_calls_then_cancels_them(
         assert 0.4 < elapsed < 3
         with pytest.raises(grpc.RpcError):
             slow.result(5)
+
+
+def test_a_handler_that_outlives_its_server_leaves_its_call_alone(devenv: DevEnv) -> None:
+    """A pool handler that returns after its server is stopped and gone must not touch its call:
+    gRPC core aborts the whole process (seen once while writing these tests)."""
+    svc, server, port = _start(devenv)
+    with channel(devenv, port) as ch, futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(unary(ch, "Slow"), b"", timeout=20)
+        time.sleep(0.2)
+        assert server.stop(0.1).wait(5)  # cancelled, then abandoned after 1 s
+        with pytest.raises(grpc.RpcError):
+            call.result(5)
+    del server
+    gc.collect()  # the server object and its completion queue may be gone now
+    svc.release.set()
+    assert svc.slow_returned.wait(5)
+    time.sleep(0.3)  # the pool thread has tried to finish its call by now; we are still here

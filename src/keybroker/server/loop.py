@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+BatchStarter: TypeAlias = "Callable[[Any, tuple[Any, ...], Any], bool]"
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
@@ -247,9 +248,10 @@ class _Stream:
     The thread starts each receive and send itself and waits for its completion, which the loop
     thread routes back here by tag (the stream object itself)."""
 
-    def __init__(self, event: Any, handler: Handler) -> None:
+    def __init__(self, event: Any, handler: Handler, start_batch: BatchStarter) -> None:
         self._call = event.call
         self._handler = handler
+        self._start = start_batch
         self.context = LoopContext(event, deferring=False)
         self._completions: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sent_initial = False
@@ -258,12 +260,14 @@ class _Stream:
         self._completions.put(event)
 
     def _batch(self, ops: tuple[Any, ...]) -> bool:
-        self._call.start_server_batch(ops, self)
+        if not self._start(self._call, ops, self):
+            return False
         return bool(self._completions.get().success)
 
     def _requests(self) -> Iterator[Any]:
         while True:
-            self._call.start_server_batch((cygrpc.ReceiveMessageOperation(_FLAGS),), self)
+            if not self._start(self._call, (cygrpc.ReceiveMessageOperation(_FLAGS),), self):
+                return
             event = self._completions.get()
             message = event.batch_operations[0].message() if event.success else None
             if message is None:
@@ -286,8 +290,8 @@ class _Stream:
         yield from handler.unary_stream(request, self.context)
 
     def run(self) -> None:
-        self._call.start_server_batch(
-            (cygrpc.ReceiveCloseOnServerOperation(_FLAGS),), _Closing(self.context)
+        self._start(
+            self._call, (cygrpc.ReceiveCloseOnServerOperation(_FLAGS),), _Closing(self.context)
         )
         code, details = grpc.StatusCode.OK, ""
         try:
@@ -314,7 +318,7 @@ class _Stream:
         ops.append(cygrpc.SendStatusFromServerOperation(
             self.context.trailing or None, code.value[0], details.encode("utf-8"), _FLAGS
         ))  # fmt: skip
-        self._call.start_server_batch(tuple(ops), _FINISHED)
+        self._start(self._call, tuple(ops), _FINISHED)
 
 
 @dataclass(frozen=True)
@@ -392,6 +396,15 @@ class LoopServer:
         else:
             self._cancel_all()
         return stopping.done
+
+    def _start_batch(self, call: Any, ops: tuple[Any, ...], tag: Any) -> bool:
+        """Start a batch from a pool thread; False once the server is gone (a handler that
+        outlived shutdown must not touch its call: gRPC core aborts the process)."""
+        with self._lock:
+            if self._destroyed:
+                return False
+            call.start_server_batch(ops, tag)
+            return True
 
     def _cancel_all(self) -> None:
         with self._lock:
@@ -483,7 +496,7 @@ class LoopServer:
                 _FINISHED,
             )
         elif handler.request_streaming or handler.response_streaming:
-            self._pool.submit(_Stream(event, handler).run)
+            self._pool.submit(_Stream(event, handler, self._start_batch).run)
         else:
             event.call.start_server_batch(
                 (cygrpc.ReceiveMessageOperation(_FLAGS),),
@@ -505,13 +518,13 @@ class LoopServer:
             code, details, response = _run_unary(tag.handler, message, context)
             replies.append(_Reply(context, code, details, response))
         else:
-            self._pool.submit(_run_in_pool, tag.handler, tag.event, message)
+            self._pool.submit(_run_in_pool, tag.handler, tag.event, message, self._start_batch)
 
 
-def _run_in_pool(handler: Handler, event: Any, message: bytes) -> None:
+def _run_in_pool(handler: Handler, event: Any, message: bytes, start_batch: BatchStarter) -> None:
     context = LoopContext(event, deferring=False)
     code, details, response = _run_unary(handler, message, context)
-    event.call.start_server_batch(_final_ops(code, details, context.trailing, response), _FINISHED)
+    start_batch(event.call, _final_ops(code, details, context.trailing, response), _FINISHED)
 
 
 @dataclass(frozen=True, slots=True)
