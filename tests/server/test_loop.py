@@ -296,3 +296,23 @@ def test_a_handler_that_outlives_its_server_leaves_its_call_alone(devenv: DevEnv
     svc.release.set()
     assert svc.slow_returned.wait(5)
     time.sleep(0.3)  # the pool thread has tried to finish its call by now; we are still here
+
+
+def test_a_bug_in_the_loop_fails_calls_and_marks_the_server_failed(
+    devenv: DevEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the loop itself raises, callers are cancelled rather than left hanging, and
+    ``failed`` tells ``keybroker serve`` to exit (so a supervisor restarts the worker)."""
+
+    def broken(self: LoopServer, tag: Any, event: Any, replies: Any) -> None:
+        raise RuntimeError("bug in the loop")
+
+    monkeypatch.setattr(LoopServer, "_dispatch", broken)
+    _svc, server, port = _start(devenv)
+    with channel(devenv, port) as ch, pytest.raises(grpc.RpcError) as info:
+        unary(ch, "Fast")(b"x", timeout=10)
+    err: Any = info.value
+    assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert eventually(lambda: server.failed)
+    assert "gRPC server loop failed" in caplog.text
+    server.stop(None).wait(5)

@@ -412,6 +412,25 @@ class LoopServer:
                 self._server.cancel_all_calls()
                 self._abandon_at = time.monotonic() + _ABANDON_AFTER
 
+    def _fail_all(self) -> None:
+        """After a bug in the loop: stop the server, cancel every call, and wait (bounded) for
+        gRPC core to confirm, so that destroying the server afterwards is safe."""
+        with self._lock:
+            if self._stopping is None:
+                self._stopping = _Stopping()
+        try:
+            self._server.shutdown(self._cq, _SHUTDOWN)
+        except Exception:  # noqa: BLE001 - already shutting down
+            log.debug("server already shutting down")
+        self._cancel_all()
+        give_up = time.monotonic() + 2.0
+        while time.monotonic() < give_up:
+            event = self._cq.poll(time.time() + 0.1)
+            if event.completion_type != cygrpc.CompletionType.queue_timeout and (
+                event.tag is _SHUTDOWN
+            ):
+                return
+
     def _abandoned(self) -> bool:
         """After cancelling, handlers get a last moment to return before the loop exits."""
         return self._abandon_at is not None and time.monotonic() >= self._abandon_at
@@ -441,11 +460,10 @@ class LoopServer:
             self._end_turn(replies)
             if self._in_flight:
                 log.warning("stopped with %d calls whose handlers never returned", self._in_flight)
-        except Exception:  # pragma: no cover - a bug here must not leave callers hanging
+        except Exception:  # a bug here must not leave callers hanging
             log.exception("gRPC server loop failed; cancelling every call")
             self.failed = True
-            self._cancel_all()
-            raise
+            self._fail_all()
         finally:
             self._sender.stop()
             with self._lock:
