@@ -10,11 +10,11 @@ pool, so a slow call never holds up the data plane.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
-``max_turn`` calls), the loop appends the turn's records to the journal and hands the turn to a
-sync thread, which waits for the disk (one ``fdatasync`` for every turn queued behind it) while
-the loop answers the next calls. The loop looks for synced turns every 0.5 ms while a flush runs;
-it records their decisions live and only then sends their replies. A record that cannot be made
-durable turns its call into UNAVAILABLE: no data key leaves without its durable decision.
+``max_turn`` calls), the loop appends the turn's records to the journal and hands the turn to
+the sender thread, which waits for the disk (``fdatasync``, shared by every turn queued behind
+it), records the decisions live, and only then sends the replies — while the loop already
+answers the next calls. A record that cannot be made durable turns its call into UNAVAILABLE:
+no data key leaves without its durable decision.
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes; pyproject.toml pins grpcio to the minor version it was written for.
@@ -23,7 +23,6 @@ TLS, HTTP/2, message-size limits and the auth context are gRPC core's, exactly a
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -36,7 +35,6 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-from keybroker.errors import JournalUnavailableError
 from keybroker.server.guard import (
     DeferredRecord,
     RecordDeferral,
@@ -54,7 +52,6 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 BatchStarter: TypeAlias = "Callable[[Any, tuple[Any, ...], Any], bool]"
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
-_SYNC_POLL = 0.0005  # seconds between looks for durable turns while a flush runs
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
 
 
@@ -362,7 +359,7 @@ class LoopServer:
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
         )
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
-        self._syncer = _Syncer()
+        self._sender = _Sender()
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
         self._destroyed = False
@@ -381,7 +378,7 @@ class LoopServer:
     def start(self) -> None:
         self._server.start()
         self._server.request_call(self._cq, self._cq, _NEW_CALL)
-        self._syncer.start()
+        self._sender.start()
         self._thread.start()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -445,8 +442,9 @@ class LoopServer:
         shut_down = False
         try:
             while not (shut_down and (self._in_flight == 0 or self._abandoned())):
-                event = self._cq.poll(self._deadline(replies, shut_down=shut_down))
-                self._send_durable()
+                # replies waiting: only take what is ready; stopping: look at the clock now and then
+                deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
+                event = self._cq.poll(deadline)
                 if event.completion_type == cygrpc.CompletionType.queue_timeout:
                     self._end_turn(replies)
                     replies = []
@@ -460,8 +458,6 @@ class LoopServer:
                     self._end_turn(replies)
                     replies = []
             self._end_turn(replies)
-            self._syncer.stop()
-            self._send_durable()
             if self._in_flight:
                 log.warning("stopped with %d calls whose handlers never returned", self._in_flight)
         except Exception:  # a bug here must not leave callers hanging
@@ -469,7 +465,7 @@ class LoopServer:
             self.failed = True
             self._fail_all()
         finally:
-            self._syncer.stop()
+            self._sender.stop()
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -479,28 +475,13 @@ class LoopServer:
                     self._stopping.grace_timer.cancel()
                 self._stopping.done.set()
 
-    def _deadline(self, replies: list[_Reply], *, shut_down: bool) -> float | None:
-        """How long the next poll may wait: not at all with a turn to end, briefly while a
-        flush runs (its replies go out from this thread), a while when stopping, else for ever."""
-        now = time.time()
-        if replies:
-            return now
-        if self._syncer.waiting:
-            return now + _SYNC_POLL
-        return now + 0.1 if shut_down else None
-
-    def _send_durable(self) -> None:
-        for replies, staged in self._syncer.take_durable():
-            record_live(staged)  # as for any call: durable, then live, then the reply
-            _send(replies)
-
     def _end_turn(self, replies: list[_Reply]) -> None:
         """Stage the turn's records; replies that wait for a flush go to the sender."""
         if not replies:
             return
         staged = stage_deferred([r for reply in replies for r in reply.context.deferred or ()])
         if staged.tickets:
-            self._syncer.submit(replies, staged)
+            self._sender.submit(replies, staged)
         else:  # nothing to wait for (no journal, or appending failed: fail closed now)
             record_live(staged)
             _send(replies)
@@ -585,36 +566,26 @@ def _send(replies: Sequence[_Reply]) -> None:
         )
 
 
-class _Syncer:
-    """Waits for the disk on its own thread; the loop sends the replies once they are durable.
+class _Sender:
+    """Waits for the disk on its own thread, then sends the replies it was holding back.
 
-    The loop appends a turn's records to the journal and hands the turn here. This thread sits
-    in ``fdatasync`` (without the GIL) while the loop answers the next calls; turns queued
-    behind a flush share the next one. It only syncs: recording live and sending stay on the
-    loop thread, so the two threads hand the GIL over about once per flush, not once per reply."""
+    The loop appends a turn's records to the journal and hands the turn here; while this
+    thread sits in ``fdatasync`` and in gRPC core's writes (both without the GIL), the loop
+    answers the next calls. Turns queued behind a flush share the next one."""
 
     def __init__(self) -> None:
         self._ready = threading.Condition()
         self._queue: list[tuple[list[_Reply], StagedRecords]] = []
-        self.durable: collections.deque[tuple[list[_Reply], StagedRecords]] = collections.deque()
-        self.waiting = 0  # turns submitted and not yet taken back (loop thread only)
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="kb-sync", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kb-send", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, replies: list[_Reply], staged: StagedRecords) -> None:
-        self.waiting += 1
         with self._ready:
             self._queue.append((replies, staged))
             self._ready.notify()
-
-    def take_durable(self) -> Iterator[tuple[list[_Reply], StagedRecords]]:
-        """Turns whose records are durable (or failed for good), oldest first."""
-        while self.durable:
-            self.waiting -= 1
-            yield self.durable.popleft()
 
     def stop(self) -> None:
         with self._ready:
@@ -631,14 +602,14 @@ class _Syncer:
                 turns, self._queue = self._queue, []
             if not turns:
                 return  # stopped, nothing left
-            for replies, staged in turns:
-                try:
+            try:
+                for _replies, staged in turns:
                     flush_staged(staged)
-                except Exception:  # pragma: no cover - a bug: fail the turn closed, keep going
-                    log.exception("flushing decision records failed")
-                    for record in staged.records:
-                        record.error = record.error or JournalUnavailableError()
-                self.durable.append((replies, staged))
+                for replies, staged in turns:
+                    record_live(staged)  # as for any call: durable, then live, then the reply
+                    _send(replies)
+            except Exception:  # pragma: no cover - a bug: log it, keep the thread alive
+                log.exception("committing decision records failed")
 
 
 class HandlerRegistry:
