@@ -234,6 +234,17 @@ def _clean(text: str, max_bytes: int, raw: bytes, *, allow_empty: bool = False) 
     return (allow_empty or bool(raw)) and len(raw) <= max_bytes and not _CONTROL_RE.search(text)
 
 
+def _short_items(raw: bytes, p: int) -> tuple[list[bytes], int]:
+    """A u8 count of u8-length-prefixed items at ``p``; the items and the offset after them."""
+    items: list[bytes] = []
+    count, p = raw[p], p + 1
+    for _ in range(count):
+        q = p + 1 + raw[p]
+        items.append(raw[p + 1 : q])
+        p = q
+    return items, p
+
+
 def _parse_bindings(raw: bytes) -> Bindings:
     """Parse canonical bindings; refuse every other byte string.
 
@@ -248,18 +259,8 @@ def _parse_bindings(raw: bytes) -> Bindings:
         rid_raw = raw[1:p]
         recording_id = rid_raw.decode("utf-8")
         retain_until = int.from_bytes(raw[p : p + 8], "big")
-        count, p = raw[p + 8], p + 9
-        purposes_raw: list[bytes] = []
-        for _ in range(count):
-            q = p + 1 + raw[p]
-            purposes_raw.append(raw[p + 1 : q])
-            p = q
-        count, p = raw[p], p + 1
-        subjects_raw: list[bytes] = []
-        for _ in range(count):
-            q = p + 1 + raw[p]
-            subjects_raw.append(raw[p + 1 : q])
-            p = q
+        purposes_raw, p = _short_items(raw, p + 8)
+        subjects_raw, p = _short_items(raw, p)
         count, p = raw[p], p + 1
         keys_raw: list[bytes] = []
         values_raw: list[bytes] = []
