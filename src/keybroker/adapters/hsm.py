@@ -115,21 +115,25 @@ class Pkcs11Keks:
         """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
         (start-up should fail fast) and HsmUnavailableError for anything else.
 
-        An unknown token is retried a few times (re-initialising the module each time): several
-        worker processes starting at once were seen to miss the SoftHSM token now and then.
+        An unknown token, or a module error while looking it up, is retried a few times
+        (re-initialising the module each time): several worker processes starting at once were
+        seen to miss the SoftHSM token now and then, or to get CKR_GENERAL_ERROR from
+        C_GetTokenInfo (once in a clean-clone test run).
         """
         for attempt in range(1, attempts + 1):
             with PKCS11_LOCK:
                 try:
                     self._connect()
-                except ConfigurationError as exc:
-                    if exc.reason != "token_not_found" or attempt == attempts:
+                except (ConfigurationError, HsmUnavailableError) as exc:
+                    transient = exc.reason in ("token_not_found", "token_lookup_failed")
+                    if not transient or attempt == attempts:
                         raise
                     _load(self._config.module).reinitialize()
                     _generations[self._config.module] = _generations.get(self._config.module, 0) + 1
+                    why = exc.reason
                 else:
                     return
-            log.warning("hsm: token not found, retrying (%d/%d)", attempt, attempts)
+            log.warning("hsm: %s, retrying (%d/%d)", why, attempt, attempts)
             time.sleep(0.2 * attempt)
 
     def on_health_change(self, listener: Callable[[bool], None]) -> None:
@@ -160,6 +164,9 @@ class Pkcs11Keks:
                 "initialise it (softhsm/init-token.sh) or fix the label",
                 reason="token_not_found",
             ) from None
+        except PKCS11Error as exc:
+            log.warning("hsm: looking up the token failed: %s", type(exc).__name__)
+            raise HsmUnavailableError(reason="token_lookup_failed") from None
         try:
             session = token.open(rw=True, user_pin=self._config.pin)
         except PinIncorrect:
@@ -203,7 +210,7 @@ class Pkcs11Keks:
                 self._next_attempt = now + _RECONNECT_BACKOFF
                 try:
                     self._connect()
-                except (PKCS11Error, ConfigurationError) as exc:
+                except (PKCS11Error, ConfigurationError, HsmUnavailableError) as exc:
                     self._session = None
                     log.warning("hsm reconnect failed: %s", type(exc).__name__)
                     raise HsmUnavailableError from None
