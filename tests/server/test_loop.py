@@ -316,3 +316,36 @@ def test_a_bug_in_the_loop_fails_calls_and_marks_the_server_failed(
     assert eventually(lambda: server.failed)
     assert "gRPC server loop failed" in caplog.text
     server.stop(None).wait(5)
+
+
+def test_a_journal_bug_fails_the_call_closed_and_the_loop_keeps_serving(
+    service: tuple[Service, LoopServer, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that raises something unexpected is treated as a failed flush (UNAVAILABLE, no
+    reply data), not a reason to stop sending replies."""
+    svc, _server, ch = service
+
+    def broken_flush(ticket: object) -> None:
+        raise RuntimeError("bug in the journal")
+
+    monkeypatch.setattr(svc.journal, "flush", broken_flush)
+    with pytest.raises(grpc.RpcError) as info:
+        unary(ch, "Fast")(b"x", timeout=5)
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert (REASON_METADATA, "journal_unavailable") in tuple(err.trailing_metadata())
+    monkeypatch.undo()
+    assert unary(ch, "Fast")(b"y", timeout=5) == b"fast:y"
+
+
+def test_a_failing_live_recorder_never_holds_a_reply(
+    service: tuple[Service, LoopServer, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, _server, ch = service
+
+    def broken_record(decision: Decision) -> None:
+        raise RuntimeError("bug in a live recorder")
+
+    monkeypatch.setattr(svc.live, "record", broken_record)
+    assert unary(ch, "Fast")(b"x", timeout=5) == b"fast:x"
+    assert unary(ch, "Fast")(b"y", timeout=5) == b"fast:y"

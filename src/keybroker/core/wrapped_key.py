@@ -179,52 +179,6 @@ class Bindings:
         return bytes(out)
 
 
-class _Reader:
-    """Bounded reader over a byte string; any overrun or bad value is an invalid wrapped key."""
-
-    __slots__ = ("_data", "_pos")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise InvalidWrappedKeyError
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        value: int = struct.unpack(">H", self.take(2))[0]
-        return value
-
-    def u32(self) -> int:
-        value: int = struct.unpack(">I", self.take(4))[0]
-        return value
-
-    def u64(self) -> int:
-        value: int = struct.unpack(">Q", self.take(8))[0]
-        return value
-
-    def text(self, n: int) -> str:
-        try:
-            return self.take(n).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidWrappedKeyError from None
-
-    @property
-    def pos(self) -> int:
-        return self._pos
-
-    def at_end(self) -> bool:
-        return self._pos == len(self._data)
-
-
 def _increasing(items: list[bytes]) -> bool:
     """Sorted by bytes and free of duplicates: what canonical lists are."""
     return all(a < b for a, b in itertools.pairwise(items))
@@ -248,7 +202,7 @@ def _short_items(raw: bytes, p: int) -> tuple[list[bytes], int]:
 def _parse_bindings(raw: bytes) -> Bindings:
     """Parse canonical bindings; refuse every other byte string.
 
-    Hot path (one per unwrap): reads by index instead of through :class:`_Reader`, and checks
+    Hot path (one per unwrap): reads by index, and checks
     the canonical rules of :meth:`Bindings.encode` directly instead of re-encoding. A slice that
     runs past the end leaves ``p`` beyond it, so the final length check catches every overrun.
     tests/core/test_wrapped_key.py checks, on arbitrary input, that this accepts exactly what
@@ -301,34 +255,6 @@ def _parse_bindings(raw: bytes) -> Bindings:
     if not canonical:  # unsorted, duplicated, out of bounds or otherwise non-canonical
         raise InvalidWrappedKeyError
     return Bindings(recording_id, purposes, subject_ids, retain_until, context)
-
-
-def _reference_parse_bindings(raw: bytes) -> Bindings:
-    """The straightforward parser: read, then re-encode and compare (slow; tests compare the
-    hot-path parser above against it)."""
-    r = _Reader(raw)
-    recording_id = r.text(r.u8())
-    retain_until = r.u64()
-    purposes = tuple(r.text(r.u8()) for _ in range(r.u8()))
-    subject_ids = tuple(r.text(r.u8()) for _ in range(r.u8()))
-    context = tuple((r.text(r.u8()), r.text(r.u16())) for _ in range(r.u8()))
-    if not r.at_end():
-        raise InvalidWrappedKeyError
-    if len({k for k, _ in context}) != len(context):
-        raise InvalidWrappedKeyError  # a repeated context key would collapse in a mapping
-    try:
-        bindings, canonical = Bindings.canonical(
-            recording_id=recording_id,
-            purposes=purposes,
-            subject_ids=subject_ids,
-            retain_until=retain_until,
-            context=dict(context),
-        )
-    except InvalidRequestError:
-        raise InvalidWrappedKeyError from None
-    if canonical != raw:  # unsorted, duplicated or otherwise non-canonical
-        raise InvalidWrappedKeyError
-    return bindings
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,12 @@ from keybroker.core import policy
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.identity import Principal
 from keybroker.core.ports import DecisionRecorder, DurableRecorder
-from keybroker.errors import AuthenticationError, KeybrokerError, UnavailableError
+from keybroker.errors import (
+    AuthenticationError,
+    JournalUnavailableError,
+    KeybrokerError,
+    UnavailableError,
+)
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
 
@@ -118,6 +123,9 @@ def stage_deferred(records: Sequence[DeferredRecord]) -> StagedRecords:
             tickets.append((durable, durable.append_many([r.decision for r in batch]), batch))
         except KeybrokerError as exc:
             _fail_closed(batch, exc)
+        except Exception:  # a bug in the journal: fail closed, never let the reply out
+            log.exception("appending decision records failed unexpectedly")
+            _fail_closed(batch, JournalUnavailableError())
     return StagedRecords(records, tickets)
 
 
@@ -129,12 +137,19 @@ def flush_staged(staged: StagedRecords) -> None:
             durable.flush(ticket)
         except KeybrokerError as exc:
             _fail_closed(batch, exc)
+        except Exception:  # a bug in the journal: fail closed, never let the reply out
+            log.exception("flushing decision records failed unexpectedly")
+            _fail_closed(batch, JournalUnavailableError())
 
 
 def record_live(staged: StagedRecords) -> None:
-    """Hand the (now final) decisions to the live recorders: spans, alerts, metrics."""
+    """Hand the (now final) decisions to the live recorders: spans, alerts, metrics. Live
+    recording is best-effort (as in :class:`FanOut`): a failing recorder never holds a reply."""
     for record in staged.records:
-        record.live.record(record.decision)
+        try:
+            record.live.record(record.decision)
+        except Exception:
+            log.exception("live decision recorder %s failed", type(record.live).__name__)
 
 
 class FanOut:

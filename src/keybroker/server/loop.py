@@ -552,7 +552,8 @@ class _CallDetails(grpc.HandlerCallDetails):
 
 
 def _send(replies: Sequence[_Reply]) -> None:
-    """Send each reply, or UNAVAILABLE where its decision could not be made durable."""
+    """Send each reply, or UNAVAILABLE where its decision could not be made durable. One reply
+    that cannot be sent (a bug, or a call gRPC core refuses) does not hold up the others."""
     for reply in replies:
         context = reply.context
         failed = next((r.error for r in context.deferred or () if r.error), None)
@@ -561,9 +562,12 @@ def _send(replies: Sequence[_Reply]) -> None:
                 grpc.StatusCode.UNAVAILABLE, failed.message, None
             )  # fmt: skip
             context.trailing = ((REASON_METADATA, failed.reason),)
-        context._call.start_server_batch(
-            _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
-        )
+        try:
+            context._call.start_server_batch(
+                _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
+            )
+        except Exception:
+            log.exception("sending a reply failed")
 
 
 class _Sender:
@@ -602,14 +606,11 @@ class _Sender:
                 turns, self._queue = self._queue, []
             if not turns:
                 return  # stopped, nothing left
-            try:
-                for _replies, staged in turns:
-                    flush_staged(staged)
-                for replies, staged in turns:
-                    record_live(staged)  # as for any call: durable, then live, then the reply
-                    _send(replies)
-            except Exception:  # pragma: no cover - a bug: log it, keep the thread alive
-                log.exception("committing decision records failed")
+            for _replies, staged in turns:
+                flush_staged(staged)  # never raises: a failure fails its records closed
+            for replies, staged in turns:
+                record_live(staged)  # as for any call: durable, then live, then the reply
+                _send(replies)
 
 
 class HandlerRegistry:
