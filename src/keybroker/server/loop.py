@@ -10,11 +10,12 @@ pool, so a slow call never holds up the data plane.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
-``max_turn`` calls), the loop appends the turn's records to the journal and hands the turn to
-the sender thread, which waits for the disk (``fdatasync``, shared by every turn queued behind
-it), records the decisions live, and only then sends the replies — while the loop already
-answers the next calls. A record that cannot be made durable turns its call into UNAVAILABLE:
-no data key leaves without its durable decision.
+``max_turn`` calls), the loop writes the turn's records to the journal with one flush
+(``fdatasync``), records the decisions live, and only then sends the replies; calls that arrive
+meanwhile wait in gRPC core and make up the next turn. A record that cannot be made durable
+turns its call into UNAVAILABLE: no data key leaves without its durable decision. Everything a
+data-plane call needs thus happens on this one thread, gRPC core's socket I/O included
+(:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the disk.
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes; pyproject.toml pins grpcio to the minor version it was written for.
@@ -38,7 +39,6 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]
 from keybroker.server.guard import (
     DeferredRecord,
     RecordDeferral,
-    StagedRecords,
     flush_staged,
     record_live,
     stage_deferred,
@@ -359,7 +359,6 @@ class LoopServer:
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
         )
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
-        self._sender = _Sender()
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
         self._destroyed = False
@@ -378,7 +377,6 @@ class LoopServer:
     def start(self) -> None:
         self._server.start()
         self._server.request_call(self._cq, self._cq, _NEW_CALL)
-        self._sender.start()
         self._thread.start()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -465,7 +463,6 @@ class LoopServer:
             self.failed = True
             self._fail_all()
         finally:
-            self._sender.stop()
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -476,15 +473,15 @@ class LoopServer:
                 self._stopping.done.set()
 
     def _end_turn(self, replies: list[_Reply]) -> None:
-        """Stage the turn's records; replies that wait for a flush go to the sender."""
+        """Group commit: make the turn's records durable (one flush per journal), then record
+        them live and send the replies. A record that could not be made durable turns its
+        call into UNAVAILABLE (see :func:`_send`)."""
         if not replies:
             return
         staged = stage_deferred([r for reply in replies for r in reply.context.deferred or ()])
-        if staged.tickets:
-            self._sender.submit(replies, staged)
-        else:  # nothing to wait for (no journal, or appending failed: fail closed now)
-            record_live(staged)
-            _send(replies)
+        flush_staged(staged)  # never raises: a failure fails its records closed
+        record_live(staged)  # as for any call: durable, then live, then the reply
+        _send(replies)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
         if tag is _FINISHED:
@@ -568,49 +565,6 @@ def _send(replies: Sequence[_Reply]) -> None:
             )
         except Exception:
             log.exception("sending a reply failed")
-
-
-class _Sender:
-    """Waits for the disk on its own thread, then sends the replies it was holding back.
-
-    The loop appends a turn's records to the journal and hands the turn here; while this
-    thread sits in ``fdatasync`` and in gRPC core's writes (both without the GIL), the loop
-    answers the next calls. Turns queued behind a flush share the next one."""
-
-    def __init__(self) -> None:
-        self._ready = threading.Condition()
-        self._queue: list[tuple[list[_Reply], StagedRecords]] = []
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="kb-send", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, replies: list[_Reply], staged: StagedRecords) -> None:
-        with self._ready:
-            self._queue.append((replies, staged))
-            self._ready.notify()
-
-    def stop(self) -> None:
-        with self._ready:
-            self._stopped = True
-            self._ready.notify()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._stopped:
-                    self._ready.wait()
-                turns, self._queue = self._queue, []
-            if not turns:
-                return  # stopped, nothing left
-            for _replies, staged in turns:
-                flush_staged(staged)  # never raises: a failure fails its records closed
-            for replies, staged in turns:
-                record_live(staged)  # as for any call: durable, then live, then the reply
-                _send(replies)
 
 
 class HandlerRegistry:
