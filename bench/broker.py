@@ -305,6 +305,7 @@ def _measurement(result: dict[str, object], cpu: procs.CpuDelta) -> Measurement:
     shares = sorted(
         (v / cpu.seconds for v in cpu.per_pid.values() if cpu.seconds > 0), reverse=True
     )
+    shares = [s for s in shares if s >= 0.01]  # the workers (not the idle parent, the tracker)
     return Measurement(
         ok=ok,
         errors=errors,
@@ -317,6 +318,6 @@ def _measurement(result: dict[str, object], cpu: procs.CpuDelta) -> Measurement:
         client_cpu_us=num("client_cpu_us_per_call"),
         all_in_cpu_us=cpu.all_in_us(num("client_cpu_us_per_call") * (ok + errors) / 1e6, ok),
         machine_busy=cpu.machine_busy_fraction,
-        split=tuple(shares[:2]),
+        split=tuple(shares),
         extra={"error_codes": result.get("error_codes"), "first_error": result.get("first_error")},
     )

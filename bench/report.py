@@ -30,7 +30,7 @@ class Measurement:
     machine_busy: float | None = None
     """Share of the machine's cores busy during the window (server + client + anything else)."""
     split: tuple[float, ...] = ()
-    """Share of the server CPU per process (busiest first): shows whether SO_REUSEPORT balanced."""
+    """Share of the server CPU per worker process (busiest first): did SO_REUSEPORT balance?"""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -159,7 +159,8 @@ def median_of(runs: Sequence[Measurement]) -> Measurement:
         return _median([get(m) for m in runs])
 
     rate = med(lambda m: m.rate) or 0.0
-    busiest = _median([m.split[0] if m.split else None for m in runs])
+    ranks = min((len(m.split) for m in runs), default=0)
+    split = tuple(_median([m.split[i] for m in runs]) or 0.0 for i in range(ranks))
     return Measurement(
         ok=sum(m.ok for m in runs),
         errors=sum(m.errors for m in runs),
@@ -172,7 +173,7 @@ def median_of(runs: Sequence[Measurement]) -> Measurement:
         client_cpu_us=med(lambda m: m.client_cpu_us),
         all_in_cpu_us=med(lambda m: m.all_in_cpu_us),
         machine_busy=med(lambda m: m.machine_busy),
-        split=(busiest, 1 - busiest) if busiest is not None and len(runs[0].split) > 1 else (),
+        split=split if ranks > 1 else (),
     )
 
 
@@ -247,15 +248,17 @@ def render(
         if results.get(row.key):
             lines.append(f"{n}. {row.label}: {row.what}.")
     splits = [
-        f"{row.label}: {m.split[0] * 100:.0f} / {m.split[1] * 100:.0f} %"
+        f"{row.label}: {' / '.join(f'{share * 100:.0f}' for share in m.split)} %"
         for row in ROWS
         if row.key.startswith("kb_") and results.get(row.key)
         for m in [median_of(results[row.key])]
-        if len(m.split) == 2
+        if len(m.split) > 1
     ]
     if splits:
         lines += [
             "",
-            "Server CPU split between the two busiest broker processes: " + "; ".join(splits) + ".",
+            "Server CPU per broker worker process, busiest first (median per rank): "
+            + "; ".join(splits)
+            + ".",
         ]
     return "\n".join(lines) + "\n"
