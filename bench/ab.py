@@ -1,16 +1,22 @@
 """Side-by-side A/B of broker variants: git revisions, process counts or settings, same session.
 
 Each variant is ``NAME=REV[:PROCESSES][,KEY=VALUE...]``: ``REV`` a git revision (``.`` for the
-working tree), ``KEY=VALUE`` any ``KEYBROKER_*`` setting. A revision other than ``.`` is checked
-out with ``git worktree`` under bench/.work/ab/ and run through ``PYTHONPATH`` with this checkout's
-virtual environment, so only keybroker's own code differs. Every round starts a fresh broker for
-each variant in turn (the order reversed every other round), runs one closed-loop UnwrapDataKey
-phase with bench/loadgen.cc (16 in flight, 16 connections), and stops it. Prints one line per
-phase and, at the end, each variant's rates and every variant's per-round ratio to the first.
+working tree), ``KEY=VALUE`` any ``KEYBROKER_*`` setting or ``GRPC_*`` variable. A revision other
+than ``.`` is checked out with ``git worktree`` under bench/.work/ab/ and run through
+``PYTHONPATH`` with this checkout's virtual environment, so only keybroker's own code differs.
+Every round starts a fresh broker for each variant in turn (the order reversed every other round),
+runs one closed-loop UnwrapDataKey phase with bench/loadgen.cc (16 in flight, 16 connections), and
+stops it. Prints one line per phase and, at the end, each variant's rates and every variant's
+per-round ratio to the first.
 
     .venv/bin/python bench/ab.py old=79d1136 new=. --rounds 3
     .venv/bin/python bench/ab.py p2=.:2 p3=.:3
     .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR=
+    .venv/bin/python bench/ab.py new=. defaults=.,GRPC_EXPERIMENTS=
+
+A ``GRPC_*`` setting (e.g. ``GRPC_EXPERIMENTS``, whose value may hold commas) reaches the broker's
+environment too; an empty ``GRPC_EXPERIMENTS`` runs gRPC core's defaults (``keybroker`` only sets
+the variable when it is absent: keybroker.server.grpc_settings).
 
 A benchmark, not a test: bounded by ``--rounds`` and ``--duration``.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -64,20 +71,20 @@ def parse_variant(text: str) -> Variant:
     name, _, spec = text.partition("=")
     if not name or not spec:
         raise SystemExit(f"bench/ab.py: variant {text!r} is not NAME=REV[:PROCESSES][,KEY=VALUE]")
-    head, *settings = spec.split(",")
+    head, *settings = re.split(r",(?=[A-Z][A-Z0-9_]*=)", spec)  # a value may hold commas
     rev, _, procs = head.partition(":")
     overrides = {}
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or not key.startswith("KEYBROKER_"):
-            raise SystemExit(f"bench/ab.py: {item!r} is not a KEYBROKER_*=VALUE setting")
+        if not sep or not key.startswith(("KEYBROKER_", "GRPC_")):
+            raise SystemExit(f"bench/ab.py: {item!r} is not a KEYBROKER_*= or GRPC_*= setting")
         overrides[key] = value
     return Variant(name, checkout(rev), int(procs or 3), overrides)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("variants", nargs="+", help="NAME=REV[:PROCESSES][,KEYBROKER_X=VALUE...]")
+    p.add_argument("variants", nargs="+", help="NAME=REV[:PROCESSES][,KEYBROKER_X=V|GRPC_X=V...]")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=2.0)

@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         selected = [k for k in order if k in phases and (not only or k in only)]
 
         for round_no in range(1, args.rounds + 1):
-            for key in selected:
+            # Every other round runs the phases in reverse: no measurement always comes first
+            # (or right after the same neighbour), and compared pairs stay next to each other.
+            for key in selected if round_no % 2 else selected[::-1]:
                 server, measure = phases[key]
                 # The servers not under test are frozen (SIGSTOP): an idle OpenBao next to the
                 # broker cost it ~25 % of its throughput here, and fairness wants it both ways.
