@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from tests.support.process import run_fresh
 
 FORBIDDEN = (
     "grpc",
@@ -32,14 +32,7 @@ print(json.dumps({"imported": names, "modules": sorted(sys.modules)}))
 @pytest.fixture(scope="module")
 def fresh_import() -> dict[str, list[str]]:
     """Import every keybroker.core submodule in a fresh interpreter; report sys.modules."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    result: dict[str, list[str]] = json.loads(done.stdout)
+    result: dict[str, list[str]] = json.loads(run_fresh(_SCRIPT))
     return result
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import tests
 from keybroker.server import grpc_settings
+from tests.support.process import run_fresh
 
 
 def test_the_default_is_set_unless_the_operator_chose() -> None:
@@ -41,12 +40,5 @@ def test_the_keybroker_command_configures_grpc_before_importing_it() -> None:
         " 'grpc' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.split() == ["True", grpc_settings.GRPC_EXPERIMENTS, "True"]
+    out = run_fresh(probe, env)
+    assert out.split() == ["True", grpc_settings.GRPC_EXPERIMENTS, "True"]

@@ -1,4 +1,5 @@
-"""Run `keybroker serve` as a real child process (for crash, recovery and signal tests)."""
+"""Child processes: `keybroker serve` for crash, recovery and signal tests; scripts run in a fresh
+interpreter (what a module imports, what it sets before grpc loads)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ from pathlib import Path
 from keybroker.devenv import DevEnv
 
 _PORT_RE = re.compile(r"listening on port (\d+)")
+
+
+def run_fresh(script: str, env: Mapping[str, str] | None = None) -> str:
+    """Run a Python script in a new interpreter (this one's venv) and return its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout
 
 
 def free_port() -> int:
