@@ -210,13 +210,6 @@ class Journal:
         """Append several decisions with one flush; returns the last sequence number."""
         if not decisions:
             return self._durable_seq
-        ticket = self.append_many(decisions)
-        self.flush(ticket)
-        return ticket[0]
-
-    def append_many(self, decisions: Sequence[Decision]) -> tuple[int, int]:
-        """Chain decisions into the pending buffer (nothing written yet). The ticket, for
-        :meth:`flush`, is the last sequence number and the failure epoch."""
         with self._lock:
             seq, mac, lines = self._seq, self._mac, []
             for decision in decisions:
@@ -227,14 +220,9 @@ class Journal:
                 lines.append(line)
             self._pending.extend(lines)
             self._seq, self._mac = seq, mac
-            return seq, self._epoch
-
-    def flush(self, ticket: object) -> None:
-        """Write and sync until the ticket's records are durable (group commit)."""
-        if not isinstance(ticket, tuple):
-            raise TypeError("not a journal ticket")
-        seq, epoch = ticket
-        self._flush_until(int(seq), int(epoch))
+            epoch = self._epoch
+        self._flush_until(seq, epoch)
+        return seq
 
     def checkpoint(self) -> int:
         """Append a signed checkpoint of the current head (also to checkpoints.jsonl)."""

@@ -26,12 +26,19 @@ def config_path(arg: str | None) -> Path | None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from keybroker import settings
+    import logging
+
+    from keybroker import cli, settings
     from keybroker.cli.logs import configure_logging
     from keybroker.server.app import serve
 
     loaded = settings.load(config_path(args.config))
     configure_logging(loaded.telemetry.log_level)
+    if not cli.GRPC_PREPARED:  # grpc came first (keybroker embedded): gRPC's defaults apply
+        logging.getLogger(__name__).warning(
+            "grpc was imported before keybroker could set GRPC_EXPERIMENTS; serving with "
+            "gRPC's default I/O threads (slower; see docs/DEPLOYMENT.md)"
+        )
     serve(loaded)
     return EXIT_OK
 

@@ -53,15 +53,6 @@ class DurableRecorder(DecisionRecorder, Protocol):
         """Record several decisions with one flush."""
         ...
 
-    def append_many(self, decisions: Sequence[Decision]) -> object:
-        """Append decisions without waiting for the disk; returns a ticket for :meth:`flush`."""
-        ...
-
-    def flush(self, ticket: object) -> None:
-        """Return once the decisions behind ``ticket`` are durable; raise UnavailableError if
-        they never will be."""
-        ...
-
 
 @dataclass(frozen=True, slots=True)
 class Usage:

@@ -85,67 +85,45 @@ class RecordDeferral:
 
     :class:`keybroker.server.loop.LoopServer` answers data-plane calls on one thread and writes
     the records of all calls answered in one turn with one journal flush (group commit); it
-    sends no reply before :func:`flush_staged` has made that call's record durable."""
+    sends no reply before :func:`commit_deferred` has made that call's record durable."""
 
     def defer(self, record: DeferredRecord) -> bool:
         """Take over ``record``; False when this call records immediately after all."""
         return False
 
 
-@dataclass(slots=True)
-class StagedRecords:
-    """Deferred records appended to their journals, each journal waiting for one flush."""
-
-    records: Sequence[DeferredRecord]
-    tickets: list[tuple[DurableRecorder, object, list[DeferredRecord]]]
+def _unavailable(decision: Decision, exc: KeybrokerError) -> None:
+    """The decision could not be made durable: it ends as an error, and its call UNAVAILABLE."""
+    decision.outcome, decision.reason = Outcome.ERROR, exc.reason
+    decision.status_code = grpc.StatusCode.UNAVAILABLE.name
 
 
-def _fail_closed(batch: Sequence[DeferredRecord], exc: KeybrokerError) -> None:
-    for r in batch:
-        r.error = exc
-        r.decision.outcome, r.decision.reason = Outcome.ERROR, exc.reason
-        r.decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+def commit_deferred(records: Sequence[DeferredRecord]) -> None:
+    """Make deferred records durable, one ``record_many`` (one flush) per journal; never raises.
 
-
-def stage_deferred(records: Sequence[DeferredRecord]) -> StagedRecords:
-    """Append deferred records to their journals (no disk wait); :func:`flush_staged` next.
-
-    A record that cannot be appended or, later, flushed gets ``error`` set and its decision
-    turns into an error (UNAVAILABLE), as :meth:`CallGuard._record` does for one call: its
-    caller must get UNAVAILABLE and nothing else."""
+    A record that cannot be made durable gets ``error`` set and its decision turns into an
+    error, as :meth:`CallGuard._record` does for one call: its caller must get UNAVAILABLE and
+    nothing else."""
     journals: dict[int, tuple[DurableRecorder, list[DeferredRecord]]] = {}
     for record in records:
         if record.durable is not None:
             journals.setdefault(id(record.durable), (record.durable, []))[1].append(record)
-    tickets: list[tuple[DurableRecorder, object, list[DeferredRecord]]] = []
     for durable, batch in journals.values():
         try:
-            tickets.append((durable, durable.append_many([r.decision for r in batch]), batch))
-        except KeybrokerError as exc:
-            _fail_closed(batch, exc)
-        except Exception:  # a bug in the journal: fail closed, never let the reply out
-            log.exception("appending decision records failed unexpectedly")
-            _fail_closed(batch, JournalUnavailableError())
-    return StagedRecords(records, tickets)
+            durable.record_many([r.decision for r in batch])
+        except Exception as exc:  # never let a reply out undurable
+            if not isinstance(exc, KeybrokerError):  # a bug in the journal: fail closed too
+                log.exception("recording decisions durably failed unexpectedly")
+            error = exc if isinstance(exc, KeybrokerError) else JournalUnavailableError()
+            for r in batch:
+                r.error = error
+                _unavailable(r.decision, error)
 
 
-def flush_staged(staged: StagedRecords) -> None:
-    """Wait until the staged records are durable (one flush per journal, shared with whatever
-    else is pending there)."""
-    for durable, ticket, batch in staged.tickets:
-        try:
-            durable.flush(ticket)
-        except KeybrokerError as exc:
-            _fail_closed(batch, exc)
-        except Exception:  # a bug in the journal: fail closed, never let the reply out
-            log.exception("flushing decision records failed unexpectedly")
-            _fail_closed(batch, JournalUnavailableError())
-
-
-def record_live(staged: StagedRecords) -> None:
+def record_live(records: Sequence[DeferredRecord]) -> None:
     """Hand the (now final) decisions to the live recorders: spans, alerts, metrics. Live
     recording is best-effort (as in :class:`FanOut`): a failing recorder never holds a reply."""
-    for record in staged.records:
+    for record in records:
         try:
             record.live.record(record.decision)
         except Exception:
@@ -241,8 +219,7 @@ class CallGuard:
                 self._durable.record_many(decisions)
             except KeybrokerError as exc:
                 for decision in decisions:
-                    decision.outcome, decision.reason = Outcome.ERROR, exc.reason
-                    decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+                    _unavailable(decision, exc)
                     self._recorder.record(decision)
                 context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
                 context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
@@ -296,9 +273,7 @@ class CallGuard:
             try:
                 self._durable.record(decision)
             except KeybrokerError as exc:
-                decision.outcome = Outcome.ERROR
-                decision.reason = exc.reason
-                decision.status_code = grpc.StatusCode.UNAVAILABLE.name
+                _unavailable(decision, exc)
                 self._recorder.record(decision)
                 context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
                 context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)

@@ -39,9 +39,8 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]
 from keybroker.server.guard import (
     DeferredRecord,
     RecordDeferral,
-    flush_staged,
+    commit_deferred,
     record_live,
-    stage_deferred,
 )
 from keybroker.server.status import REASON_METADATA
 
@@ -478,9 +477,9 @@ class LoopServer:
         call into UNAVAILABLE (see :func:`_send`)."""
         if not replies:
             return
-        staged = stage_deferred([r for reply in replies for r in reply.context.deferred or ()])
-        flush_staged(staged)  # never raises: a failure fails its records closed
-        record_live(staged)  # as for any call: durable, then live, then the reply
+        records = [r for reply in replies for r in reply.context.deferred or ()]
+        commit_deferred(records)  # never raises: a failure fails its records closed
+        record_live(records)  # as for any call: durable, then live, then the reply
         _send(replies)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
