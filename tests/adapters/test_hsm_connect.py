@@ -1,9 +1,11 @@
-"""Start-up login: a module error while looking up the token is retried, then reported.
+"""Start-up login: a module error while looking up the token or opening the session is retried,
+then reported.
 
 Several worker processes starting at once on one SoftHSM token were seen to get
-CKR_GENERAL_ERROR from C_GetTokenInfo (once in a clean-clone test run: the worker died with a raw
-``GeneralError``). Each case runs in a child process (SoftHSM state is per process), with the
-module's ``get_token`` failing the first ``FAILURES`` times.
+CKR_GENERAL_ERROR from C_GetTokenInfo, and later from C_OpenSession/C_Login (each once in a
+clean-clone test run: the worker died with a raw ``GeneralError``). Each case runs in a child
+process (SoftHSM state is per process), with the module's ``get_token`` or the token's ``open``
+failing the first ``FAILURES`` times.
 """
 
 from __future__ import annotations
@@ -26,19 +28,30 @@ CHILD = textwrap.dedent(
     from keybroker.errors import HsmUnavailableError
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    failures = int(sys.argv[2])
+    failures, where = int(sys.argv[2]), sys.argv[3]
     real_load = hsm._load
+
+    def fail(call):
+        global failures
+        if call == where and failures:
+            failures -= 1
+            raise GeneralError()
+
+    class FlakyToken:
+        def __init__(self, token):
+            self._token = token
+
+        def open(self, **kwargs):
+            fail("open")
+            return self._token.open(**kwargs)
 
     class Flaky:
         def __init__(self, lib):
             self._lib = lib
 
         def get_token(self, **kwargs):
-            global failures
-            if failures:
-                failures -= 1
-                raise GeneralError()
-            return self._lib.get_token(**kwargs)
+            fail("get_token")
+            return FlakyToken(self._lib.get_token(**kwargs))
 
         def __getattr__(self, name):
             return getattr(self._lib, name)
@@ -59,9 +72,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(devenv: DevEnv, failures: int) -> subprocess.CompletedProcess[str]:
+WHERE = {"get_token": "token_lookup_failed", "open": "session_open_failed"}
+
+
+def run_child(devenv: DevEnv, failures: int, where: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", CHILD, str(devenv.config), str(failures)],
+        [sys.executable, "-c", CHILD, str(devenv.config), str(failures), where],
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,17 +85,20 @@ def run_child(devenv: DevEnv, failures: int) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_a_transient_token_lookup_error_is_retried(devenv: DevEnv) -> None:
-    out = run_child(devenv, failures=2)
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_a_transient_module_error_is_retried(devenv: DevEnv, where: str) -> None:
+    out = run_child(devenv, failures=2, where=where)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "connected True"
-    assert "hsm: token_lookup_failed, retrying (1/5)" in out.stderr
-    assert "hsm: token_lookup_failed, retrying (2/5)" in out.stderr
+    assert f"hsm: {WHERE[where]}, retrying (1/5)" in out.stderr
+    assert f"hsm: {WHERE[where]}, retrying (2/5)" in out.stderr
+    assert "retrying (3/5)" not in out.stderr
 
 
+@pytest.mark.parametrize("where", sorted(WHERE))
 @pytest.mark.parametrize("failures", [5, 50])
-def test_a_lasting_token_lookup_error_is_unavailable(devenv: DevEnv, failures: int) -> None:
+def test_a_lasting_module_error_is_unavailable(devenv: DevEnv, failures: int, where: str) -> None:
     """After the last attempt: HsmUnavailableError, never a raw PKCS#11 exception."""
-    out = run_child(devenv, failures=failures)
+    out = run_child(devenv, failures=failures, where=where)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "unavailable token_lookup_failed"
+    assert out.stdout.strip() == f"unavailable {WHERE[where]}"

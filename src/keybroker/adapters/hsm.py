@@ -115,17 +115,20 @@ class Pkcs11Keks:
         """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
         (start-up should fail fast) and HsmUnavailableError for anything else.
 
-        An unknown token, or a module error while looking it up, is retried a few times
-        (re-initialising the module each time): several worker processes starting at once were
-        seen to miss the SoftHSM token now and then, or to get CKR_GENERAL_ERROR from
-        C_GetTokenInfo (once in a clean-clone test run).
+        An unknown token, or a module error while looking it up, opening the session, logging in
+        or scanning the keys, is retried a few times (re-initialising the module each time):
+        several worker processes starting at once on one SoftHSM token were seen to miss the
+        token now and then, or to get CKR_GENERAL_ERROR from C_GetTokenInfo and from
+        C_OpenSession/C_Login (each once in a clean-clone test run).
         """
         for attempt in range(1, attempts + 1):
             with PKCS11_LOCK:
                 try:
                     self._connect()
                 except (ConfigurationError, HsmUnavailableError) as exc:
-                    transient = exc.reason in ("token_not_found", "token_lookup_failed")
+                    transient = isinstance(exc, HsmUnavailableError) or (
+                        exc.reason == "token_not_found"
+                    )
                     if not transient or attempt == attempts:
                         raise
                     _load(self._config.module).reinitialize()
@@ -168,17 +171,26 @@ class Pkcs11Keks:
             log.warning("hsm: looking up the token failed: %s", type(exc).__name__)
             raise HsmUnavailableError(reason="token_lookup_failed") from None
         try:
-            session = token.open(rw=True, user_pin=self._config.pin)
+            try:
+                session = token.open(rw=True, user_pin=self._config.pin)
+            except UserAlreadyLoggedIn:
+                # Login is per process; another store in this process already logged in.
+                session = token.open(rw=True)
         except PinIncorrect:
             raise ConfigurationError(
                 "[hsm] pin_file: the PIN is incorrect for this token"
             ) from None
-        except UserAlreadyLoggedIn:
-            # Login is per process; another store in this process already logged in.
-            session = token.open(rw=True)
+        except PKCS11Error as exc:
+            log.warning("hsm: opening a session failed: %s", type(exc).__name__)
+            raise HsmUnavailableError(reason="session_open_failed") from None
         self._session = session
         self._generation = generation
-        self._scan()
+        try:
+            self._scan()
+        except PKCS11Error as exc:
+            self._drop()
+            log.warning("hsm: listing the token's keys failed: %s", type(exc).__name__)
+            raise HsmUnavailableError(reason="token_scan_failed") from None
         log.info("hsm connected", extra={"token_label": self._config.token_label})
         self._notify(True)
 
