@@ -5,14 +5,16 @@ working tree), ``KEY=VALUE`` any ``KEYBROKER_*`` setting or ``GRPC_*`` variable.
 than ``.`` is checked out with ``git worktree`` under bench/.work/ab/ and run through
 ``PYTHONPATH`` with this checkout's virtual environment, so only keybroker's own code differs.
 Every round starts a fresh broker for each variant in turn (the order reversed every other round),
-runs one closed-loop UnwrapDataKey phase with bench/loadgen.cc (16 in flight, 16 connections), and
-stops it. Prints one line per phase and, at the end, each variant's rates and every variant's
-per-round ratio to the first.
+runs one closed-loop UnwrapDataKey phase with bench/loadgen.cc (16 in flight on 16 connections, or
+each of ``--concurrency``'s levels, one connection per call in flight), and stops it. Prints one
+line per phase and, at the end, each variant's rates and every variant's per-round ratio to the
+first at the same level.
 
     .venv/bin/python bench/ab.py old=79d1136 new=. --rounds 3
     .venv/bin/python bench/ab.py p2=.:2 p3=.:3
     .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR=
     .venv/bin/python bench/ab.py new=. defaults=.,GRPC_EXPERIMENTS=
+    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR= --concurrency 16,32,64
 
 A ``GRPC_*`` setting (e.g. ``GRPC_EXPERIMENTS``, whose value may hold commas) reaches the broker's
 environment too; an empty ``GRPC_EXPERIMENTS`` runs gRPC core's defaults (``keybroker`` only sets
@@ -88,15 +90,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument(
+        "--concurrency",
+        default="16",
+        help="calls in flight, or a comma-separated list of levels each variant runs at (16)",
+    )
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variants]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if not all(1 <= c <= 256 for c in levels):
+        raise SystemExit("bench/ab.py: --concurrency levels must be 1..256")
     deps.ensure_apt_packages()
     loadgen = deps.build_loadgen(BENCH / "loadgen.cc", BENCH / ".work")
-    spec = broker.LoadSpec(16, 16, args.warmup, args.duration, 5_000_000)
-    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    rates: dict[tuple[str, int], list[float]] = {(v.name, c): [] for v in variants for c in levels}
     for round_no in range(args.rounds):
         order = variants if round_no % 2 == 0 else variants[::-1]
-        for v in order:
+        for c, v in [(c, v) for c in levels for v in order]:
+            spec = broker.LoadSpec(c, c, args.warmup, args.duration, 5_000_000)
             os.environ["PYTHONPATH"] = str(v.source)  # the spawned broker imports this keybroker
             work = WORK / f"run-{v.name}"
             shutil.rmtree(work, ignore_errors=True)
@@ -105,18 +115,20 @@ def main() -> None:
                 work, processes=v.processes, threads=4, overrides=v.overrides
             ) as kb:
                 m = broker.run_load(loadgen, kb, broker.UNWRAP, spec, work / "loadgen.log")
-            rates[v.name].append(m.rate)
+            rates[v.name, c].append(m.rate)
             print(
-                f"round {round_no + 1} {v.name}: {m.rate:,.0f} ops/s, server "
+                f"round {round_no + 1} {v.name} ({c} in flight): {m.rate:,.0f} ops/s, p50 "
+                f"{m.p50_ms or 0:.2f} ms, server "
                 f"{m.server_cpu_us or 0:,.0f} µs/op, machine busy {m.machine_busy or 0:.0%}, "
                 f"errors {m.errors}",
                 flush=True,
             )
     base = variants[0].name
-    for v in variants:
-        line = f"{v.name}: ops/s {', '.join(f'{r:,.0f}' for r in rates[v.name])}"
+    for c, v in [(c, v) for c in levels for v in variants]:
+        got = rates[v.name, c]
+        line = f"{v.name} ({c} in flight): ops/s {', '.join(f'{r:,.0f}' for r in got)}"
         if v.name != base:
-            ratios = [a / b for a, b in zip(rates[v.name], rates[base], strict=True)]
+            ratios = [a / b for a, b in zip(got, rates[base, c], strict=True)]
             line += (
                 f"; ÷ {base} per round {', '.join(f'{r:.2f}' for r in ratios)}"
                 f" (median {statistics.median(ratios):.2f}x)"

@@ -60,6 +60,7 @@ def build_loadgen(source: Path, work: Path) -> Path:
         text=True,
     ).stdout
     print("bench: compiling the load generator", file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no bench/.work yet
     argv = ["g++", "-O2", "-std=c++17", "-Wall", "-Wextra", "-o", str(binary), str(source)]
     subprocess.run([*argv, *shlex.split(flags)], check=True)
     return binary
