@@ -6,7 +6,7 @@ STATE_DIR ?= .keybroker
 LISTEN ?= 127.0.0.1:50051
 LINT_PATHS := src tests bench scripts
 
-.PHONY: run test lint proto demo bench bench-recording system-deps venv clean
+.PHONY: run test lint proto demo bench bench-capacity bench-recording system-deps venv clean
 
 ## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
 system-deps:
@@ -47,6 +47,10 @@ demo: venv
 ## bench: the side-by-side benchmark (see docs/PERFORMANCE.md)
 bench: system-deps venv
 	$(BIN)/python bench/run.py
+
+## bench-capacity: throughput against calls in flight, 16..256 (see docs/PERFORMANCE.md)
+bench-capacity: system-deps venv
+	$(BIN)/python bench/capacity.py
 
 ## bench-recording: recording format memory (2 GiB round trip) and throughput vs raw AES-GCM
 bench-recording: venv
