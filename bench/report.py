@@ -243,6 +243,11 @@ def render(
         lines.append(
             f"| {label} | {med:.2f}{X} | {lo:.2f}{DASH}{hi:.2f}{X} | {target_text} | {verdict} |"
         )
+    lines += [
+        "",
+        "These ratios are at one level of load (the settings' concurrency); the targets are read "
+        "at capacity, each server at its best level: `bench/capacity.py` (docs/PERFORMANCE.md).",
+    ]
     lines += ["", "What each row measures:", ""]
     for n, row in enumerate(ROWS, 1):
         if results.get(row.key):
