@@ -25,13 +25,11 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # run as a script: the sibling modules are importable
@@ -151,12 +149,7 @@ def render(results: Results, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)  # unwinds every context manager: servers are stopped
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    procs.stop_on_signals()
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = WORK / "capacity-load.log"

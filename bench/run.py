@@ -27,14 +27,12 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # run as a script: the sibling modules are importable
@@ -161,12 +159,7 @@ def machine_header(args: argparse.Namespace, aad_bytes: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)  # unwinds every context manager: servers are stopped
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    procs.stop_on_signals()
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = WORK / "loadgen.log"
