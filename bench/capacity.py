@@ -137,6 +137,16 @@ def render(results: Results, args: argparse.Namespace) -> str:
                 p99 = statistics.median(m.p99_ms or 0.0 for m in results[key][c])
                 cells.append(f"{p50:.1f} / {p99:.1f}")
             out.append(f"| {label} | {' | '.join(cells)} |")
+    failed = {
+        ROWS[key]: sum(m.errors for runs in by_level.values() for m in runs)
+        for key, by_level in results.items()
+    }
+    out += [
+        "",
+        "Failed calls: "
+        + (", ".join(f"{label} {n:,}" for label, n in failed.items() if n) or "none in any phase")
+        + ".",
+    ]
     out += [
         "",
         f"| ratio (same round) | {heads} | at capacity: best ÷ best (range) | target | met? |",
