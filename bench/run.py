@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     log = WORK / "loadgen.log"
     log.write_bytes(b"")
 
-    deps.ensure_apt_packages()
-    loadgen = deps.build_loadgen(BENCH / "loadgen.cc", WORK)
-    bao_bin = None if args.skip_openbao else deps.ensure_openbao(WORK)
+    loadgen, bao_bin = deps.tools(openbao=not args.skip_openbao)
     only = {k for k in args.only.split(",") if k}
     results: dict[str, list[Measurement]] = {}
     spec = broker.LoadSpec(

@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 10 or not 1 <= args.duration <= 120:
         p.error("--rounds must be 1..10 and --duration 1..120")
     WORK.mkdir(parents=True, exist_ok=True)
-    deps.ensure_apt_packages()
-    loadgen = deps.build_loadgen(BENCH / "loadgen.cc", WORK.parent)
-    bao_bin = deps.ensure_openbao(WORK.parent)
+    loadgen, bao_bin = deps.tools(openbao=True)
+    assert bao_bin is not None
     log = WORK / "load.log"
     unwrap = broker.LoadSpec(args.concurrency, args.concurrency, args.warmup, args.duration, 10**6)
     batch = broker.LoadSpec(
