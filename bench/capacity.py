@@ -7,8 +7,10 @@ that light measures latency as much as capacity: a server that answers in batche
 group commit) or one that is slowed by a lock (OpenBao's token lookup) shows it differently at
 different levels. This sweep runs the rows the issue targets — keybroker UnwrapDataKey with the
 durable journal, the same broker with the journal off, OpenBao transit decrypt with a typical and
-a lean token — at each level, in rounds (each level's phases next to each other in time, their
-order reversed every other round; the servers not under test frozen, as in run.py), and reports:
+a lean token — and the broker's empty call (Health/Check, answered by the same loop as unwrap: the
+most any handler on this server can reach) at each level, in rounds (each level's phases next to
+each other in time, their order reversed every other round; the servers not under test frozen, as
+in run.py), and reports:
 
 * ops/s, p50 and p99 per row and level (medians over the rounds);
 * each ratio per level, and **at capacity**: per round, the best level of one row against the
@@ -51,11 +53,16 @@ ROWS = {
     "kb_unwrap_nojournal": "keybroker UnwrapDataKey, audit journal off",
     "bao_decrypt_typical": "OpenBao transit decrypt, typical token",
     "bao_decrypt_lean": "OpenBao transit decrypt, lean token",
+    "kb_health": "keybroker Health/Check (empty call: the server's floor)",
 }
-RATIOS = (  # label, numerator row, denominator row, issue target
+RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    # label, numerator row, denominator row, issue target (None: none)
     ("unwrap ÷ OpenBao decrypt (typical token)", "kb_unwrap", "bao_decrypt_typical", 1.5),
     ("unwrap ÷ OpenBao decrypt (lean token)", "kb_unwrap", "bao_decrypt_lean", 1.5),
     ("unwrap, journal on ÷ journal off", "kb_unwrap", "kb_unwrap_nojournal", 0.85),
+    # the ceiling: no handler on this server runs faster than an empty call
+    ("empty call ÷ OpenBao decrypt (lean token)", "kb_health", "bao_decrypt_lean", None),
+    ("unwrap ÷ empty call", "kb_unwrap", "kb_health", None),
 )
 
 Results = dict[str, dict[int, list[Measurement]]]  # row -> level -> one measurement per round
@@ -98,10 +105,12 @@ def ratio_rows(results: Results, levels: list[int], rounds: int) -> list[str]:
             for r in range(rounds)
         ]
         median = statistics.median(best)
-        met = "yes" if median >= target else "no"
+        goal, met = (DASH, "") if target is None else (f"{target:g}{X}", "no")
+        if target is not None and median >= target:
+            met = "yes"
         lines.append(
             f"| {label} | {' | '.join(cells)} | **{median:.2f}{X}** "
-            f"({min(best):.2f}{DASH}{max(best):.2f}{X}) | {target:g}{X} | {met} |"
+            f"({min(best):.2f}{DASH}{max(best):.2f}{X}) | {goal} | {met} |"
         )
     return lines
 
@@ -176,16 +185,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-        def grpc_phase(target: broker.Broker) -> Callable[[int], Measurement]:
+        def grpc_phase(
+            target: broker.Broker, method: str = broker.UNWRAP
+        ) -> Callable[[int], Measurement]:
             def measure(level: int) -> Measurement:
                 spec = broker.LoadSpec(level, level, args.warmup, args.duration, 10_000_000)
-                return broker.run_load(loadgen, target, broker.UNWRAP, spec, log)
+                return broker.run_load(loadgen, target, method, spec, log)
 
             return measure
 
         phases: dict[str, tuple[procs.Child, Callable[[int], Measurement]]] = {
             "kb_unwrap": (kb.child, grpc_phase(kb)),
             "kb_unwrap_nojournal": (off.child, grpc_phase(off)),
+            "kb_health": (off.child, grpc_phase(off, broker.HEALTH)),
         }
         if bao_bin is not None:
             aad = WrappedKey.parse(kb.wrapped_key_file.read_bytes()).aad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from keybroker.adapters.journal import (
 )
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
+from keybroker.errors import JournalUnavailableError
 
 KEY = bytes(range(32))
 SIGNER = Ed25519PrivateKey.generate()
@@ -91,9 +93,11 @@ def test_group_commit_shares_flushes_between_threads(
     """Under 8 concurrent writers, records that arrive while a flush runs share the next one
     (one fdatasync for many decisions), and every record is counted by exactly one flush.
 
-    Each real ``fdatasync`` is made to last at least 5 ms, as on a loaded disk: on a fast idle
-    disk the flushes finished before other threads got the GIL, and how many were shared
-    depended on the machine (600 flushes for 800 records in one clean-clone run, at the bound)."""
+    Each real ``fdatasync`` is made to last at least 5 ms, as on a loaded or networked disk: on a
+    fast idle disk how many flushes were shared depended on the machine. The leader/follower
+    commit gives 4.3-4.4 records per flush here (about 185 flushes); the flush lock taken in
+    turn that it replaced gave 2.0 (about 410 flushes: the thread that had just returned kept
+    winning the lock and flushing its one new record alone)."""
     real_fdatasync = os.fdatasync
 
     def slow_fdatasync(fd: int) -> None:
@@ -117,8 +121,57 @@ def test_group_commit_shares_flushes_between_threads(
     for t in threads:
         t.join()
     assert sum(flushes) == 800
-    assert len(flushes) < 800 * 0.75  # most flushes were shared
+    assert len(flushes) < 800 / 3  # at least 3 records per flush on average
     journal.close()
+
+
+def test_a_failed_flush_fails_its_waiters_closed_and_the_chain_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that fails (disk full) under 8 concurrent writers: every writer gets either its
+    sequence number (durable) or JournalUnavailableError, none is left waiting, and the file
+    holds exactly the records that were reported durable, one whole chain."""
+    real_fdatasync = os.fdatasync
+    calls = 0
+
+    def failing_fdatasync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.002)
+        if calls in (20, 21, 40):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    journal = Journal(JournalConfig(tmp_path, KEY, SIGNER))
+    durable: list[int] = []
+    refused = 0
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        nonlocal refused
+        for i in range(40):
+            try:
+                seq = journal.record(decision(n * 1000 + i))
+            except JournalUnavailableError:
+                with lock:
+                    refused += 1
+            else:
+                with lock:
+                    durable.append(seq)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a writer was left waiting"
+    assert refused > 0 and len(durable) + refused == 320
+    assert journal.healthy  # later flushes succeeded again
+    journal.close()
+    records = list(jf.verify(KEY, read_lines(tmp_path)))
+    assert sorted(durable) == list(range(1, len(durable) + 1))  # gapless, as the file
+    assert len(records) == len(durable) + 1  # + the closing checkpoint
 
 
 def test_files_rotate_by_age(tmp_path: Path) -> None:

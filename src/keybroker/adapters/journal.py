@@ -55,6 +55,16 @@ def read_lines(directory: Path) -> Iterator[tuple[str, bytes]]:
                 yield f"{path.name}:{number}", raw
 
 
+class _Ticket:
+    """What the callers of one record()/record_many()/checkpoint() wait for: None while their
+    records are pending, then True (durable) or False (dropped by a failed flush)."""
+
+    __slots__ = ("durable",)
+
+    def __init__(self) -> None:
+        self.durable: bool | None = None
+
+
 @dataclass(frozen=True)
 class JournalConfig:
     directory: Path
@@ -75,9 +85,11 @@ class Journal:
     def __init__(self, config: JournalConfig, *, clock: Callable[[], int] = time.time_ns) -> None:
         self._c = config
         self._clock = clock
-        self._lock = threading.Lock()  # chain state and pending buffer
-        self._flush_lock = threading.Lock()  # one writer at a time
+        self._lock = threading.Lock()  # chain state, pending buffer, the flushing flag
+        self._flushed = threading.Condition(self._lock)  # notified when a flush ends
+        self._flushing = False  # a leader is writing; the others wait for it (group commit)
         self._pending: list[bytes] = []
+        self._waiting: list[_Ticket] = []  # one per record()/record_many()/checkpoint() pending
         self._checkpoints_pending: list[bytes] = []
         self._listeners: list[Callable[[bool], None]] = []
         self._healthy = True
@@ -86,7 +98,6 @@ class Journal:
         self._file_opened = 0.0
         self._last_checkpoint = time.monotonic()
         self._on_flush: Callable[[float, int], None] | None = None
-        self._epoch = 0  # bumped when a failed flush drops records: their tickets become void
         config.directory.mkdir(parents=True, exist_ok=True)
         self._seq, self._mac, self._durable_size = self._recover()
         self._durable_seq, self._durable_mac = self._seq, self._mac
@@ -202,8 +213,8 @@ class Journal:
             )
             self._seq, self._mac = seq, mac
             self._pending.append(line)
-            epoch = self._epoch
-        self._flush_until(seq, epoch)
+            ticket = self._ticket()
+        self._flush_until(ticket)
         return seq
 
     def record_many(self, decisions: Sequence[Decision]) -> int:
@@ -220,8 +231,8 @@ class Journal:
                 lines.append(line)
             self._pending.extend(lines)
             self._seq, self._mac = seq, mac
-            epoch = self._epoch
-        self._flush_until(seq, epoch)
+            ticket = self._ticket()
+        self._flush_until(ticket)
         return seq
 
     def checkpoint(self) -> int:
@@ -239,52 +250,86 @@ class Journal:
             self._pending.append(rec.line())
             self._checkpoints_pending.append(rec.line())
             self._last_checkpoint = time.monotonic()
-            epoch = self._epoch
-        self._flush_until(seq, epoch)
+            ticket = self._ticket()
+        self._flush_until(ticket)
         return seq
 
-    def _flush_until(self, seq: int, epoch: int) -> None:
-        with self._flush_lock:
-            if epoch != self._epoch:
-                raise JournalUnavailableError  # dropped by a failed flush before ours
-            if self._durable_seq >= seq:
+    def _ticket(self) -> _Ticket:
+        """The ticket of the records just queued (call with the lock held)."""
+        ticket = _Ticket()
+        self._waiting.append(ticket)
+        return ticket
+
+    def _flush_until(self, ticket: _Ticket) -> None:
+        """Return once the ticket's records are durable; raise if they were dropped.
+
+        Group commit: one caller at a time is the leader. It takes every record pending, writes
+        and flushes them outside the lock, and settles their tickets. Callers that arrive
+        meanwhile wait for that flush to end without holding any lock; then those it covered
+        return, and one of the rest leads the next flush with everything queued during this one.
+        (The flush lock taken in turn that this replaced shared less: the thread that had just
+        returned often won the lock again and flushed its one new record alone.) Each caller
+        learns from its own ticket, so a record made durable is never reported as failed
+        because a later flush failed."""
+        with self._flushed:
+            while ticket.durable is None and self._flushing:
+                self._flushed.wait()
+            if ticket.durable is not None:
+                if not ticket.durable:
+                    raise JournalUnavailableError  # dropped by a failed flush
                 return
-            with self._lock:
-                batch, self._pending = self._pending, []
-                anchors, self._checkpoints_pending = self._checkpoints_pending, []
-                head_seq, head_mac = self._seq, self._mac
-            if self._durable_seq >= seq:
-                return
-            started = time.perf_counter()
-            try:
-                self._rotate_if_due(head_seq - len(batch) + 1)
-                data = b"".join(batch)
-                self._preallocate(len(data))
-                written = 0
-                while written < len(data):
-                    written += os.pwrite(self._fd, data[written:], self._durable_size + written)
-                if self._c.fsync:
-                    os.fdatasync(self._fd)
-                if anchors:
-                    self._append_anchors(b"".join(anchors))
-            except OSError as exc:
-                self._fail(exc)
-                raise JournalUnavailableError from None
+            self._flushing = True
+            batch, self._pending = self._pending, []
+            tickets, self._waiting = self._waiting, []
+            anchors, self._checkpoints_pending = self._checkpoints_pending, []
+            head_seq, head_mac = self._seq, self._mac
+        data = b"".join(batch)
+        started = time.perf_counter()
+        try:
+            self._write(head_seq - len(batch) + 1, data, b"".join(anchors))
+        except OSError as exc:
+            self._fail(exc, tickets)  # ends the flush and wakes the waiters
+            raise JournalUnavailableError from None
+        except BaseException:  # a bug: leave no waiter behind, drop what was not written
+            self._fail(OSError("unexpected error while writing the journal"), tickets)
+            raise
+        with self._flushed:
             self._durable_size += len(data)
             self._durable_seq, self._durable_mac = head_seq, head_mac
-            if self._on_flush is not None:
-                self._on_flush(time.perf_counter() - started, len(batch))
+            for settled in tickets:
+                settled.durable = True
+            self._flushing = False
+            self._flushed.notify_all()
+        if self._on_flush is not None:
+            self._on_flush(time.perf_counter() - started, len(batch))
         self._set_health(True)
 
-    def _fail(self, exc: OSError) -> None:
-        """Drop every record that is not durable and cut the file back to its last durable byte."""
+    def _write(self, first_seq: int, data: bytes, anchors: bytes) -> None:
+        """Write and flush one batch after the last durable byte (the leader only)."""
+        self._rotate_if_due(first_seq)
+        self._preallocate(len(data))
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], self._durable_size + written)
+        if self._c.fsync:
+            os.fdatasync(self._fd)
+        if anchors:
+            self._append_anchors(anchors)
+
+    def _fail(self, exc: OSError, batch: list[_Ticket]) -> None:
+        """Drop every record that is not durable (the failed ``batch`` and all queued since) and
+        cut the file back to its last durable byte."""
         log.error("audit journal write failed: %s", exc.strerror or exc)
-        with self._lock:
+        with self._flushed:
+            for dropped in (*batch, *self._waiting):
+                dropped.durable = False
             self._pending.clear()
+            self._waiting.clear()
             self._checkpoints_pending.clear()
             self._seq, self._mac = self._durable_seq, self._durable_mac
-            self._epoch += 1
-        self._cut_back()
+            self._cut_back()  # before anyone may lead the next flush
+            self._flushing = False
+            self._flushed.notify_all()
         self._set_health(False)
 
     def _preallocate(self, size: int) -> None:
