@@ -105,9 +105,10 @@ def ratio_rows(results: Results, levels: list[int], rounds: int) -> list[str]:
             for r in range(rounds)
         ]
         median = statistics.median(best)
-        goal, met = (DASH, "") if target is None else (f"{target:g}{X}", "no")
-        if target is not None and median >= target:
-            met = "yes"
+        if target is None:
+            goal, met = DASH, ""
+        else:
+            goal, met = f"{target:g}{X}", "yes" if median >= target else "no"
         lines.append(
             f"| {label} | {' | '.join(cells)} | **{median:.2f}{X}** "
             f"({min(best):.2f}{DASH}{max(best):.2f}{X}) | {goal} | {met} |"

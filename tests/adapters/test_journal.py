@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def check(message: bytes, signature: bytes) -> bool:
 
 def decision(i: int) -> Decision:
     return Decision(service="s", operation="UnwrapDataKey", recording_id=f"rec-{i}")
+
+
+def run_writers(work: Callable[[int], None], writers: int = 8, timeout: float = 60.0) -> None:
+    """Run ``work(n)`` on ``writers`` threads at once; fail if one is still waiting after
+    ``timeout`` seconds (a writer left behind by the journal)."""
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a writer was left waiting"
 
 
 def test_files_rotate_by_size_and_the_chain_spans_them(tmp_path: Path) -> None:
@@ -76,11 +88,7 @@ def test_group_commit_keeps_one_gapless_chain_under_threads(tmp_path: Path) -> N
             with lock:
                 seqs.append(seq)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_writers(work)
     journal.close()
     assert sorted(seqs) == list(range(1, 1601))
     assert journal.durable_seq == 1601  # + the closing checkpoint
@@ -115,11 +123,7 @@ def test_group_commit_shares_flushes_between_threads(
         for i in range(100):
             journal.record(decision(n * 1000 + i))
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_writers(work)
     assert sum(flushes) == 800
     assert len(flushes) < 800 / 3  # at least 3 records per flush on average
     journal.close()
@@ -160,12 +164,7 @@ def test_a_failed_flush_fails_its_waiters_closed_and_the_chain_stays_whole(
                 with lock:
                     durable.append(seq)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads), "a writer was left waiting"
+    run_writers(work)
     assert refused > 0 and len(durable) + refused == 320
     assert journal.healthy  # later flushes succeeded again
     journal.close()

@@ -274,10 +274,10 @@ class Journal:
         with self._flushed:
             while ticket.durable is None and self._flushing:
                 self._flushed.wait()
-            if ticket.durable is not None:
-                if not ticket.durable:
-                    raise JournalUnavailableError  # dropped by a failed flush
+            if ticket.durable:
                 return
+            if ticket.durable is False:
+                raise JournalUnavailableError  # dropped by a failed flush
             self._flushing = True
             batch, self._pending = self._pending, []
             tickets, self._waiting = self._waiting, []
