@@ -125,6 +125,11 @@ class ClientBase:
             ("grpc.service_config_disable_resolution", 1),  # DNS TXT never sets our policy
             ("grpc.enable_retries", 1),
         ]
+        if server_name is None and not isinstance(target, str) and len(target) > 1:
+            raise ValueError(
+                "several target addresses: give server_name, the name every replica's "
+                "certificate carries (it is checked for each connection)"
+            )
         if server_name is not None:
             opts.append(("grpc.ssl_target_name_override", server_name))
         opts.extend(options)
