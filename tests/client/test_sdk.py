@@ -32,6 +32,7 @@ from keybroker.client import (
     TokenFile,
     _api,
 )
+from keybroker.client.recording import RecordingHeader
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker
 from tests.conftest import Clock, TokenFactory
@@ -395,3 +396,25 @@ def test_recording_encryption_memory_is_bounded_by_segments(client: Client) -> N
     assert digest.hash.digest() == hashlib.sha256(bytes(size)).digest()
     assert peak_encrypt < 1024 * 1024, peak_encrypt
     assert peak_decrypt < 1024 * 1024, peak_decrypt
+
+
+def test_a_recording_decrypts_with_its_rewrapped_key_from_the_database(client: Client) -> None:
+    """After a rewrap job replaced the stored wrapped key, the file (header unchanged) decrypts
+    with the new copy; a wrapped key of another recording is refused by the broker."""
+    audio = os.urandom(10_000)
+    sealed = io.BytesIO()
+    client.encrypt_recording(io.BytesIO(audio), sealed, recording_id="rec-rw", purposes=["support"])
+    header = RecordingHeader.read(io.BytesIO(sealed.getvalue()))
+    current = client.rewrap_data_key("rec-rw", header.wrapped_key).wrapped
+    assert current != header.wrapped_key
+    out = io.BytesIO()
+    client.decrypt_recording(
+        io.BytesIO(sealed.getvalue()), out, purpose="support", wrapped_key=current
+    )
+    assert out.getvalue() == audio
+    other = client.generate_wrapped_data_key("rec-other", purposes=["support"]).wrapped
+    with pytest.raises(errors.PermissionDeniedError) as info:
+        client.decrypt_recording(
+            io.BytesIO(sealed.getvalue()), io.BytesIO(), purpose="support", wrapped_key=other
+        )
+    assert info.value.reason == "recording_mismatch"

@@ -130,12 +130,16 @@ class KeyBrokerApi(ClientBase, Generic[_DataKey, _Wrapped, _Batch, _KeyRef, _Hea
         purpose: str,
         context: Mapping[str, str] | None = None,
         progress: recording.Progress | None = None,
+        wrapped_key: bytes | None = None,
     ) -> _Header:
         """Decrypt a recording for one purpose; the broker decides whether that use is allowed.
 
-        Raises RecordingIntegrityError (after writing what authenticated) if the stream is
-        damaged: treat ``dst`` as invalid unless this returns. The asyncio client reads,
-        decrypts and writes in a worker thread.
+        The data key is unwrapped from the header's wrapped key, or from ``wrapped_key`` if given:
+        the current copy your database keeps after a rewrap job (the same data key under a newer
+        key version; the file itself is never rewritten). Raises RecordingIntegrityError (after
+        writing what authenticated) if the stream is damaged: treat ``dst`` as invalid unless
+        this returns. The asyncio client reads, decrypts and writes in a worker thread.
         """
-        result: _Header = self._run(_calls.decrypt_recording(src, dst, purpose, context, progress))
+        plan = _calls.decrypt_recording(src, dst, purpose, context, progress, wrapped_key)
+        result: _Header = self._run(plan)
         return result

@@ -228,16 +228,19 @@ def encrypt_recording(  # noqa: PLR0917 - mirrors the client method
     return key.key_ref
 
 
-def decrypt_recording(
+def decrypt_recording(  # noqa: PLR0917 - mirrors the client method
     src: BinaryIO,
     dst: BinaryIO,
     purpose: str,
     context: Mapping[str, str] | None,
     progress: recording.Progress | None,
+    wrapped_key: bytes | None = None,
 ) -> Plan[recording.RecordingHeader]:
-    """The header read, its key unwrapped by the broker for ``purpose``, the segments decrypted."""
+    """The header read, its key unwrapped by the broker for ``purpose`` (the header's wrapped key,
+    or ``wrapped_key``: a rewrapped copy of the same data key), the segments decrypted."""
     header: recording.RecordingHeader = yield Work(lambda: recording.RecordingHeader.read(src))
-    key: DataKey = yield unwrap(header.recording_id, header.wrapped_key, purpose, context)
+    wrapped = header.wrapped_key if wrapped_key is None else wrapped_key
+    key: DataKey = yield unwrap(header.recording_id, wrapped, purpose, context)
     yield Work(
         lambda: recording.decrypt_segments(src, dst, header, key.plaintext, progress=progress)
     )
