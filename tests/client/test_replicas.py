@@ -20,8 +20,9 @@ from keybroker import errors
 from keybroker.client import AsyncKeyBrokerClient, KeyBrokerClient, RetryPolicy, TlsFiles
 from keybroker.client._base import channel_target, service_config
 from keybroker.devenv import DevEnv, mint_token
+from tests.client.tinydns import TinyDns
 from tests.server.test_key_admin import journal_records
-from tests.support.process import BrokerProcess, stop_all
+from tests.support.process import BrokerProcess, free_port, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +67,14 @@ def test_service_config_balances_and_retries_only_unavailable() -> None:
     assert "retryPolicy" not in once["methodConfig"][0]
 
 
-def _replicas(devenv: DevEnv, tmp_path: Path, count: int) -> list[BrokerProcess]:
+def _replicas(
+    devenv: DevEnv, tmp_path: Path, count: int, listen: list[str] | None = None
+) -> list[BrokerProcess]:
     store = f"sqlite:{tmp_path / 'shared.db'}"
     procs = []
     for i in range(count):
         env = {
+            "KEYBROKER_SERVER_LISTEN": listen[i] if listen else "127.0.0.1:0",
             "KEYBROKER_STATE_URL": store,
             "KEYBROKER_AUDIT_DIR": str(tmp_path / f"journal-{i}"),
             "KEYBROKER_SERVER_PROCESSES": "1",
@@ -196,3 +200,36 @@ def test_a_denial_is_not_retried_on_another_replica(devenv: DevEnv, tmp_path: Pa
         assert len(denials) == 1
     finally:
         assert stop_all(procs) == [0, 0, 0]
+
+
+def test_one_dns_name_with_two_addresses_is_balanced_and_survives_a_kill(
+    devenv: DevEnv, tmp_path: Path
+) -> None:
+    """``dns://<server>/kb.test:<port>`` where the name has an A (127.0.0.1) and an AAAA (::1)
+    record, a broker on each: gRPC resolves both (through a DNS responder of the test's own),
+    round robin reaches both, and when one is killed the rest of the run still succeeds."""
+    port = free_port()
+    procs = _replicas(devenv, tmp_path, 2, listen=[f"127.0.0.1:{port}", f"[::1]:{port}"])
+    dns = TinyDns({"kb.test": ["127.0.0.1", "::1"]})
+    try:
+        for proc in procs:
+            proc.wait_listening()
+        tls = TlsFiles(devenv.ca_cert, devenv.cert("client"), devenv.key("client"))
+        token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
+        target = f"dns://127.0.0.1:{dns.port}/kb.test:{port}"
+        with KeyBrokerClient(
+            target, tls=tls, token=token, timeout=20, server_name="localhost"
+        ) as kb:
+            for n in range(40):
+                if n == 20:
+                    assert all(_served(tmp_path, i) > 0 for i in range(2))  # both addresses used
+                    procs[0].proc.send_signal(signal.SIGKILL)
+                key = kb.generate_data_key(f"dns-{n}", purposes=["support"])
+                assert kb.unwrap_data_key(f"dns-{n}", key.wrapped, purpose="support").plaintext
+        assert ("kb.test", 1) in dns.queries
+        assert ("kb.test", 28) in dns.queries
+        assert procs[0].proc.wait(10) == -signal.SIGKILL
+    finally:
+        dns.close()
+        codes = stop_all(procs)
+    assert codes[1] == 0
