@@ -40,6 +40,10 @@ def test_a_list_of_addresses_becomes_one_static_target() -> None:
         channel_target(["127.0.0.1:1", "[::1]:1"])
     with pytest.raises(ValueError, match="no target"):
         channel_target([])
+    with pytest.raises(ValueError, match=r"\[addr\]:port"):
+        channel_target(["::1:1", "::1:2"])
+    with pytest.raises(ValueError, match="IP:port"):
+        channel_target(["127.0.0.1", "127.0.0.2"])
 
 
 def test_a_list_of_addresses_needs_the_name_to_check_certificates_against(

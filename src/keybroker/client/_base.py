@@ -47,14 +47,15 @@ def channel_target(target: str | Sequence[str]) -> str:
     for item in items:
         host, _, port = item.rpartition(":")
         try:
-            families.add(ipaddress.ip_address(host.strip("[]")).version)
+            version = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).version
         except ValueError:
             raise ValueError(
                 f"{item!r}: a list of targets must be IP:port addresses; for host names use one "
                 "'dns:///name:port' that resolves to every replica"
             ) from None
-        if not port.isdigit():
-            raise ValueError(f"{item!r}: no port")
+        if not port.isdigit() or (version == 6) != host.startswith("["):
+            raise ValueError(f"{item!r}: give IPv4 as a.b.c.d:port and IPv6 as [addr]:port")
+        families.add(version)
     if len(families) != 1:
         raise ValueError("a list of targets must be all IPv4 or all IPv6")
     return f"ipv{families.pop()}:{','.join(items)}"
