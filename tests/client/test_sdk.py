@@ -418,3 +418,26 @@ def test_a_recording_decrypts_with_its_rewrapped_key_from_the_database(client: C
             io.BytesIO(sealed.getvalue()), io.BytesIO(), purpose="support", wrapped_key=other
         )
     assert info.value.reason == "recording_mismatch"
+
+
+def test_an_unaccepted_certificate_ends_at_the_deadline_with_a_useful_message(
+    make_client: ClientFactory, devenv: DevEnv, broker: RunningBroker, token: TokenFactory
+) -> None:
+    """A client certificate from a foreign CA never completes the handshake: with the default
+    wait-for-ready the call ends at its deadline as UnavailableError saying what that may mean;
+    with NO_RETRY it fails at once with gRPC's connection error."""
+    foreign = TlsFiles(devenv.ca_cert, devenv.cert("foreign"), devenv.key("foreign"))
+    target = f"127.0.0.1:{broker.port}"
+    waiting = make_client(target, tls=foreign, token=token(), timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(errors.UnavailableError) as info:
+        waiting.generate_data_key("rec-tls", purposes=["support"])
+    assert 0.9 < time.monotonic() - started < 5
+    assert info.value.reason == "deadline_exceeded"
+    assert "TLS handshake" in info.value.message
+    at_once = make_client(target, tls=foreign, token=token(), timeout=10, retry=NO_RETRY)
+    started = time.monotonic()
+    with pytest.raises(errors.UnavailableError) as info:
+        at_once.generate_data_key("rec-tls", purposes=["support"])
+    assert time.monotonic() - started < 5
+    assert "deadline" not in info.value.message

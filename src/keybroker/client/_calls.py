@@ -208,7 +208,17 @@ def translate(exc: grpc.RpcError) -> KeybrokerError:
     for key, value in call.trailing_metadata() or ():
         if key == REASON_METADATA:
             reason = value
-    return error_from_status(call.code(), call.details() or "", reason)
+    details = call.details() or ""
+    if call.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = DEADLINE_MESSAGE
+    return error_from_status(call.code(), details, reason)
+
+
+#: What a deadline means to a caller waiting for a broker (gRPC says only "Deadline Exceeded").
+DEADLINE_MESSAGE = (
+    "deadline exceeded: no broker answered in time (unreachable, refusing the TLS handshake, "
+    "or overloaded; retry=NO_RETRY shows the connection error at once)"
+)
 
 
 def encrypt_recording(  # noqa: PLR0917 - mirrors the client method
