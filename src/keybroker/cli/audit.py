@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -14,12 +14,31 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from keybroker import settings as settings_mod
 from keybroker.adapters.export import Pseudonymizer
-from keybroker.adapters.journal import CHECKPOINTS, read_lines
+from keybroker.adapters.journal import CHECKPOINTS, ChainLines, TornTail
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 from keybroker.errors import ConfigurationError
 
 EXIT_OK, EXIT_TAMPERED = 0, 1
+
+
+class UnreadableJournalError(Exception):
+    """A record that is not a torn tail does not parse: the journal needs ``audit verify``."""
+
+
+def reading_journal(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Turn an unreadable record into a one-line message and exit 1 (never a traceback)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except UnreadableJournalError as exc:
+            print(f"keybroker: {exc}", file=sys.stderr)
+            return EXIT_TAMPERED
+
+    return run
 
 
 def _settings(args: argparse.Namespace) -> settings_mod.Settings:
@@ -60,7 +79,8 @@ def verify_chain(
     heads: dict[int, str] = {}
     last: jf.Record | None = None
     checkpoints = 0
-    for record in jf.verify(key, read_lines(chain), check_signature=_signature_check(public_key)):
+    lines = ChainLines(chain)
+    for record in jf.verify(key, lines, check_signature=_signature_check(public_key)):
         heads[record.seq] = record.mac
         checkpoints += record.kind == jf.KIND_CHECKPOINT
         last = record
@@ -79,12 +99,13 @@ def verify_chain(
                 )
             if seq in heads and heads[seq] != mac:
                 raise jf.ChainError(where, f"record {seq} differs from its anchored checkpoint")
+    torn = f"; {lines.torn.note()}" if lines.torn else ""
     if last is None:
-        return "empty"
+        return "empty" + torn
     first = min(heads)
     return (
         f"records {first}..{last.seq} intact, {checkpoints} signed checkpoints, "
-        f"head {last.mac[:16]}"
+        f"head {last.mac[:16]}{torn}"
     )
 
 
@@ -107,22 +128,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
-def _records(root: Path) -> Iterator[tuple[str, jf.Record]]:
+def _records(root: Path, notes: list[str] | None = None) -> Iterator[tuple[str, jf.Record]]:
+    """Every record of every chain, read (not verified). A torn last record (a crash) is
+    skipped and noted in ``notes``; any other unreadable line is an error naming its place."""
     for chain in _chains(root):
-        for _where, raw in read_lines(chain):
-            body = jf.parse_line(raw)
-            mac = str(body.pop("mac"))
-            yield (
-                chain.name,
-                jf.Record(
+        lines = ChainLines(chain)
+        for where, raw in lines:
+            try:
+                body = jf.parse_line(raw)
+                mac = str(body.pop("mac"))
+                record = jf.Record(
                     int(body["seq"]),
                     int(body["ts"]),
                     str(body["kind"]),
                     body,
                     str(body["prev"]),
                     mac,
-                ),
-            )
+                )
+            except (ValueError, KeyError, TypeError):
+                raise UnreadableJournalError(
+                    f"{chain.name}/{where}: unreadable record; run `keybroker audit verify`"
+                ) from None
+            yield chain.name, record
+        if lines.torn is not None and notes is not None:
+            notes.append(f"{chain.name}/{_torn_note(lines.torn)}")
+
+
+def _torn_note(torn: TornTail) -> str:
+    return (
+        f"{torn.where}: skipped a torn last record "
+        f"({torn.size} bytes, a crash or a write in progress)"
+    )
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _when(value: str) -> int:
@@ -151,7 +192,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     since = _when(args.since) if args.since else None
     until = _when(args.until) if args.until else None
     rows = []
-    for chain, record in _records(_journal_root(args, s)):
+    notes: list[str] = []
+    for chain, record in _records(_journal_root(args, s), notes):
         d = record.decision
         if d is None or (since and record.ts < since) or (until and record.ts > until):
             continue
@@ -175,6 +217,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             )
     if not args.json:
         print(f"({len(rows)} decisions)", file=sys.stderr)
+    print_notes(notes)
     return EXIT_OK
 
 
@@ -207,7 +250,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--until")
     p.add_argument("--json", action="store_true", help="JSON lines")
-    p.set_defaults(func=cmd_query)
+    p.set_defaults(func=reading_journal(cmd_query))
     from keybroker.cli import audit_report
 
     audit_report.register(audit)
