@@ -33,6 +33,7 @@ from keybroker.adapters.telemetry import (
     SpanRecorder,
     configure_tracing,
     otlp_exporter,
+    otlp_insecure,
     resource,
 )
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
@@ -238,7 +239,7 @@ def build_observability(
     if telemetry.otlp_endpoint:
         meter_provider = configure_metrics(
             telemetry.otlp_endpoint,
-            telemetry.otlp_insecure,
+            otlp_insecure(telemetry),
             telemetry.otlp_timeout,
             resource(telemetry),
         )
