@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from keybroker.adapters.files import private_dir
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 from keybroker.errors import JournalUnavailableError, UnavailableError
@@ -141,7 +142,7 @@ class Journal:
         self._file_opened = 0.0
         self._last_checkpoint = time.monotonic()
         self._on_flush: Callable[[float, int], None] | None = None
-        config.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(config.directory)  # 0700 whatever the umask (files are created 0600)
         self._seq, self._mac, self._durable_size = self._recover()
         self._durable_seq, self._durable_mac = self._seq, self._mac
 

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from keybroker import __version__
+from keybroker.adapters.files import create_private
 from keybroker.core.decision import Decision, Outcome
 from keybroker.errors import ConfigurationError
 from keybroker.settings import TelemetrySettings
@@ -91,6 +92,7 @@ class JsonLinesSpanExporter(SpanExporter):
     """Appends each span as one JSON line to a file (development and demos)."""
 
     def __init__(self, path: Path) -> None:
+        create_private(path)  # 0600 whatever the umask (spans name principals and peers)
         self._out = path.open("a", encoding="utf-8")
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:

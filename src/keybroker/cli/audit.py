@@ -256,6 +256,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit_report.register(audit)
     p = audit.add_parser("pseudonym", help="the pseudonym an identifier has in exported spans")
     p.add_argument("identifier")
-    p.add_argument("--kind", choices=["recording", "subject"], default="recording")
+    p.add_argument(
+        "--kind",
+        choices=["recording", "subject", "justification"],
+        default="recording",
+        help="what the identifier is (a justification: the exact text given, spaces trimmed)",
+    )
     p.add_argument("--config")
     p.set_defaults(func=cmd_pseudonym)

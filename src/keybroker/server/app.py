@@ -51,6 +51,7 @@ from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
+from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
@@ -523,11 +524,13 @@ def _worker(settings: Settings, worker: int) -> None:
     from keybroker.cli.logs import configure_logging
 
     configure_logging(settings.telemetry.log_level)
+    disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
     _serve_one(settings, worker)
 
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
+    disable_core_dumps()
     processes = settings.server.processes or os.cpu_count() or 1
     if processes == 1:
         _serve_one(settings)
