@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from keybroker.adapters.files import private_dir
+from keybroker.adapters.journal_archive import register_chain
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 from keybroker.errors import JournalUnavailableError, UnavailableError
@@ -113,7 +112,7 @@ class _Ticket:
 class JournalConfig:
     directory: Path
     chain_key: bytes
-    signing_key: Ed25519PrivateKey
+    signing_key: jf.CheckpointKey
     fsync: bool = True
     max_file_bytes: int = 64 * 1024 * 1024
     max_file_age: float = 86400.0
@@ -143,6 +142,7 @@ class Journal:
         self._last_checkpoint = time.monotonic()
         self._on_flush: Callable[[float, int], None] | None = None
         private_dir(config.directory)  # 0700 whatever the umask (files are created 0600)
+        register_chain(config.directory)  # so `audit verify` notices if it disappears
         self._seq, self._mac, self._durable_size = self._recover()
         self._durable_seq, self._durable_mac = self._seq, self._mac
 

@@ -20,7 +20,7 @@ import hmac
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from keybroker.core.decision import Decision, Outcome
 
@@ -31,6 +31,14 @@ KIND_CHECKPOINT = "checkpoint"
 _KIND_DECISION_BYTES = KIND_DECISION.encode()
 
 Signer = Callable[[bytes], bytes]
+
+
+class CheckpointKey(Protocol):
+    """What signs checkpoints: an Ed25519 private key, or the HSM (raw 64-byte signatures)."""
+
+    def sign(self, data: bytes, /) -> bytes: ...
+
+
 SignatureCheck = Callable[[bytes, bytes], bool]
 
 

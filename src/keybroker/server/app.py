@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from keybroker.adapters.alerts import AlertDetector
 from keybroker.adapters.catalog import CachedCatalog
+from keybroker.adapters.checkpoint_keys import checkpoint_signer
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
@@ -141,7 +142,7 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     if audit.dir is None:
         log.warning("[audit] dir is unset: decisions are only exported as best-effort spans")
         return None
-    chain_key, signing_key = audit.load_keys()
+    chain_key, signing_key = audit.load_chain_key(), checkpoint_signer(settings)
     return Journal(
         JournalConfig(
             directory=audit.dir / f"w{worker}",
