@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,60 @@ def test_checkpoints_signed_in_the_hsm_verify(
     )  # fmt: skip
     assert out.returncode == 1
     assert "checkpoint signature invalid" in out.stdout
+
+
+def test_anchors_directory_is_checked_per_chain(devenv: DevEnv, tmp_path: Path) -> None:
+    """`--anchors DIR` holds each chain's off-host checkpoints: a chain cut below its own anchor
+    is caught, a chain known only to the anchors is MISSING, and a single anchors file is refused
+    when there are several chains (it used to be applied to every chain)."""
+    root, offhost = tmp_path / "journal", tmp_path / "offhost"
+    for name in ("w0", "w1"):
+        chain = rotated_journal(devenv, root, name, records=30)
+        (offhost / name).mkdir(parents=True)
+        shutil.copy(chain / "checkpoints.jsonl", offhost / name / "checkpoints.jsonl")
+    out = audit(devenv, "verify", "--dir", str(root), "--anchors", str(offhost))
+    assert out.returncode == 0, out.stdout
+    newest = journal_files(root / "w1")[-1]
+    newest.write_bytes(b"".join(newest.read_bytes().splitlines(keepends=True)[:-1]))
+    (root / "w1" / "checkpoints.jsonl").write_bytes(b"")  # the local anchors cut as well
+    shutil.copytree(offhost / "w0", offhost / "w5")
+    out = audit(devenv, "verify", "--dir", str(root), "--anchors", str(offhost))
+    assert out.returncode == 1
+    assert "w1: TAMPERED at checkpoints.jsonl:2: journal truncated" in out.stdout
+    assert "w5: MISSING" in out.stdout and f"(anchored in {offhost})" in out.stdout
+    single = offhost / "w0" / "checkpoints.jsonl"
+    out = audit(devenv, "verify", "--dir", str(root), "--anchors", str(single))
+    assert out.returncode == 2
+    assert "--anchors: with several chains give a directory" in out.stderr
+
+
+SIGN_ACROSS_REINIT = """
+import json, sys
+import pkcs11
+from keybroker import settings
+from keybroker.adapters.checkpoint_keys import hsm_signer_config, signature_check
+from keybroker.adapters.hsm_signer import HsmSigner
+s = settings.load(__import__("pathlib").Path(sys.argv[1]))
+signer = HsmSigner(hsm_signer_config(s))
+check = signature_check(signer.public_key())
+first = signer.sign(b"before")
+pkcs11.lib(s.hsm.module).reinitialize()  # what the HSM adapter does to recover a lost token
+second = signer.sign(b"after")
+print(json.dumps([check(b"before", first), check(b"after", second), check(b"after", first)]))
+"""
+
+
+def test_the_hsm_signer_reopens_its_session_after_a_reinitialise(
+    hsm_env: DevEnv, tmp_path: Path
+) -> None:
+    """A module re-initialise (the HSM adapter's recovery) invalidates every session; the signer
+    opens a new one and keeps signing."""
+    label = {"KEYBROKER_AUDIT_SIGNING_KEY_LABEL": "checkpoint-reinit"}
+    created = run_cli("audit", "signing-key", "create", "--config", str(hsm_env.config), env=label)
+    assert created.returncode == 0, created.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", SIGN_ACROSS_REINIT, str(hsm_env.config)],
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **label},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [True, True, False]
