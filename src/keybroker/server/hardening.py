@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import resource
 import sys
 
@@ -28,7 +29,7 @@ def _prctl(option: int, arg: int = 0) -> int:
     result: int = libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0)
     if result < 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl({option}) failed")
+        raise OSError(errno, f"cannot disable core dumps: prctl({option}): {os.strerror(errno)}")
     return result
 
 
