@@ -196,7 +196,8 @@ def verify(
             raise ChainError(where, "unreadable record (modified or torn)") from None
         if expected is None:
             # The first record present. Record 1 starts the chain; a later one means older files
-            # were archived, and the chain is checked from here.
+            # were archived or removed: the chain is checked from here, and the caller checks
+            # that archive records account for the earlier ones (adapters/journal_archive.py).
             if seq == 1 and link != GENESIS:
                 raise ChainError(where, "record 1 does not start a chain")
         elif seq != expected:
