@@ -25,8 +25,10 @@ class KeyEncryptionKeys(Protocol):
         """``size`` random bytes from the HSM's generator."""
         ...
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag."""
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM inside the HSM under a fresh 96-bit nonce; returns the nonce actually
+        used and ciphertext || 16-byte tag. Who draws the nonce (the broker, from the HSM's
+        generator, or the HSM itself) is the adapter's business: the result is what counts."""
         ...
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
