@@ -111,6 +111,14 @@ CHILD = textwrap.dedent(
         out["passed"] = keks.self_tests_passed
         out["encrypt"] = attempt(lambda: keks.encrypt(ref, b"d" * 32, aad))
 
+    elif case == "forget":
+        ref = KeyRef("forgotten", 1)
+        keks.create_version(ref)
+        keks.encrypt(ref, b"d" * 32, aad)  # caches the handle (the token object: no copy)
+        keks.forget(ref)
+        out["on_token"] = "forgotten/v1" in {str(r) for r in keks.versions_on_token()}
+        out["encrypt"] = attempt(lambda: keks.encrypt(ref, b"d" * 32, aad))
+
     elif case == "create":
         out["create"] = attempt(lambda: keks.create_version(KeyRef(job["key"], 1)))
 
@@ -318,4 +326,16 @@ def test_iv_source_caller_on_a_module_that_overwrites_still_stores_its_iv(
         key="overwritten",
     )
     assert out["self_test"] is None
+    assert "ok" in out["encrypt"]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["softhsm", "strict"])
+def test_forget_never_destroys_the_token_object(
+    token: DevEnv, strict_module: StrictModule, strict: bool
+) -> None:
+    """Regression: forgetting a version (done for every version that stops being usable) drops
+    the cached handle but destroys it only if it is a session copy. Without C_CopyObject (the
+    strict module) or for a non-modifiable KEK (SoftHSM), the cached handle is the KEK itself."""
+    out = run(token, "forget", strict=strict_module if strict else None)
+    assert out["on_token"] is True
     assert "ok" in out["encrypt"]

@@ -51,6 +51,7 @@ from keybroker.adapters.kek_objects import (
     ModuleCapabilities,
     gcm_encrypt,
     generate_kek,
+    is_session_copy,
     probe_module,
     rejection,
     session_copy,
@@ -521,10 +522,12 @@ class Pkcs11Keks:
             return bool(found)
 
     def forget(self, key: KeyRef) -> None:
-        """Drop this process's in-memory session copy of ``key`` (e.g. once it is destroyed)."""
+        """Drop this process's cached handle of ``key`` (e.g. once it is destroyed), destroying
+        it only if it is an in-memory session copy: without C_CopyObject the cached handle is
+        the token object itself, which must survive."""
         with PKCS11_LOCK:
             handle = self._handles.pop(key, None)
-            if handle is not None and self.healthy:
+            if handle is not None and self.healthy and is_session_copy(handle):
                 try:
                     handle.destroy()
                 except PKCS11Error:

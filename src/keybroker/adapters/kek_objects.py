@@ -223,6 +223,9 @@ def probe_module(session: Any, iv_source: str) -> ModuleCapabilities:
     ``auto`` skips the IV probe and is checked on every wrap instead."""
     if iv_source not in IV_SOURCES:
         raise ConfigurationError(f"[hsm] iv_source must be one of {', '.join(IV_SOURCES)}")
+    # A sensitive, non-extractable session key. It stays modifiable: C_CopyObject support is a
+    # property of the module; whether one KEK can be copied is tried per KEK (session_copy),
+    # since SoftHSM refuses to copy a CKA_MODIFIABLE=false object into a session object.
     key = session.generate_key(
         KeyType.AES,
         256,
@@ -265,10 +268,19 @@ def gcm_encrypt(handle: Any, plaintext: bytes, aad: bytes, iv_source: str) -> tu
     return used, sealed
 
 
+def is_session_copy(obj: Any) -> bool:
+    """True only for an object that is certainly not a token object (CKA_TOKEN false)."""
+    try:
+        return obj[Attribute.TOKEN] is False
+    except PKCS11Error:
+        return False
+
+
 def session_copy(obj: Any) -> Any | None:
     """An in-memory session copy of ``obj`` (sensitive, non-extractable), or None if refused."""
     try:
         return obj.copy({Attribute.TOKEN: False})
     except PKCS11Error as exc:
-        log.warning("hsm: C_CopyObject refused (%s); using the token object", type(exc).__name__)
+        # e.g. CKR_ATTRIBUTE_READ_ONLY from SoftHSM for a CKA_MODIFIABLE=false KEK
+        log.info("hsm: no session copy (%s); using the token object", type(exc).__name__)
         return None
