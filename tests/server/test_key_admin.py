@@ -28,7 +28,7 @@ from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import admin_pb2 as apb
 from keybroker.v1 import admin_pb2_grpc as apb_grpc
 from keybroker.v1 import keybroker_pb2 as pb
-from tests.conftest import Clock, load_settings
+from tests.conftest import HSM_MODULES, Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
 from tests.support.process import BrokerProcess, stop_all
 
@@ -53,9 +53,11 @@ def clock() -> Clock:
 
 @pytest.fixture
 def admin_broker(
-    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock
+    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock, hsm_settings: dict[str, str]
 ) -> Iterator[RunningBroker]:
-    running = create_server(load_settings(devenv, **_overrides(store_url, tmp_path)), clock=clock)
+    running = create_server(
+        load_settings(devenv, **hsm_settings, **_overrides(store_url, tmp_path)), clock=clock
+    )
     yield running
     running.stop(1)
 
@@ -151,6 +153,7 @@ def test_admin_calls_need_the_admin_scope_and_mfa(
 # -- every RPC and refusal --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_key_admin_rpcs_and_their_refusals(
     devenv: DevEnv, admin_broker: RunningBroker, clock: Clock
 ) -> None:
@@ -211,6 +214,7 @@ def test_key_admin_rpcs_and_their_refusals(
     assert ("CancelKeyVersionDestruction", "deny") in ops
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_the_data_plane_follows_states_at_once(devenv: DevEnv, admin_broker: RunningBroker) -> None:
     admin = Admin(devenv, admin_broker.port)
     name = new_name()
