@@ -86,7 +86,13 @@ class KekAdministration(Protocol):
         """Destroy the HSM object (and in-process copies); False if there was none."""
         ...
 
-    def versions_on_token(self) -> set[KeyRef]: ...
+    def versions_on_token(self) -> set[KeyRef]:
+        """Versions whose HSM object passes the adoption checks (others are never used)."""
+        ...
+
+    def self_test(self, key: KeyRef) -> str | None:
+        """Wrap and unwrap with ``key``; None if that worked, else why not."""
+        ...
 
 
 class KeyStore(Protocol):
@@ -163,7 +169,12 @@ class KeyStore(Protocol):
         ...
 
     def adopt_version(self, key: KeyRef, now: float) -> bool:
-        """Record an HSM object that has no metadata as ENABLED (creating the key if needed)."""
+        """Record an HSM object that has no metadata as ENABLED, never as the current version
+        of a key that has one (a key unknown until now gets it as its first current version)."""
+        ...
+
+    def make_current(self, name: str, version: int, now: float) -> bool:
+        """ENABLED and current, if ``version`` exists, is live and is newer than the current."""
         ...
 
     def add_usage(self, usage: Mapping[KeyRef, Usage]) -> None: ...
