@@ -339,3 +339,15 @@ def test_forget_never_destroys_the_token_object(
     out = run(token, "forget", strict=strict_module if strict else None)
     assert out["on_token"] is True
     assert "ok" in out["encrypt"]
+
+
+def test_iv_source_setting_is_validated(devenv: DevEnv) -> None:
+    """[hsm] iv_source takes auto, caller or hsm; anything else fails at start-up, naming the key."""
+    from keybroker.errors import ConfigurationError
+    from tests.conftest import load_settings
+
+    for value in ("auto", "caller", "hsm"):
+        assert load_settings(devenv, hsm_iv_source=value).hsm.iv_source == value
+    assert load_settings(devenv).hsm.iv_source == "auto"
+    with pytest.raises(ConfigurationError, match=r"\[hsm\] iv_source"):
+        load_settings(devenv, hsm_iv_source="module")
