@@ -119,6 +119,9 @@ CHILD = textwrap.dedent(
         out["on_token"] = "forgotten/v1" in {str(r) for r in keks.versions_on_token()}
         out["encrypt"] = attempt(lambda: keks.encrypt(ref, b"d" * 32, aad))
 
+    elif case == "list":
+        out["on_token"] = sorted(str(r) for r in keks.versions_on_token())
+
     elif case == "create":
         out["create"] = attempt(lambda: keks.create_version(KeyRef(job["key"], 1)))
 
@@ -285,7 +288,8 @@ def test_self_test_fails_and_version_is_not_used(
 ) -> None:
     """With the probe overridden (iv_source = caller) on a module that hides its IV, the
     wrap -> unwrap self-test of a version fails, names the version and the reason, and the
-    version is never used for a wrap; a new version cannot be created on it either."""
+    version is never used for a wrap; a new version made on it fails the same test and is
+    destroyed at once."""
     assert run(token, "create", key="tested")["create"] == {"ok": True}
     out = run(
         token, "self_test", strict=strict_module, iv="ignore", iv_source="caller", key="tested"
@@ -300,6 +304,7 @@ def test_self_test_fails_and_version_is_not_used(
         token, "create", strict=strict_module, iv="ignore", iv_source="caller", key="fresh"
     )
     assert created["create"] == {"error": "HsmUnavailableError", "reason": "kek_self_test_failed"}
+    assert "fresh/v1" not in run(token, "list")["on_token"]  # destroyed, never used
 
 
 def test_iv_source_hsm_on_a_module_that_keeps_caller_ivs_never_wraps(token: DevEnv) -> None:

@@ -429,6 +429,7 @@ CRASH_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from keybroker import settings
     from keybroker.server.app import connect_hsm, open_store
+    from keybroker.core.wrapped_key import KeyRef
 
     loaded = settings.load(Path(sys.argv[1]))
     store = open_store(loaded)

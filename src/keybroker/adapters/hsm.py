@@ -129,6 +129,7 @@ class Pkcs11Keks:
         self._tested: dict[KeyRef, str | None] = {}
         """Self-test results: None passed, else why it failed (never used for wraps)."""
         self._test_listeners: list[Callable[[bool], None]] = []
+        self._test_lock = threading.Lock()
 
     def observe(self, observer: Callable[[float, str], None]) -> None:
         """Call ``observer(seconds, operation)`` after every encrypt and decrypt (metrics)."""
@@ -441,8 +442,8 @@ class Pkcs11Keks:
             limited = generate_kek(session, kek_label(key))
             self._scan()
             log.info("hsm: created %s%s", kek_label(key), "" if limited else " (all mechanisms)")
-        why = self.self_test(key)
-        if why is not None:
+        if self.self_test(key) is not None:
+            self.destroy_version(key)  # ours, just made, never used: it must not linger
             raise HsmUnavailableError(reason="kek_self_test_failed")
         return True
 
@@ -454,10 +455,10 @@ class Pkcs11Keks:
 
     @property
     def self_tests_passed(self) -> bool:
-        return all(why is None for why in self._tested.values())
+        return all(why is None for why in list(self._tested.values()))
 
     def self_test_failures(self) -> dict[KeyRef, str]:
-        return {ref: why for ref, why in self._tested.items() if why is not None}
+        return {ref: why for ref, why in list(self._tested.items()) if why is not None}
 
     def self_test(self, key: KeyRef) -> str | None:
         """Wrap a random key under ``key`` and unwrap it again, as a real wrap would. Returns
@@ -465,7 +466,8 @@ class Pkcs11Keks:
         :attr:`self_tests_passed` is False). An unavailable HSM is not a verdict: it raises
         HsmUnavailableError and the version stays untested."""
         aad = b"keybroker self-test " + kek_label(key).encode()
-        self._tested.pop(key, None)
+        with self._test_lock:
+            self._tested.pop(key, None)
         why: str | None = None
         try:
             plaintext = self.random(DATA_KEY_SIZE)
@@ -480,15 +482,17 @@ class Pkcs11Keks:
             why = "unwrapping a fresh wrap failed (the module used another IV than it reported)"
         except NotFoundError:
             why = "no usable object on the token"
-        was = self.self_tests_passed
-        self._tested[key] = why
+        with self._test_lock:
+            was = self.self_tests_passed
+            self._tested[key] = why
+            now = self.self_tests_passed
         if why is not None:
             log.error(
                 "hsm: KEK %s failed its self-test and is not used for new wraps: %s", key, why
             )
-        if was != self.self_tests_passed:
+        if was != now:
             for listener in self._test_listeners:
-                listener(self.self_tests_passed)
+                listener(now)
         return why
 
     def ensure_self_tested(self, keys: Iterable[KeyRef]) -> None:
@@ -496,12 +500,14 @@ class Pkcs11Keks:
         process: at start-up and after each rotation. Results for versions no longer among
         ``keys`` are dropped (they are not used for wraps any more)."""
         wanted = set(keys)
-        was = self.self_tests_passed
-        for gone in [ref for ref in self._tested if ref not in wanted]:
-            del self._tested[gone]
-        if was != self.self_tests_passed:
+        with self._test_lock:
+            was = self.self_tests_passed
+            for gone in [ref for ref in self._tested if ref not in wanted]:
+                del self._tested[gone]
+            now = self.self_tests_passed
+        if was != now:
             for listener in self._test_listeners:
-                listener(self.self_tests_passed)
+                listener(now)
         for key in sorted(wanted):
             if key not in self._tested:
                 try:
