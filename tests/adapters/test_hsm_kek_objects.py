@@ -356,21 +356,3 @@ def test_iv_source_setting_is_validated(devenv: DevEnv) -> None:
     assert load_settings(devenv).hsm.iv_source == "auto"
     with pytest.raises(ConfigurationError, match=r"\[hsm\] iv_source"):
         load_settings(devenv, hsm_iv_source="module")
-
-
-def test_module_without_aes_gcm_encryption_is_probed_as_unsupported(
-    token: DevEnv, strict_module: StrictModule
-) -> None:
-    """A module that refuses every CKM_AES_GCM encryption (the strict module answering
-    CKR_MECHANISM_INVALID to C_EncryptInit) is reported as such at start; every version fails
-    its self-test (health NOT_SERVING) and a wrap is UNAVAILABLE."""
-    assert run(token, "create", key="nogcm")["create"] == {"ok": True}
-    strict_module.fail("0x70", ["C_EncryptInit"])  # CKR_MECHANISM_INVALID
-    try:
-        out = run(token, "self_test", strict=strict_module, key="nogcm")
-    finally:
-        strict_module.clear()
-    assert out["caps"][:2] == ["unsupported", "caller"]
-    assert "does not encrypt with CKM_AES_GCM at all" in out["log"]
-    assert out["self_test"] == "the module does not encrypt with CKM_AES_GCM"
-    assert out["encrypt"] == {"error": "HsmUnavailableError", "reason": "kek_self_test_failed"}

@@ -131,8 +131,7 @@ class ModuleCapabilities:
     """What :func:`probe_module` found (or the configuration imposed)."""
 
     iv_behaviour: str
-    """``keeps``, ``overwrites`` or ``refuses`` a caller IV; ``configured`` when not probed;
-    ``unsupported`` when the module has no AES-GCM encryption (nothing can be wrapped)."""
+    """``keeps``, ``overwrites`` or ``refuses`` a caller IV; ``configured`` when not probed."""
     iv_source: str
     """``caller`` (the broker draws the IV) or ``hsm`` (the module does)."""
     session_copies: bool
@@ -163,8 +162,8 @@ def _seal(key: Any, iv: bytearray) -> bytes | None:
 
 
 def _probe_iv(session: Any, key: Any) -> str:
-    """``keeps``, ``overwrites`` or ``refuses`` (a caller IV), or ``unsupported`` (no AES-GCM);
-    raises ConfigurationError for a module whose IV handling would lose wrapped keys."""
+    """``keeps``, ``overwrites`` or ``refuses`` (a caller IV); raises ConfigurationError for a
+    module that cannot be used safely."""
     caller = bytearray(session.generate_random(NONCE_SIZE * 8))
     sent = bytes(caller)
     sealed = _seal(key, caller)
@@ -172,10 +171,10 @@ def _probe_iv(session: Any, key: Any) -> str:
         zero = bytearray(NONCE_SIZE)
         sealed = _seal(key, zero)
         if sealed is None:
-            # No AES-GCM encryption at all: nothing to probe. The broker cannot wrap on this
-            # module; the mechanism check and every version's self-test say so.
-            log.error("hsm probe: the module does not encrypt with CKM_AES_GCM at all")
-            return "unsupported"
+            raise ConfigurationError(
+                "[hsm] module: AES-GCM encryption fails with a caller IV and without one; "
+                "the broker needs CKM_AES_GCM"
+            )
         if bytes(zero) == _ZERO_IV or not _opens(key, bytes(zero), sealed):
             raise ConfigurationError(
                 "[hsm] module: it refuses caller GCM IVs but does not return its own in pIv"
@@ -246,8 +245,7 @@ def probe_module(session: Any, iv_source: str) -> ModuleCapabilities:
         behaviour = _probe_iv(session, key)
     finally:
         key.destroy()
-    source = "hsm" if behaviour in ("overwrites", "refuses") else "caller"
-    return ModuleCapabilities(behaviour, source, copies)
+    return ModuleCapabilities(behaviour, "caller" if behaviour == "keeps" else "hsm", copies)
 
 
 def gcm_encrypt(handle: Any, plaintext: bytes, aad: bytes, iv_source: str) -> tuple[bytes, bytes]:
