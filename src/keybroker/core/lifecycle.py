@@ -8,8 +8,11 @@ two steps leaves a state :meth:`KeyLifecycle.reconcile` can finish:
   activated if its HSM object exists, dropped otherwise.
 - destruction: claim (SCHEDULED -> DESTROYING, one replica wins) -> record -> destroy the HSM
   object -> DESTROYED. A DESTROYING row older than ``reconcile_after`` is finished.
-- an HSM object without metadata is adopted as ENABLED (e.g. a key made with ``kek create
-  --offline`` before the first start).
+- an HSM object without metadata (and passing the adoption checks of the HSM adapter) is
+  adopted as ENABLED but never made current for a key that has a current version: that takes
+  :meth:`KeyLifecycle.make_current` (KeyAdmin ``EnableKeyVersion`` with ``make_current``). Only a
+  key nobody knew gets its highest version current (the first start after ``kek create
+  --offline``).
 
 Events no caller asked for (scheduled rotations and destructions, reconciliation) are recorded
 as decisions of service ``keybroker.v1.KeyAdmin`` with subject ``keybroker:scheduler``.
@@ -42,6 +45,8 @@ from keybroker.errors import (
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "keybroker.v1.KeyAdmin"
+#: Reason of the event recorded for an object under a KEK label that is never used.
+REJECTED_OBJECT = "hsm_object_rejected"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
 S = VersionState
@@ -147,6 +152,39 @@ class KeyLifecycle:
         if on_created is not None:
             on_created()  # if this fails the PENDING row stays: reconcile() activates it
         self._store.activate_version(ref.name, ref.version, self._clock())
+
+    def make_current(self, name: str, version: int) -> KeyInfo:
+        """Make a newer version (e.g. one adopted from the HSM token) current, after checking
+        that its HSM object is usable and passes a wrap/unwrap self-test."""
+        key = self.get(name)
+        found = key.version(version)
+        if found is None or found.state not in (S.ENABLED, S.DECRYPT_ONLY, S.DISABLED):
+            raise NotFoundError(
+                f"key {name!r} has no live version {version}", reason="key_version_not_found"
+            )
+        if version <= key.current_version:
+            raise FailedPreconditionError(
+                f"only a version newer than the current version {key.current_version} can be "
+                "made current; rotate the key instead",
+                reason="key_version_not_newer",
+            )
+        ref = KeyRef(name, version)
+        if ref not in self._hsm.versions_on_token():
+            raise FailedPreconditionError(
+                f"version {version} has no usable HSM object", reason="hsm_object_missing"
+            )
+        why = self._hsm.self_test(ref)
+        if why is not None:
+            raise FailedPreconditionError(
+                f"version {version} failed its self-test: {why}", reason="kek_self_test_failed"
+            )
+        if not self._store.make_current(name, version, self._clock()):
+            raise FailedPreconditionError(
+                f"version {version} of {name!r} changed concurrently; read it again",
+                reason="concurrent_change",
+            )
+        self._changed()
+        return self.get(name)
 
     # -- policy and states -------------------------------------------------------------------
 
@@ -355,12 +393,27 @@ class KeyLifecycle:
             state = known.get(ref)
             if state is None:
                 if self._store.adopt_version(ref, self._clock()):
-                    self._event("Reconcile", ref, "adopted_from_hsm")
+                    current = self._store.key(ref.name)
+                    made_current = current is not None and current.current_version == ref.version
+                    reason = "adopted_from_hsm" if made_current else "adopted_from_hsm_not_current"
+                    if not made_current:
+                        log.warning(
+                            "key version %s found on the HSM token was adopted but is not "
+                            "current: make it current with KeyAdmin EnableKeyVersion "
+                            "(make_current) if it should be",
+                            ref,
+                        )
+                    self._event("Reconcile", ref, reason)
                     repairs += 1
             elif state is S.DESTROYED:
                 self._event("Reconcile", ref, "destruction_completed")
                 self._hsm.destroy_version(ref)
                 repairs += 1
+        for label, why in sorted(self._hsm.rejected_objects().items()):
+            log.error("HSM object %r is never used: %s", label, why)
+            named = _label_ref(label)
+            if named is not None:  # journaled (and alerted on: foreign_kek_object)
+                self._event("Reconcile", named, REJECTED_OBJECT, Outcome.ERROR)
         for ref, state in sorted(known.items()):
             live = state not in (S.PENDING, S.DESTROYING, S.DESTROYED)
             if live and ref not in token:
@@ -407,6 +460,17 @@ def _check_policy(rotation_period: int | None, rotate_after_wraps: int | None) -
             f"rotate_after_wraps must be 1..{MAX_ROTATE_AFTER_WRAPS}",
             reason="bad_rotate_after_wraps",
         )
+
+
+def _label_ref(label: str) -> KeyRef | None:
+    """The key version a ``kek:<name>:v<version>`` label names, if it is well formed."""
+    parts = label.split(":")
+    if len(parts) != 3 or parts[0] != "kek" or not parts[2].startswith("v"):
+        return None
+    try:
+        return KeyRef(validate_key_name(parts[1]), int(parts[2][1:]))
+    except (InvalidRequestError, ValueError):
+        return None
 
 
 def describe_failure(exc: BaseException) -> str:
