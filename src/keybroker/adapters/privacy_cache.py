@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.core.privacy import Erasure, RecordingEntry, Target
-from keybroker.errors import UnavailableError
+from keybroker.errors import AlreadyExistsError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class PrivacyCache:
         self._key = os.urandom(16)
         self._recordings = DigestSet()
         self._subjects = DigestSet()
+        self._registered = DigestSet()
+        self._key_seq = -1  # registry keys loaded (kb_recording_keys.seq); -1: not yet
         self._held: frozenset[int] = frozenset()
         self._withdrawn: frozenset[int] = frozenset()
         # purpose changes this replica made, by the generation they committed: merged into any
@@ -227,11 +229,20 @@ class PrivacyCache:
             current |= added
         return frozenset(current)
 
-    def hold_copy(self, recording_id: str) -> bytes | None:
-        return self._store.hold_copy(recording_id)
+    def hold_copies(self, recording_id: str) -> Sequence[bytes]:
+        return self._store.hold_copies(recording_id)
+
+    def require_unregistered(self, recording_id: str) -> None:
+        if self._digest(b"g\0", recording_id) in self._registered:
+            raise _already_registered()
 
     def register(self, entry: RecordingEntry) -> None:
+        digest = self._digest(b"g\0", entry.recording_id)
         with self._lock:
+            if not entry.amendment:
+                if digest in self._registered:
+                    raise _already_registered()
+                self._registered.add(digest)
             if len(self._buffer) >= _MAX_BUFFER:
                 log.error("recording registry buffer full: the store is unreachable")
                 return
@@ -301,6 +312,7 @@ class PrivacyCache:
                     c for c in self._local_purpose_changes if c[0] > generation
                 ]
                 self._withdrawn = self._with_local_changes(loaded)
+        self._load_registrations()
         self.flush_registry()
         now = time.monotonic()
         if generation != self._generation or now - self._last_ack >= _HEARTBEAT:
@@ -327,15 +339,49 @@ class PrivacyCache:
             if len(batch) < _LOAD_BATCH:
                 return
 
+    def _load_registrations(self) -> None:
+        """Recording ids registered (by any replica) since the last refresh, into the set
+        GenerateDataKey checks; the first time, every id in the registry."""
+        store, key, registered = self._store, self._key, self._registered
+        digest = hashlib.blake2b
+        if self._key_seq < 0:
+            last = store.last_key_seq()  # first: what later loads start from, then the ids
+            after: str | None = None
+            while True:
+                ids = store.registered_ids(after, _LOAD_BATCH)
+                with self._lock:
+                    for recording_id in ids:
+                        raw = digest(b"g\0" + recording_id.encode(), digest_size=8, key=key)
+                        registered.add(int.from_bytes(raw.digest(), "big") or 1)
+                if len(ids) < _LOAD_BATCH:
+                    break
+                after = ids[-1]
+            self._key_seq = last
+        while True:
+            batch = store.registrations_since(self._key_seq, _LOAD_BATCH)
+            with self._lock:
+                for seq, recording_id in batch:
+                    raw = digest(b"g\0" + recording_id.encode(), digest_size=8, key=key)
+                    registered.add(int.from_bytes(raw.digest(), "big") or 1)
+                    self._key_seq = seq
+            if len(batch) < _LOAD_BATCH:
+                return
+
     def flush_registry(self) -> None:
         with self._lock:
             pending, self._buffer = self._buffer, []
         try:
-            self._store.register(pending)
+            conflicts = self._store.register(pending)
         except Exception:  # keep the entries for the next attempt, then re-raise
             with self._lock:
                 self._buffer[:0] = pending
             raise
+        if conflicts:
+            log.warning(
+                "recording registry: %d registration(s) of an id another replica registered "
+                "at the same moment; the first registration stands, every wrapped key is kept",
+                len(conflicts),
+            )
 
     def close(self) -> None:
         try:
@@ -347,5 +393,16 @@ class PrivacyCache:
             self._store.close()
 
     @property
+    def registered_count(self) -> int:
+        return len(self._registered)
+
+    @property
     def erased_count(self) -> int:
         return len(self._recordings) + len(self._subjects)
+
+
+def _already_registered() -> AlreadyExistsError:
+    return AlreadyExistsError(
+        "recording id is already registered; use a new id (AmendPurposes changes purposes)",
+        reason="recording_registered",
+    )

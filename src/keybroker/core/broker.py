@@ -21,7 +21,7 @@ from keybroker.core.privacy import (
     require_not_erased,
     validate_reason,
 )
-from keybroker.core.retention import EpochScheme
+from keybroker.core.retention import EpochKeyBudget, EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     NONCE_SIZE,
@@ -116,12 +116,18 @@ class KeyBroker:
         privacy: PrivacyView | None = None,
         epochs: EpochScheme | None = None,
         ensure_key: Callable[[str], None] | None = None,
+        max_retention_seconds: int | None = None,
+        epoch_key_budget: EpochKeyBudget | None = None,
     ) -> None:
         """``epochs``: wrap under retention-epoch keys of the requested key, made on first use
-        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`)."""
+        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`), at most as often as
+        ``epoch_key_budget`` allows. ``max_retention_seconds``: the furthest ``retain_until``
+        may lie ahead."""
         self._privacy = privacy
         self._epochs = epochs
         self._ensure_key = ensure_key
+        self._max_retention = max_retention_seconds
+        self._epoch_budget = epoch_key_budget or EpochKeyBudget(clock=clock)
         self._keks = keks
         self._catalog = catalog
         self._clock = clock
@@ -143,6 +149,12 @@ class KeyBroker:
             raise InvalidRequestError(
                 "retain_until must be in the future", reason="bad_retain_until"
             )
+        if self._max_retention is not None and retain_until > now + self._max_retention:
+            raise InvalidRequestError(
+                f"retain_until must be at most {self._max_retention // 86400} days ahead "
+                "([keys] max_retention)",
+                reason="bad_retain_until",
+            )
         bindings = Bindings.create(
             recording_id=request.recording_id,
             purposes=request.purposes,
@@ -154,6 +166,7 @@ class KeyBroker:
         policy.require_purposes_granted(principal, bindings.purposes)
         if self._privacy is not None:
             require_not_erased(self._privacy, bindings.recording_id, bindings.subject_ids)
+            self._privacy.require_unregistered(bindings.recording_id)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
         key = self._current_for(name, retain_until)
         decision.key_name = key.name
@@ -161,8 +174,7 @@ class KeyBroker:
         material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
         data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
         wrapped = self._wrap(key, nonce, bindings, data_key)
-        self._catalog.count(key, wraps=1)
-        if self._privacy is not None:
+        if self._privacy is not None:  # claims the id for good (AlreadyExistsError if taken)
             self._privacy.register(
                 RecordingEntry(
                     bindings.recording_id,
@@ -174,6 +186,7 @@ class KeyBroker:
                     wrapped_key=wrapped,
                 )
             )
+        self._catalog.count(key, wraps=1)
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
 
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
@@ -188,6 +201,7 @@ class KeyBroker:
         except NotFoundError:
             if self._ensure_key is None:
                 raise
+        self._epoch_budget.take(epoch_key)
         self._ensure_key(epoch_key)
         return self._catalog.snapshot().current(epoch_key)
 
@@ -326,6 +340,7 @@ class KeyBroker:
                     current,
                     self._clock(),
                     wrapped_key=wrapped,
+                    amendment=True,
                 )
             )
         return RewrappedKey(wrapped, current)
@@ -335,13 +350,12 @@ class KeyBroker:
         recording was under legal hold then. It must carry exactly the same bindings."""
         if self._privacy is None:
             return None
-        raw = self._privacy.hold_copy(parsed.bindings.recording_id)
-        if raw is None:
-            return None
-        held = WrappedKey.parse(raw)
-        if held.bindings.encode() != parsed.bindings.encode():
-            return None
-        return held
+        bound = parsed.bindings.encode()
+        for raw in self._privacy.hold_copies(parsed.bindings.recording_id):
+            held = WrappedKey.parse(raw)
+            if held.bindings.encode() == bound:
+                return held
+        return None
 
     def move_to_hold(self, wrapped_key: bytes, hold_key_name: str) -> bytes:
         """Rewrap a registry copy to the hold key (retention shredding; no caller involved)."""

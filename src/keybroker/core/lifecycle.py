@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.keys import (
@@ -45,6 +46,8 @@ ADMIN_SERVICE = "keybroker.v1.KeyAdmin"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
 S = VersionState
+#: Claims every live version of a key for destruction: the versions won, or None for "not now".
+ShredClaim = Callable[[str, float], "list[int] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,11 @@ class KeyLifecycle:
         config: LifecycleConfig,
         record_event: Callable[[Decision], object],
         after_change: Callable[[], object] | None = None,
+        held_under: Callable[[str, int | None], int] | None = None,
     ) -> None:
+        """``held_under(name, version)``: how many held recordings a version (None: any
+        version) of a key still wraps (see :meth:`require_not_held`)."""
+        self._held_under = held_under
         self._after_change = after_change
         self._store = store
         self._hsm = hsm
@@ -96,6 +103,20 @@ class KeyLifecycle:
 
     def list(self) -> list[KeyInfo]:
         return self._store.list_keys()
+
+    def require_not_held(self, name: str, version: int | None, change: str) -> None:
+        """Refuse (FAILED_PRECONDITION ``legal_hold``) a change that would destroy, or start
+        the destruction of, a version that still wraps recordings under legal hold."""
+        if self._held_under is None:
+            return
+        held = self._held_under(validate_key_name(name), version)
+        if held:
+            what = f"version {version} of {name!r}" if version else f"key {name!r}"
+            raise FailedPreconditionError(
+                f"{what} still wraps {held} key(s) of recordings under legal hold; "
+                f"it cannot be {change} until the holds are released",
+                reason="legal_hold",
+            )
 
     # -- creation and rotation ---------------------------------------------------------------
 
@@ -266,6 +287,9 @@ class KeyLifecycle:
             if reason is not None:
                 done += self._scheduled_rotation(key, reason)
         for ref in self._store.due_destructions(now):
+            if self._held_under is not None and self._held_under(ref.name, ref.version):
+                log.warning("destruction of %s postponed: it wraps held recordings", ref)
+                continue
             if self._store.claim_destruction(ref.name, ref.version, now):
                 self._event("ScheduledDestruction", ref, "destruction_window_elapsed")
                 self._destroy(ref)
@@ -293,10 +317,27 @@ class KeyLifecycle:
             time.sleep(0.02)
         raise FailedPreconditionError(f"key {name!r} is still being created", reason="key_pending")
 
-    def shred(self, name: str, reason: str) -> int:
+    @overload
+    def shred(self, name: str, reason: str) -> int: ...
+
+    @overload
+    def shred(self, name: str, reason: str, *, claim: ShredClaim) -> int | None: ...
+
+    def shred(
+        self,
+        name: str,
+        reason: str,
+        *,
+        claim: ShredClaim | None = None,
+    ) -> int | None:
         """Destroy every version of ``name`` (retention epoch over). Exactly one replica wins
-        each version; each destruction is recorded before the HSM object goes."""
-        versions = self._store.claim_shred(name, self._clock())
+        each version; each destruction is recorded before the HSM object goes. ``claim``
+        replaces the store's claim (e.g. one that refuses, with None, while a hold is
+        unprotected); None is passed on."""
+        claimed = (claim or self._store.claim_shred)(name, self._clock())
+        if claimed is None:
+            return None
+        versions = claimed
         for version in versions:
             ref = KeyRef(name, version)
             self._event("RetentionShred", ref, reason)

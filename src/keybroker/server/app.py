@@ -189,6 +189,12 @@ def event_recorder(journal: Journal | None, live: DecisionRecorder) -> Callable[
     return record
 
 
+def intent_recorder(journal: Journal | None) -> Callable[[Decision], object] | None:
+    """Durable intent before effect: admin and privacy changes record their intent here before
+    they are applied (raises if the journal cannot be written, and then nothing changes)."""
+    return journal.record if journal is not None else None
+
+
 def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], None]:
     """Drop in-process HSM copies of versions that may no longer be used (crypto-shredding must
     not wait for a restart)."""
@@ -386,6 +392,12 @@ def create_server(
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(settings, keks, journal, span_processor, catalog)
+    privacy_cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+    )
     lifecycle = KeyLifecycle(
         store,
         keks,
@@ -397,15 +409,10 @@ def create_server(
         ),
         record_event=event_recorder(journal, obs.recorder),
         after_change=catalog.refresh,
+        held_under=privacy_cache.store.held_under,
     )
     lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
-    privacy_cache = PrivacyCache(
-        SqlPrivacyStore(open_database(settings)),
-        max_staleness=state.max_staleness,
-        refresh_interval=state.refresh_interval,
-        clock=clock,
-    )
     privacy_cache.refresh()
     catalog.also_refresh(privacy_cache.refresh)
     require_default_key(settings, catalog)
@@ -431,6 +438,7 @@ def create_server(
         privacy=privacy_cache,
         epochs=epochs,
         ensure_key=lambda name: lifecycle.ensure_key(name, "retention_epoch_key"),
+        max_retention_seconds=settings.keys.max_retention,
     )
     shredder = (
         RetentionShredder(
@@ -444,9 +452,15 @@ def create_server(
         if epochs is not None
         else None
     )
-    admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
+    admin = KeyAdmin(
+        lifecycle, mfa_required=auth.admin_require_mfa, intent=intent_recorder(journal)
+    )
     privacy = PrivacyService(
-        privacy_cache.store, privacy_cache, clock=clock, mfa_required=auth.admin_require_mfa
+        privacy_cache.store,
+        privacy_cache,
+        clock=clock,
+        mfa_required=auth.admin_require_mfa,
+        intent=intent_recorder(journal),
     )
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
