@@ -94,8 +94,11 @@ def test_errors_are_typed(client: KeyBrokerClient, clock: Clock, spans: Spans) -
     assert denied.value.reason == "purpose_not_granted"
     with pytest.raises(errors.InvalidWrappedKeyError):
         client.unwrap_data_key("rec-e", key.wrapped[:-1], purpose="support")
+    with pytest.raises(errors.AlreadyExistsError) as exists:
+        client.generate_data_key("rec-e", purposes=["support"])
+    assert exists.value.reason == "recording_registered"
     with pytest.raises(errors.NotFoundError):
-        client.generate_data_key("rec-e", purposes=["support"], key_name="nope")
+        client.generate_data_key("rec-e-2", purposes=["support"], key_name="nope")
     with pytest.raises(errors.InvalidRequestError):
         client.generate_data_key("", purposes=["support"])
     clock.offset = 7200

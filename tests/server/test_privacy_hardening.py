@@ -26,6 +26,8 @@ from keybroker.core.wrapped_key import KeyRef, WrappedKey
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.errors import AlreadyExistsError
 from keybroker.server.app import RunningBroker
+from keybroker.v1 import admin_pb2 as apb
+from keybroker.v1 import admin_pb2_grpc as apb_grpc
 from keybroker.v1 import privacy_pb2 as ppb
 from tests.server.test_privacy import (  # noqa: F401 - fixtures
     Calls,
@@ -35,7 +37,7 @@ from tests.server.test_privacy import (  # noqa: F401 - fixtures
     rid,
     running,
 )
-from tests.support.clients import auth, generate_request
+from tests.support.clients import auth, channel, generate_request
 
 YEAR = 365 * 86400
 
@@ -209,8 +211,8 @@ def test_privacy_changes_are_not_applied_when_their_intent_cannot_be_journaled(
     """Durable intent before effect: with the journal failing, hold, release, erase and amend
     answer UNAVAILABLE and change nothing; once it works, each change is preceded in the journal
     by its intent record."""
-    held, erased, amended = rid(), rid(), rid()
-    for rec in (held, erased):
+    placed, held, erased, amended = rid(), rid(), rid(), rid()
+    for rec in (placed, held, erased):
         calls.generate(rec)
     blob = calls.generate(amended)
     calls.call("PlaceLegalHold", ppb.LegalHoldRequest(recording_id=held, reason="case 1"))
@@ -226,7 +228,7 @@ def test_privacy_changes_are_not_applied_when_their_intent_cannot_be_journaled(
     )
     amend.add_purposes.append("qa")
     changes = {
-        "PlaceLegalHold": ppb.LegalHoldRequest(recording_id=erased, reason="case 2"),
+        "PlaceLegalHold": ppb.LegalHoldRequest(recording_id=placed, reason="case 2"),
         "ReleaseLegalHold": ppb.LegalHoldRequest(recording_id=held),
         "EraseRecording": ppb.EraseRecordingRequest(recording_id=erased, reason="art. 17"),
         "AmendPurposes": amend,
@@ -237,7 +239,7 @@ def test_privacy_changes_are_not_applied_when_their_intent_cannot_be_journaled(
             code, _message, reason = refused(lambda m=method, r=request: calls.call(m, r))
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "journal_unavailable"), method
         running.privacy.flush_registry()
-        assert holds() >= {held} and erased not in holds()
+        assert held in holds() and placed not in holds()
         assert all(
             target != erased for _seq, _kind, target in store.erasure_targets_since(0, 10**6)
         )
@@ -248,7 +250,7 @@ def test_privacy_changes_are_not_applied_when_their_intent_cannot_be_journaled(
     records = [
         (d.operation, d.outcome)
         for _ts, d in _decisions(running)
-        if d.operation in changes and d.recording_id in (held, erased, amended)
+        if d.operation in changes and d.recording_id in (placed, held, erased, amended)
     ]
     for method in changes:
         mine = [outcome for operation, outcome in records if operation == method]
@@ -269,3 +271,53 @@ def test_a_failed_hold_is_refused_before_anything_changes(
     assert rec not in {h.target for h in _store(running).holds()}
     release = ppb.LegalHoldRequest(recording_id=rec)
     assert refused(lambda: calls.call("ReleaseLegalHold", release))[2] == "not_held"
+
+
+def test_admin_changes_are_not_applied_when_their_intent_cannot_be_journaled(
+    devenv: DevEnv, running: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotate, disable, schedule and cancel destruction: with the journal failing each answers
+    UNAVAILABLE and the key is exactly as before; once it works each is applied after its
+    durable intent."""
+    ch = channel(devenv, running.port, own_connection=True)
+    admin = apb_grpc.KeyAdminStub(ch)  # type: ignore[no-untyped-call]
+    token = mint_token(devenv, scopes=["keys:admin"], amr=["mfa"])
+    name = f"intent-{uuid.uuid4().hex[:8]}"
+    try:
+        admin.CreateKey(apb.CreateKeyRequest(name=name), metadata=auth(token))
+        admin.RotateKey(apb.RotateKeyRequest(name=name), metadata=auth(token))
+        assert running.lifecycle is not None
+
+        def state() -> list[tuple[int, str]]:
+            key = running.lifecycle.get(name)  # type: ignore[union-attr]
+            return [(v.version, v.state.value) for v in key.versions]
+
+        before = state()
+        changes: list[tuple[str, Any]] = [
+            ("RotateKey", apb.RotateKeyRequest(name=name)),
+            ("DisableKeyVersion", apb.DisableKeyVersionRequest(name=name, version=1)),
+            (
+                "ScheduleKeyVersionDestruction",
+                apb.ScheduleKeyVersionDestructionRequest(
+                    name=name, version=1, window_seconds=86400
+                ),
+            ),
+            ("CancelKeyVersionDestruction", apb.KeyVersionRequest(name=name, version=1)),
+        ]
+        with monkeypatch.context() as patch:
+            _failing_journal(running, patch)
+            for method, request in changes:
+                code, _message, reason = refused(
+                    lambda m=method, r=request: getattr(admin, m)(r, metadata=auth(token))
+                )
+                assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "journal_unavailable")
+                assert state() == before, method
+        for method, request in changes:
+            getattr(admin, method)(request, metadata=auth(token))
+        assert state() == [(1, "disabled"), (2, "enabled"), (3, "enabled")]
+        ops = [(d.operation, d.outcome) for _ts, d in _decisions(running) if d.key_name == name]
+        for method, _request in changes:
+            mine = [outcome for operation, outcome in ops if operation == method]
+            assert mine[-2:] == [Outcome.INTENT, Outcome.ALLOW], method
+    finally:
+        ch.close()
