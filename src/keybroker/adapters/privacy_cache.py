@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.core.privacy import Erasure, RecordingEntry, Target
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _MAX_LOAD = 0.7
 _LOAD_BATCH = 200_000
 _MAX_BUFFER = 1_000_000
+_GROW_AT = 0.5  # the refresh grows the registered-id table past this, off the data plane
 _HEARTBEAT = 1.0  # seconds between acknowledgements when nothing changed (liveness)
 _CLOCK_SKEW = 1.0  # margin for wall clocks of replicas on different hosts (their acks' times)
 
@@ -93,6 +94,15 @@ class DigestSet:
     def memory_bytes(self) -> int:
         return self._table.itemsize * len(self._table)
 
+    @property
+    def load(self) -> float:
+        """How full the table is (it doubles itself past ``_MAX_LOAD``)."""
+        return self._count / len(self._table)
+
+    def values(self) -> Iterator[int]:
+        """The members (safe while another thread adds: a concurrent add may be missed)."""
+        return (value for value in self._table if value)
+
 
 class PrivacyCache:
     """Implements :class:`keybroker.core.privacy.PrivacyView`."""
@@ -113,6 +123,7 @@ class PrivacyCache:
         self._recordings = DigestSet()
         self._subjects = DigestSet()
         self._registered = DigestSet()
+        self._registered_meanwhile: list[int] | None = None  # adds during a background regrow
         self._key_seq = -1  # registry keys loaded (kb_recording_keys.seq); -1: not yet
         self._held: frozenset[int] = frozenset()
         self._withdrawn: frozenset[int] = frozenset()
@@ -243,6 +254,8 @@ class PrivacyCache:
                 if digest in self._registered:
                     raise _already_registered()
                 self._registered.add(digest)
+                if self._registered_meanwhile is not None:
+                    self._registered_meanwhile.append(digest)
             if len(self._buffer) >= _MAX_BUFFER:
                 log.error("recording registry buffer full: the store is unreachable")
                 return
@@ -365,7 +378,24 @@ class PrivacyCache:
                     registered.add(int.from_bytes(raw.digest(), "big") or 1)
                     self._key_seq = seq
             if len(batch) < _LOAD_BATCH:
-                return
+                break
+        self._grow_registered()
+
+    def _grow_registered(self) -> None:
+        """Double the registered-id table here, on the refresh thread, before it fills up: if
+        GenerateDataKey's own add had to grow it, the data-plane loop would rehash every
+        registered id (seconds at millions) while holding the cache lock."""
+        if self._registered.load < _GROW_AT:
+            return
+        with self._lock:
+            current, self._registered_meanwhile = self._registered, []
+        grown = DigestSet(2 * len(current))
+        for value in current.values():
+            grown.add(value)
+        with self._lock:
+            for value in self._registered_meanwhile or ():
+                grown.add(value)
+            self._registered, self._registered_meanwhile = grown, None
 
     def flush_registry(self) -> None:
         with self._lock:

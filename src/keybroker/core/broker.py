@@ -166,7 +166,6 @@ class KeyBroker:
         policy.require_purposes_granted(principal, bindings.purposes)
         if self._privacy is not None:
             require_not_erased(self._privacy, bindings.recording_id, bindings.subject_ids)
-            self._privacy.require_unregistered(bindings.recording_id)
         name = validate_key_name(request.key_name) if request.key_name else self._default_key
         key = self._current_for(name, retain_until)
         decision.key_name = key.name
@@ -174,7 +173,7 @@ class KeyBroker:
         material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
         data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
         wrapped = self._wrap(key, nonce, bindings, data_key)
-        if self._privacy is not None:  # claims the id for good (AlreadyExistsError if taken)
+        if self._privacy is not None:  # claims the id (AlreadyExistsError if registered)
             self._privacy.register(
                 RecordingEntry(
                     bindings.recording_id,
