@@ -91,6 +91,8 @@ def test_key_admin_cannot_destroy_or_rotate_versions_wrapping_held_recordings(
         held = rec()
         generated = client.generate(held, 0.5)
         epoch_key = generated.key_ref.key_name
+        rotate = apb.RotateKeyRequest(name=epoch_key)
+        assert client.admin_call("RotateKey", rotate).current_version == 2  # not held yet
         client.hold("PlaceLegalHold", held)
         assert running.privacy is not None
         running.privacy.flush_registry()
@@ -102,13 +104,14 @@ def test_key_admin_cannot_destroy_or_rotate_versions_wrapping_held_recordings(
         )
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "legal_hold")
         assert "legal hold" in message
-        rotate = apb.RotateKeyRequest(name=epoch_key)
         assert refused(lambda: client.admin_call("RotateKey", rotate))[2] == "legal_hold"
         assert running.lifecycle is not None
-        assert running.lifecycle.get(epoch_key).current_version == 1  # nothing changed
+        key = running.lifecycle.get(epoch_key)
+        assert key.current_version == 2  # nothing changed
+        assert {v.version: v.state.value for v in key.versions} == {1: "enabled", 2: "enabled"}
 
         client.hold("ReleaseLegalHold", held)  # released: both are allowed again
-        assert client.admin_call("RotateKey", rotate).current_version == 2
+        assert client.admin_call("RotateKey", rotate).current_version == 3
         client.admin_call("ScheduleKeyVersionDestruction", destroy)
     finally:
         client.close()
