@@ -74,3 +74,26 @@ def test_the_set_is_grown_on_refresh_never_full_on_the_data_plane(cache: Privacy
             cache.require_unregistered(recording_id)
     cache.require_unregistered("rec-new")
     cache.close()
+
+
+def test_a_registration_raced_by_another_replica_is_reported(tmp_path: Path) -> None:
+    """Two replicas register one id before either has loaded the other's: the store keeps the
+    first, and the second replica reports the refused registration (the broker journals it as
+    a RegistryConflict decision)."""
+    url = f"sqlite:{tmp_path / 'kb.db'}"
+    Database(dialect_for(url, base=tmp_path)).migrate()
+    reported: list[str] = []
+    first = PrivacyCache(SqlPrivacyStore(Database(dialect_for(url, base=tmp_path))))
+    second = PrivacyCache(
+        SqlPrivacyStore(Database(dialect_for(url, base=tmp_path))), on_conflict=reported.append
+    )
+    first.refresh()
+    second.refresh()
+    first.register(entry("rec-raced"))
+    second.register(entry("rec-raced"))  # neither knows the other's yet
+    first.flush_registry()
+    second.flush_registry()
+    assert reported == ["rec-raced"]
+    assert first.store.wrapped_keys("rec-raced") == [b"wrapped", b"wrapped"]  # both kept
+    first.close()
+    second.close()

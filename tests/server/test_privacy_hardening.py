@@ -321,3 +321,21 @@ def test_admin_changes_are_not_applied_when_their_intent_cannot_be_journaled(
             assert mine[-2:] == [Outcome.INTENT, Outcome.ALLOW], method
     finally:
         ch.close()
+
+
+def test_a_raced_registration_is_journaled_as_a_registry_decision() -> None:
+    """What the broker records for a registration refused after the call (see
+    tests/adapters/test_privacy_registry.py for when it happens)."""
+    from keybroker.core.decision import Decision
+    from keybroker.server.app import registry_conflict_recorder
+
+    recorded: list[Decision] = []
+    registry_conflict_recorder(recorded.append)("rec-7")
+    (decision,) = recorded
+    assert (decision.operation, decision.outcome, decision.reason, decision.recording_id) == (
+        "RegistryConflict",
+        Outcome.DENY,
+        "recording_registered",
+        "rec-7",
+    )
+    assert decision.subject == "keybroker:registry"

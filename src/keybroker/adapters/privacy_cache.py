@@ -114,7 +114,11 @@ class PrivacyCache:
         max_staleness: float = 5.0,
         refresh_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        on_conflict: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_conflict(recording_id)``: records a registration the registry refused because
+        another replica registered the same id a moment before (the audit journal)."""
+        self._on_conflict = on_conflict
         self._store = store
         self._max_staleness = max_staleness
         self._refresh_interval = refresh_interval
@@ -412,6 +416,16 @@ class PrivacyCache:
                 "at the same moment; the first registration stands, every wrapped key is kept",
                 len(conflicts),
             )
+        if self._on_conflict is not None:
+            for recording_id in conflicts:
+                self._report_conflict(self._on_conflict, recording_id)
+
+    @staticmethod
+    def _report_conflict(report: Callable[[str], object], recording_id: str) -> None:
+        try:
+            report(recording_id)
+        except Exception as exc:  # noqa: BLE001 - committed already; the log line stays
+            log.error("registry conflict not recorded: %s", type(exc).__name__)  # noqa: TRY400
 
     def close(self) -> None:
         try:

@@ -39,7 +39,7 @@ from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.admin import KeyAdmin
 from keybroker.core.alerting import never_scheduled
 from keybroker.core.broker import KeyBroker
-from keybroker.core.decision import Decision
+from keybroker.core.decision import Decision, Outcome
 from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
@@ -66,6 +66,7 @@ from keybroker.v1 import (
 
 log = logging.getLogger(__name__)
 
+REGISTRY_SUBJECT = "keybroker:registry"
 _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 
 
@@ -193,6 +194,29 @@ def intent_recorder(journal: Journal | None) -> Callable[[Decision], object] | N
     """Durable intent before effect: admin and privacy changes record their intent here before
     they are applied (raises if the journal cannot be written, and then nothing changes)."""
     return journal.record if journal is not None else None
+
+
+def registry_conflict_recorder(record: Callable[[Decision], None]) -> Callable[[str], None]:
+    """Audit a registration the registry refused after the call (two replicas registering one
+    recording id within a refresh interval): a ``RegistryConflict`` decision, by the registry."""
+
+    def conflict(recording_id: str) -> None:
+        now = time.time_ns()
+        record(
+            Decision(
+                service=SERVICE_NAME,
+                operation="RegistryConflict",
+                outcome=Outcome.DENY,
+                reason="recording_registered",
+                status_code="ALREADY_EXISTS",
+                subject=REGISTRY_SUBJECT,
+                recording_id=recording_id,
+                started_ns=now,
+                ended_ns=now,
+            )
+        )
+
+    return conflict
 
 
 def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], None]:
@@ -397,6 +421,7 @@ def create_server(
         max_staleness=state.max_staleness,
         refresh_interval=state.refresh_interval,
         clock=clock,
+        on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
     )
     lifecycle = KeyLifecycle(
         store,
