@@ -32,6 +32,7 @@ from keybroker.core.keys import (
     require_transition,
 )
 from keybroker.core.ports import Clock, KekAdministration, KeyStore
+from keybroker.core.retention import is_retention_key
 from keybroker.core.wrapped_key import KeyRef, validate_key_name
 from keybroker.errors import (
     FailedPreconditionError,
@@ -106,10 +107,12 @@ class KeyLifecycle:
 
     def require_not_held(self, name: str, version: int | None, change: str) -> None:
         """Refuse (FAILED_PRECONDITION ``legal_hold``) a change that would destroy, or start
-        the destruction of, a version that still wraps recordings under legal hold."""
+        the destruction of, a version that still wraps recordings under legal hold. For a
+        retention-epoch or hold key every version counts while any of its recordings is held
+        (a held recording's blob may have been rewrapped to any of them)."""
         if self._held_under is None:
             return
-        held = self._held_under(validate_key_name(name), version)
+        held = self._holds_on(validate_key_name(name), version)
         if held:
             what = f"version {version} of {name!r}" if version else f"key {name!r}"
             raise FailedPreconditionError(
@@ -117,6 +120,11 @@ class KeyLifecycle:
                 f"it cannot be {change} until the holds are released",
                 reason="legal_hold",
             )
+
+    def _holds_on(self, name: str, version: int | None) -> int:
+        if self._held_under is None:
+            return 0
+        return self._held_under(name, None if is_retention_key(name) else version)
 
     # -- creation and rotation ---------------------------------------------------------------
 
@@ -287,7 +295,7 @@ class KeyLifecycle:
             if reason is not None:
                 done += self._scheduled_rotation(key, reason)
         for ref in self._store.due_destructions(now):
-            if self._held_under is not None and self._held_under(ref.name, ref.version):
+            if self._holds_on(ref.name, ref.version):
                 log.warning("destruction of %s postponed: it wraps held recordings", ref)
                 continue
             if self._store.claim_destruction(ref.name, ref.version, now):
