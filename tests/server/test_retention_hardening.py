@@ -222,3 +222,37 @@ def test_a_hold_placed_while_the_epoch_key_is_shredded_is_never_lost(
         assert len(out.data_key) == 32
     finally:
         client.close()
+
+
+def test_a_hold_that_comes_after_the_claim_is_refused_not_lost(
+    devenv: DevEnv, running: RunningBroker, clock: Clock, base_key: str
+) -> None:
+    """The other order: the shredder claimed the epoch key first. The hold cannot protect the
+    recording any more, and says so (FAILED_PRECONDITION ``shredded``) instead of answering OK
+    while the key is destroyed."""
+    client = Client(devenv, running, clock, base_key)
+    try:
+        recording = rec()
+        epoch_key = client.generate(recording, 0.5).key_ref.key_name
+        assert running.privacy is not None and running.shredder is not None
+        running.privacy.flush_registry()
+        epoch = SCHEME.parse(epoch_key)
+        assert epoch is not None
+        clock.offset = SCHEME.shred_after(epoch[1]) - time.time() + 60
+        store = running.privacy.store
+        claim = store.claim_shred_unless_held
+        outcome: list[tuple[grpc.StatusCode, str, str]] = []
+
+        def claim_then_hold(name: str, now: float) -> list[int] | None:
+            claimed = claim(name, now)
+            outcome.append(refused(lambda: client.hold("PlaceLegalHold", recording)))
+            return claimed
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(store, "claim_shred_unless_held", claim_then_hold)
+            assert running.shredder.run_due() == 1
+        code, _message, reason = outcome[0]
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "shredded")
+        assert recording not in {h.target for h in store.holds()}
+    finally:
+        client.close()

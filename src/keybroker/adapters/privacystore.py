@@ -533,6 +533,8 @@ class SqlPrivacyStore:
                 raise FailedPreconditionError(
                     f"{hold.kind.value} is erased; there is nothing left to hold", reason="erased"
                 )
+            if hold.kind is Target.RECORDING:
+                self._refuse_if_shredded(cur, hold.target)
             cur.execute(
                 "INSERT INTO kb_holds (kind, target, reason, placed_by, placed_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -541,6 +543,26 @@ class SqlPrivacyStore:
             self._changed(cur)
 
         self._run(write, write=True)
+
+    @staticmethod
+    def _refuse_if_shredded(cur: Cursor, recording_id: str) -> None:
+        """A hold must protect something: refuse it when every registered key of the recording
+        is under a version being destroyed or destroyed, with no hold copy (its retention and
+        grace period are over and the shredder claimed its epoch key first: the claim and this
+        check run under the same lock, so a hold is either honoured or refused, never lost)."""
+        cur.execute(
+            "SELECT COUNT(*), SUM(CASE WHEN v.state IN (?, ?) AND k.held_wrapped_key IS NULL "
+            "THEN 1 ELSE 0 END) FROM kb_recording_keys k LEFT JOIN kb_key_versions v "
+            "ON v.name = k.key_name AND v.version = k.key_version WHERE k.recording_id = ?",
+            (VersionState.DESTROYING.value, VersionState.DESTROYED.value, recording_id),
+        )
+        total, dead = cur.fetchone()
+        if total and int(dead or 0) == int(total):
+            raise FailedPreconditionError(
+                "recording is crypto-shredded (its retention is over and its keys are "
+                "destroyed); there is nothing left to hold",
+                reason="shredded",
+            )
 
     def release_hold(self, kind: Target, target: str) -> Hold:
         def write(cur: Cursor) -> Hold:
