@@ -65,6 +65,13 @@ class NotFoundError(KeybrokerError):
     default_reason = "not_found"
 
 
+class AlreadyExistsError(KeybrokerError):
+    """What the request would create exists already (e.g. a recording id registered before)."""
+
+    default_message = "already exists"
+    default_reason = "already_exists"
+
+
 class FailedPreconditionError(KeybrokerError):
     """The request is well-formed and permitted but the system state refuses it."""
 

@@ -114,6 +114,8 @@ class KeysSettings:
     """``month`` (calendar months, UTC) or a duration such as ``30d`` (at least 1 day)."""
     retention_grace: int = 7 * 86400
     """Wait after an epoch ends before its key is destroyed."""
+    max_retention: int = 3650 * 86400
+    """Longest retention a caller may ask for (``retain_until`` at most this far ahead)."""
 
     def epoch_scheme(self) -> EpochScheme | None:
         if not self.retention_epochs:
@@ -323,6 +325,7 @@ _DURATION_KEYS = {
     "keys.destruction_window",
     "keys.min_destruction_window",
     "keys.retention_grace",
+    "keys.max_retention",
     "audit.max_file_age",
     "audit.checkpoint_interval",
     "audit.export_max_backoff",
@@ -483,6 +486,10 @@ def _validate_keys(keys: KeysSettings) -> None:
     keys.epoch_scheme()  # raises ConfigurationError for a bad [keys] retention_epoch
     if keys.retention_grace < 0:
         raise ConfigurationError("[keys] retention_grace: must be 0 or more, e.g. '7d'")
+    if keys.max_retention < keys.default_retention:
+        raise ConfigurationError(
+            "[keys] max_retention: must be at least [keys] default_retention, e.g. '3650d'"
+        )
 
 
 def validate_for_serving(settings: Settings) -> None:

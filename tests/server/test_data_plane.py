@@ -21,7 +21,7 @@ from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from tests.conftest import HSM_MODULES, Clock, TokenFactory, code_of
-from tests.support.clients import auth, channel, generate_request, stub
+from tests.support.clients import auth, channel, generate_request, new_recording_id, stub
 from tests.support.process import run_fresh
 
 Spans = Callable[[], Sequence[ReadableSpan]]
@@ -43,7 +43,18 @@ def kb(data_broker: RunningBroker, devenv: DevEnv) -> Iterator[pb_grpc.KeyBroker
         yield stub(ch)
 
 
+REC = "rec-1"
+"""This test's recording id (each test has its own: the broker registers an id once)."""
+
+
+@pytest.fixture(autouse=True)
+def _new_recording() -> None:
+    global REC  # noqa: PLW0603 - read by the tests and helpers of this module
+    REC = new_recording_id()
+
+
 def generate(kb: pb_grpc.KeyBrokerStub, token: str, **kwargs: Any) -> pb.GenerateDataKeyResponse:
+    kwargs.setdefault("recording_id", REC)
     resp: pb.GenerateDataKeyResponse = kb.GenerateDataKey(
         generate_request(**kwargs), metadata=auth(token)
     )
@@ -62,7 +73,7 @@ def test_generate_then_unwrap_returns_the_same_key(
     assert (gen.key_ref.key_name, gen.key_ref.version) == (f"recordings.e{epoch.label}", 1)
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1",
+            recording_id=REC,
             wrapped_key=gen.wrapped_key,
             purpose="support",
             context={"tenant": "acme"},
@@ -78,12 +89,10 @@ def test_generate_wrapped_returns_no_plaintext(
 ) -> None:
     """GenerateWrappedDataKey's response type has no data_key at all; the blob unwraps."""
     t = token()
-    resp = kb.GenerateWrappedDataKey(generate_request(), metadata=auth(t))
+    resp = kb.GenerateWrappedDataKey(generate_request(REC), metadata=auth(t))
     assert "data_key" not in pb.GenerateWrappedDataKeyResponse.DESCRIPTOR.fields_by_name
     out = kb.UnwrapDataKey(
-        pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=resp.wrapped_key, purpose="support"
-        ),
+        pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=resp.wrapped_key, purpose="support"),
         metadata=auth(t),
     )
     assert len(out.data_key) == 32
@@ -94,13 +103,13 @@ def test_rewrap_keeps_key_and_bindings(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     t = token(purposes=["support", "qa"])
     gen = generate(kb, t, purposes=["support", "qa"], context={"k": "v"})
     re = kb.RewrapDataKey(
-        pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key), metadata=auth(t)
+        pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=gen.wrapped_key), metadata=auth(t)
     )
     assert re.wrapped_key != gen.wrapped_key
     assert not hasattr(re, "data_key")
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}
+            recording_id=REC, wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}
         ),
         metadata=auth(t),
     )
@@ -108,7 +117,7 @@ def test_rewrap_keeps_key_and_bindings(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
             pb.UnwrapDataKeyRequest(
-                recording_id="rec-1",
+                recording_id=REC,
                 wrapped_key=re.wrapped_key,
                 purpose="marketing",
                 context={"k": "v"},
@@ -134,13 +143,13 @@ def test_missing_scope_is_permission_denied(
     wrapped = generate(kb, token()).wrapped_key
     t = token(scopes=scopes)
     calls = {
-        "generate": lambda: kb.GenerateDataKey(generate_request(), metadata=auth(t)),
+        "generate": lambda: kb.GenerateDataKey(generate_request(REC), metadata=auth(t)),
         "unwrap": lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose="support"),
             metadata=auth(t),
         ),
         "rewrap": lambda: kb.RewrapDataKey(
-            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+            pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped), metadata=auth(t)
         ),
     }
     code, message = code_of(calls[call])
@@ -180,9 +189,7 @@ def test_unwrap_purpose_must_be_granted_and_bound(
     t = token(purposes=token_purposes)
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(
-                recording_id="rec-1", wrapped_key=wrapped, purpose=request_purpose
-            ),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose=request_purpose),
             metadata=auth(t),
         )
     )
@@ -196,15 +203,15 @@ def test_unwrap_purpose_must_be_granted_and_bound(
     ("recording_id", "context", "reason"),
     [
         ("rec-2", {"tenant": "acme"}, "recording_mismatch"),
-        ("rec-1", {"tenant": "evil"}, "context_mismatch"),
-        ("rec-1", {}, "context_mismatch"),
+        (None, {"tenant": "evil"}, "context_mismatch"),  # None: the recording's own id
+        (None, {}, "context_mismatch"),
     ],
 )
 def test_unwrap_recording_and_context_must_match(
     kb: pb_grpc.KeyBrokerStub,
     token: TokenFactory,
     spans: Spans,
-    recording_id: str,
+    recording_id: str | None,
     context: dict[str, str],
     reason: str,
 ) -> None:
@@ -214,7 +221,10 @@ def test_unwrap_recording_and_context_must_match(
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
             pb.UnwrapDataKeyRequest(
-                recording_id=recording_id, wrapped_key=wrapped, purpose="support", context=context
+                recording_id=recording_id or REC,
+                wrapped_key=wrapped,
+                purpose="support",
+                context=context,
             ),
             metadata=auth(t),
         )
@@ -229,20 +239,20 @@ def test_unwrap_after_retention_is_failed_precondition(
     """Once retain_until has passed the key is refused, for unwrap and rewrap alike."""
     t = token()
     until = Timestamp(seconds=int(clock()) + 3600)
-    req = generate_request()
+    req = generate_request(REC)
     req.retain_until.CopyFrom(until)
     wrapped = kb.GenerateDataKey(req, metadata=auth(t)).wrapped_key
     clock.offset = 7200
     code, message = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose="support"),
             metadata=auth(t),
         )
     )
     assert (code, message) == (grpc.StatusCode.FAILED_PRECONDITION, "retention expired")
     code, _ = code_of(
         lambda: kb.RewrapDataKey(
-            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+            pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped), metadata=auth(t)
         )
     )
     assert code is grpc.StatusCode.FAILED_PRECONDITION
@@ -252,7 +262,7 @@ def test_retain_until_in_the_past_is_invalid(
     kb: pb_grpc.KeyBrokerStub, token: TokenFactory
 ) -> None:
     """A key cannot be generated already expired."""
-    req = generate_request()
+    req = generate_request(REC)
     req.retain_until.CopyFrom(Timestamp(seconds=1))
     code, message = code_of(lambda: kb.GenerateDataKey(req, metadata=auth(token())))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
@@ -297,7 +307,7 @@ def test_garbage_wrapped_key_is_uniform_invalid_argument(
     for blob in (b"", b"garbage", b"KBW\x02" + bytes(100), bytes(40000)):
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
-                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=blob, purpose="support"),
+                pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=blob, purpose="support"),
                 metadata=auth(token()),
             )
         )
@@ -319,7 +329,7 @@ def test_every_single_byte_change_and_truncation_is_refused(
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
                 pb.UnwrapDataKeyRequest(
-                    recording_id="rec-1", wrapped_key=blob, purpose="support", context={"c": "v"}
+                    recording_id=REC, wrapped_key=blob, purpose="support", context={"c": "v"}
                 ),
                 metadata=auth(t),
             )
@@ -333,9 +343,7 @@ def test_oversized_request_is_resource_exhausted(
     """Requests over the message limit are refused before any handler runs."""
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(
-                recording_id="rec-1", wrapped_key=bytes(70_000), purpose="support"
-            ),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=bytes(70_000), purpose="support"),
             metadata=auth(token()),
         )
     )
@@ -364,7 +372,7 @@ def test_unexpected_failure_is_internal_and_generic(
 
 def test_missing_token_is_unauthenticated(kb: pb_grpc.KeyBrokerStub) -> None:
     """No authorization metadata: UNAUTHENTICATED."""
-    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request()))
+    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request(REC)))
     assert code is grpc.StatusCode.UNAUTHENTICATED
 
 

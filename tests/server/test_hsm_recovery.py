@@ -57,14 +57,15 @@ def test_token_loss_gives_unavailable_and_recovers_without_restart(
             )
             return int(resp.status)
 
-        gen = kb.GenerateDataKey(generate_request(), metadata=auth(token))
+        request = generate_request()
+        gen = kb.GenerateDataKey(request, metadata=auth(token))
         assert status() == health_pb2.HealthCheckResponse.SERVING
 
         hidden = tmp_path / "tokens-away"
         own_env.token_dir.rename(hidden)
         _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
         unwrap = pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+            recording_id=request.recording_id, wrapped_key=gen.wrapped_key, purpose="support"
         )
         for call in (
             lambda: kb.GenerateDataKey(generate_request(), metadata=auth(token)),

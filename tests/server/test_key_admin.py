@@ -23,7 +23,7 @@ from keybroker.adapters.journal import read_lines
 from keybroker.core.broker import GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
-from keybroker.core.wrapped_key import KeyRef
+from keybroker.core.wrapped_key import KeyRef, WrappedKey
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import admin_pb2 as apb
@@ -480,7 +480,10 @@ def test_a_process_killed_between_the_hsm_and_store_steps_is_reconciled_at_start
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _unwrap_request(blob: bytes, recording_id: str = "rec-1") -> pb.UnwrapDataKeyRequest:
+def _unwrap_request(blob: bytes, recording_id: str | None = None) -> pb.UnwrapDataKeyRequest:
+    """An unwrap of ``blob`` (by default for the recording it was generated for)."""
+    if recording_id is None:
+        recording_id = WrappedKey.parse(blob).bindings.recording_id
     return pb.UnwrapDataKeyRequest(recording_id=recording_id, wrapped_key=blob, purpose="support")
 
 

@@ -119,10 +119,13 @@ def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> 
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     for _ in range(12):
         with channel(devenv, port, own_connection=True) as ch:
-            gen = stub(ch).GenerateDataKey(generate_request(), metadata=auth(token))
+            request = generate_request()
+            gen = stub(ch).GenerateDataKey(request, metadata=auth(token))
             out = stub(ch).UnwrapDataKey(
                 pb.UnwrapDataKeyRequest(
-                    recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+                    recording_id=request.recording_id,
+                    wrapped_key=gen.wrapped_key,
+                    purpose="support",
                 ),
                 metadata=auth(token),
             )

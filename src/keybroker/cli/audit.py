@@ -529,7 +529,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", type=Path)
     for flag in ("recording", "subject", "principal", "cert", "key", "operation"):
         p.add_argument(f"--{flag}")
-    p.add_argument("--decision", choices=["allow", "deny", "error"])
+    p.add_argument("--decision", choices=["allow", "deny", "error", "intent"])
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--until")
     p.add_argument("--json", action="store_true", help="JSON lines")

@@ -23,7 +23,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from keybroker.core.decision import Decision, Outcome
 
-OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
+OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome if o is not Outcome.INTENT)
 UNWRAP = "UnwrapDataKey"
 NO_PRINCIPAL = "(none)"
 NO_PURPOSE = "(none)"
@@ -131,6 +131,8 @@ def summarize(
     errors: Counter[str] = Counter()
     for ts, d in decisions:
         if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+            continue
+        if d.outcome is Outcome.INTENT:  # announces a change; its decision is counted
             continue
         kept.append((ts, d.outcome))
         out.totals.add(d.outcome)

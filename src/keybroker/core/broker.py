@@ -21,7 +21,7 @@ from keybroker.core.privacy import (
     require_not_erased,
     validate_reason,
 )
-from keybroker.core.retention import EpochScheme
+from keybroker.core.retention import EpochKeyBudget, EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     Bindings,
@@ -115,12 +115,18 @@ class KeyBroker:
         privacy: PrivacyView | None = None,
         epochs: EpochScheme | None = None,
         ensure_key: Callable[[str], None] | None = None,
+        max_retention_seconds: int | None = None,
+        epoch_key_budget: EpochKeyBudget | None = None,
     ) -> None:
         """``epochs``: wrap under retention-epoch keys of the requested key, made on first use
-        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`)."""
+        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`), at most as often as
+        ``epoch_key_budget`` allows. ``max_retention_seconds``: the furthest ``retain_until``
+        may lie ahead."""
         self._privacy = privacy
         self._epochs = epochs
         self._ensure_key = ensure_key
+        self._max_retention = max_retention_seconds
+        self._epoch_budget = epoch_key_budget or EpochKeyBudget(clock=clock)
         self._keks = keks
         self._catalog = catalog
         self._clock = clock
@@ -142,6 +148,12 @@ class KeyBroker:
             raise InvalidRequestError(
                 "retain_until must be in the future", reason="bad_retain_until"
             )
+        if self._max_retention is not None and retain_until > now + self._max_retention:
+            raise InvalidRequestError(
+                f"retain_until must be at most {self._max_retention // 86400} days ahead "
+                "([keys] max_retention)",
+                reason="bad_retain_until",
+            )
         bindings = Bindings.create(
             recording_id=request.recording_id,
             purposes=request.purposes,
@@ -159,8 +171,8 @@ class KeyBroker:
         decision.key_version = key.version
         data_key = self._keks.random(DATA_KEY_SIZE)
         wrapped = self._wrap(key, bindings, data_key)
-        self._catalog.count(key, wraps=1)
-        if self._privacy is not None:
+        self._catalog.count(key, wraps=1)  # every encryption under the version counts
+        if self._privacy is not None:  # claims the id (AlreadyExistsError if registered)
             self._privacy.register(
                 RecordingEntry(
                     bindings.recording_id,
@@ -186,6 +198,7 @@ class KeyBroker:
         except NotFoundError:
             if self._ensure_key is None:
                 raise
+        self._epoch_budget.take(epoch_key)
         self._ensure_key(epoch_key)
         return self._catalog.snapshot().current(epoch_key)
 
@@ -323,6 +336,7 @@ class KeyBroker:
                     current,
                     self._clock(),
                     wrapped_key=wrapped,
+                    amendment=True,
                 )
             )
         return RewrappedKey(wrapped, current)
@@ -332,13 +346,12 @@ class KeyBroker:
         recording was under legal hold then. It must carry exactly the same bindings."""
         if self._privacy is None:
             return None
-        raw = self._privacy.hold_copy(parsed.bindings.recording_id)
-        if raw is None:
-            return None
-        held = WrappedKey.parse(raw)
-        if held.bindings.encode() != parsed.bindings.encode():
-            return None
-        return held
+        bound = parsed.bindings.encode()
+        for raw in self._privacy.hold_copies(parsed.bindings.recording_id):
+            held = WrappedKey.parse(raw)
+            if held.bindings.encode() == bound:
+                return held
+        return None
 
     def move_to_hold(self, wrapped_key: bytes, hold_key_name: str) -> bytes:
         """Rewrap a registry copy to the hold key (retention shredding; no caller involved)."""

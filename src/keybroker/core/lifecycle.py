@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.keys import (
@@ -34,6 +35,7 @@ from keybroker.core.keys import (
     require_transition,
 )
 from keybroker.core.ports import Clock, KekAdministration, KeyStore
+from keybroker.core.retention import is_retention_key
 from keybroker.core.wrapped_key import KeyRef, validate_key_name
 from keybroker.errors import (
     FailedPreconditionError,
@@ -50,6 +52,8 @@ REJECTED_OBJECT = "hsm_object_rejected"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
 S = VersionState
+#: Claims every live version of a key for destruction: the versions won, or None for "not now".
+ShredClaim = Callable[[str, float], "list[int] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,11 @@ class KeyLifecycle:
         config: LifecycleConfig,
         record_event: Callable[[Decision], object],
         after_change: Callable[[], object] | None = None,
+        held_under: Callable[[str, int | None], int] | None = None,
     ) -> None:
+        """``held_under(name, version)``: how many held recordings a version (None: any
+        version) of a key still wraps (see :meth:`require_not_held`)."""
+        self._held_under = held_under
         self._after_change = after_change
         self._store = store
         self._hsm = hsm
@@ -101,6 +109,27 @@ class KeyLifecycle:
 
     def list(self) -> list[KeyInfo]:
         return self._store.list_keys()
+
+    def require_not_held(self, name: str, version: int | None, change: str) -> None:
+        """Refuse (FAILED_PRECONDITION ``legal_hold``) a change that would destroy, or start
+        the destruction of, a version that still wraps recordings under legal hold. For a
+        retention-epoch or hold key every version counts while any of its recordings is held
+        (a held recording's blob may have been rewrapped to any of them)."""
+        if self._held_under is None:
+            return
+        held = self._holds_on(validate_key_name(name), version)
+        if held:
+            what = f"version {version} of {name!r}" if version else f"key {name!r}"
+            raise FailedPreconditionError(
+                f"{what} still wraps {held} key(s) of recordings under legal hold; "
+                f"it cannot be {change} until the holds are released",
+                reason="legal_hold",
+            )
+
+    def _holds_on(self, name: str, version: int | None) -> int:
+        if self._held_under is None:
+            return 0
+        return self._held_under(name, None if is_retention_key(name) else version)
 
     # -- creation and rotation ---------------------------------------------------------------
 
@@ -304,6 +333,9 @@ class KeyLifecycle:
             if reason is not None:
                 done += self._scheduled_rotation(key, reason)
         for ref in self._store.due_destructions(now):
+            if self._holds_on(ref.name, ref.version):
+                log.warning("destruction of %s postponed: it wraps held recordings", ref)
+                continue
             if self._store.claim_destruction(ref.name, ref.version, now):
                 self._event("ScheduledDestruction", ref, "destruction_window_elapsed")
                 self._destroy(ref)
@@ -331,10 +363,27 @@ class KeyLifecycle:
             time.sleep(0.02)
         raise FailedPreconditionError(f"key {name!r} is still being created", reason="key_pending")
 
-    def shred(self, name: str, reason: str) -> int:
+    @overload
+    def shred(self, name: str, reason: str) -> int: ...
+
+    @overload
+    def shred(self, name: str, reason: str, *, claim: ShredClaim) -> int | None: ...
+
+    def shred(
+        self,
+        name: str,
+        reason: str,
+        *,
+        claim: ShredClaim | None = None,
+    ) -> int | None:
         """Destroy every version of ``name`` (retention epoch over). Exactly one replica wins
-        each version; each destruction is recorded before the HSM object goes."""
-        versions = self._store.claim_shred(name, self._clock())
+        each version; each destruction is recorded before the HSM object goes. ``claim``
+        replaces the store's claim (e.g. one that refuses, with None, while a hold is
+        unprotected); None is passed on."""
+        claimed = (claim or self._store.claim_shred)(name, self._clock())
+        if claimed is None:
+            return None
+        versions = claimed
         for version in versions:
             ref = KeyRef(name, version)
             self._event("RetentionShred", ref, reason)

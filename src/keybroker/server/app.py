@@ -41,7 +41,7 @@ from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.admin import KeyAdmin
 from keybroker.core.alerting import never_scheduled
 from keybroker.core.broker import KeyBroker
-from keybroker.core.decision import Decision
+from keybroker.core.decision import Decision, Outcome
 from keybroker.core.keys import UNWRAPPABLE, KeySnapshot, VersionState
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
@@ -69,6 +69,7 @@ from keybroker.v1 import (
 
 log = logging.getLogger(__name__)
 
+REGISTRY_SUBJECT = "keybroker:registry"
 _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 
 
@@ -195,6 +196,35 @@ def event_recorder(journal: Journal | None, live: DecisionRecorder) -> Callable[
         live.record(decision)
 
     return record
+
+
+def intent_recorder(journal: Journal | None) -> Callable[[Decision], object] | None:
+    """Durable intent before effect: admin and privacy changes record their intent here before
+    they are applied (raises if the journal cannot be written, and then nothing changes)."""
+    return journal.record if journal is not None else None
+
+
+def registry_conflict_recorder(record: Callable[[Decision], None]) -> Callable[[str], None]:
+    """Audit a registration the registry refused after the call (two replicas registering one
+    recording id within a refresh interval): a ``RegistryConflict`` decision, by the registry."""
+
+    def conflict(recording_id: str) -> None:
+        now = time.time_ns()
+        record(
+            Decision(
+                service=SERVICE_NAME,
+                operation="RegistryConflict",
+                outcome=Outcome.DENY,
+                reason="recording_registered",
+                status_code="ALREADY_EXISTS",
+                subject=REGISTRY_SUBJECT,
+                recording_id=recording_id,
+                started_ns=now,
+                ended_ns=now,
+            )
+        )
+
+    return conflict
 
 
 def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], None]:
@@ -419,6 +449,13 @@ def create_server(
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(settings, keks, journal, span_processor, catalog)
+    privacy_cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+        on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
+    )
     lifecycle = KeyLifecycle(
         store,
         keks,
@@ -430,15 +467,10 @@ def create_server(
         ),
         record_event=event_recorder(journal, obs.recorder),
         after_change=catalog.refresh,
+        held_under=privacy_cache.store.held_under,
     )
     lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
-    privacy_cache = PrivacyCache(
-        SqlPrivacyStore(open_database(settings)),
-        max_staleness=state.max_staleness,
-        refresh_interval=state.refresh_interval,
-        clock=clock,
-    )
     privacy_cache.refresh()
     catalog.also_refresh(privacy_cache.refresh)
     require_keys(settings, keks, catalog)
@@ -464,6 +496,7 @@ def create_server(
         privacy=privacy_cache,
         epochs=epochs,
         ensure_key=lambda name: lifecycle.ensure_key(name, "retention_epoch_key"),
+        max_retention_seconds=settings.keys.max_retention,
     )
     shredder = (
         RetentionShredder(
@@ -477,9 +510,15 @@ def create_server(
         if epochs is not None
         else None
     )
-    admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
+    admin = KeyAdmin(
+        lifecycle, mfa_required=auth.admin_require_mfa, intent=intent_recorder(journal)
+    )
     privacy = PrivacyService(
-        privacy_cache.store, privacy_cache, clock=clock, mfa_required=auth.admin_require_mfa
+        privacy_cache.store,
+        privacy_cache,
+        clock=clock,
+        mfa_required=auth.admin_require_mfa,
+        intent=intent_recorder(journal),
     )
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
