@@ -19,6 +19,8 @@ from keybroker.server.app import RunningBroker, create_server
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from tests.support.clients import channel, stub
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
+from tests.support.strict_pkcs11 import StrictModule
+from tests.support.strict_pkcs11 import build as build_strict_module
 
 
 class Clock:
@@ -132,3 +134,9 @@ def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 @pytest.fixture
 def root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def strict_module(tmp_path_factory: pytest.TempPathFactory) -> StrictModule:
+    """The strict-HSM test module (tests/support/strict_pkcs11), built once per session."""
+    return build_strict_module(tmp_path_factory.mktemp("strict-pkcs11"))
