@@ -92,7 +92,7 @@ def _round_trip(env: DevEnv, proc: BrokerProcess, port: int, outage: Outage) -> 
             if status() != health_pb2.HealthCheckResponse.SERVING:
                 return False
             try:
-                return kb.UnwrapDataKey(unwrap, metadata=auth(token)).data_key == gen.data_key
+                return bool(kb.UnwrapDataKey(unwrap, metadata=auth(token)).data_key == gen.data_key)
             except grpc.RpcError:
                 return False
 
@@ -131,7 +131,14 @@ def _token_outage(form: str, env: DevEnv, tmp_path: Path) -> Outage:
     tokens = env.token_dir
     away = tmp_path / "tokens-away"
     if form == "removed":
-        return Outage(lambda: tokens.rename(away), lambda: away.rename(tokens))
+
+        def remove() -> None:
+            tokens.rename(away)
+
+        def put_back() -> None:
+            away.rename(tokens)
+
+        return Outage(remove, put_back)
 
     def empty() -> None:
         away.mkdir()

@@ -111,6 +111,7 @@ class Pkcs11Keks:
         self._probe_key = probe_key
         _locking.setdefault(config.module, config.locking)
         self._pool: SessionPool | None = None
+        self._login: Any = None
         self._generation = -1
         self._handles: dict[tuple[int, KeyRef], Any] = {}
         self._current: dict[str, KeyRef] = {}
@@ -196,20 +197,26 @@ class Pkcs11Keks:
         sessions: list[Any] = []
         try:
             try:
-                sessions.append(token.open(rw=True, user_pin=self._config.pin))
+                login = token.open(rw=True, user_pin=self._config.pin)
             except PKCS11Error as exc:
                 if fault_of(exc) is not Fault.LOGGED_IN:
                     raise
                 # Login is per process; another store in this process already logged in.
-                sessions.append(token.open(rw=True))
+                login = token.open(rw=True)
             while len(sessions) < size:
                 sessions.append(token.open(rw=True))
         except PKCS11Error as exc:
             log.warning("hsm: opening a session failed: %s", type(exc).__name__)
             raise domain_error(exc, starting_label=label, reason="session_open_failed") from None
-        self._pool = SessionPool(sessions)
+        # The session that logged in is kept out of the pool: closing it logs every session out.
+        self._login = login
+        self._pool = SessionPool(
+            sessions,
+            opener=lambda: token.open(rw=True),
+            on_empty=lambda: self._mark_broken("no session left"),
+        )
         try:
-            self._scan(sessions[0])
+            self._scan(login)
         except PKCS11Error as exc:
             self._drop()
             log.warning("hsm: listing the token's keys failed: %s", type(exc).__name__)
@@ -226,6 +233,7 @@ class Pkcs11Keks:
 
     def _drop(self) -> None:
         self._pool = None
+        self._login = None
         self._handles.clear()
         self._current.clear()
 
@@ -287,10 +295,22 @@ class Pkcs11Keks:
         if fault is Fault.LOST:
             self._mark_broken(type(exc).__name__)
         elif fault in (Fault.AMBIGUOUS, Fault.BAD_DATA, Fault.MODULE):
-            self._probe_or_mark_broken(session, exc)
-        elif fault is Fault.REFUSED:
-            log.error("hsm: the module refused a call: %s", type(exc).__name__)
+            if self._probe_or_mark_broken(session, exc):
+                self._retire(session)
+        elif fault in (Fault.BUSY, Fault.REFUSED):
+            if fault is Fault.REFUSED:
+                log.error("hsm: the module refused a call: %s", type(exc).__name__)
+            self._retire(session)
         return domain_error(exc)
+
+    def _retire(self, session: Any) -> None:
+        """A call failed mid-operation: the module may keep the operation active on this
+        session (the next C_*Init would answer CKR_OPERATION_ACTIVE), so replace it."""
+        pool = self._pool
+        if pool is not None:
+            pool.retire(session)
+        for cached in [k for k in self._handles if k[0] == id(session)]:
+            self._handles.pop(cached, None)
 
     def _probe_or_mark_broken(self, session: Any, exc: PKCS11Error) -> bool:
         """Probe the token after ``exc``; False (and marked broken) if the probe fails too."""

@@ -19,14 +19,15 @@ again (nested calls never wait for themselves).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pkcs11 import _pkcs11
@@ -275,18 +276,28 @@ def load(path: str, locking: Locking = "os") -> Module:
         return module
 
 
-@dataclass
 class SessionPool:
-    """Sessions of one token, each lent to one thread at a time (see module docstring)."""
+    """Sessions of one token, each lent to one thread at a time (see module docstring).
 
-    sessions: list[Any]
-    wait: float = 10.0
-    _free: deque[Any] = field(init=False)
-    _cond: threading.Condition = field(init=False)
-    _local: threading.local = field(init=False)
+    The session that logged in is not among them (closing it would log every session out);
+    :meth:`retire` replaces a lent session whose state is in doubt (e.g. a call failed between
+    C_DecryptInit and C_Decrypt and the module may keep the operation active) with a new one
+    from ``opener`` when it comes back; ``on_empty`` is called if none can be opened any more.
+    """
 
-    def __post_init__(self) -> None:
-        self._free = deque(self.sessions)
+    def __init__(
+        self,
+        sessions: list[Any],
+        opener: Callable[[], Any],
+        on_empty: Callable[[], None],
+        wait: float = 10.0,
+    ) -> None:
+        self.size = len(sessions)
+        self._free: deque[Any] = deque(sessions)
+        self._opener = opener
+        self._on_empty = on_empty
+        self._wait = wait
+        self._retired: set[int] = set()
         self._cond = threading.Condition(threading.Lock())
         self._local = threading.local()
 
@@ -296,11 +307,11 @@ class SessionPool:
         if held is not None:
             yield held
             return
-        deadline = time.monotonic() + self.wait
+        deadline = time.monotonic() + self._wait
         with self._cond:
             while not self._free:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if not self.size or left <= 0:
                     raise HsmUnavailableError(reason="hsm_busy")
                 self._cond.wait(left)
             session = self._free.pop()
@@ -309,6 +320,28 @@ class SessionPool:
             yield session
         finally:
             self._local.session = None
+            if id(session) in self._retired:
+                self._retired.discard(id(session))
+                session = self._renew(session)
             with self._cond:
-                self._free.append(session)
+                if session is not None:
+                    self._free.append(session)
                 self._cond.notify()
+
+    def retire(self, session: Any) -> None:
+        """Replace ``session`` (lent to this thread) when it is returned."""
+        self._retired.add(id(session))
+
+    def _renew(self, old: Any) -> Any:
+        with contextlib.suppress(PKCS11Error):
+            old.close()
+        try:
+            return self._opener()
+        except PKCS11Error as exc:
+            log.warning("hsm: opening a replacement session failed: %s", type(exc).__name__)
+        with self._cond:
+            self.size -= 1
+            empty = not self.size
+        if empty:
+            self._on_empty()
+        return None
