@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
+from keybroker.adapters.hsm_sessions import Gate
 from keybroker.devenv import DevEnv
 from tests.support.process import run_fresh
 from tests.support.strict_pkcs11 import StrictModule
@@ -123,3 +125,48 @@ def _softhsm(devenv: DevEnv) -> str:
     from keybroker import settings as settings_mod
 
     return settings_mod.load(devenv.config, environ={}).hsm.module
+
+
+def test_the_gate_lets_a_reinitialise_wait_for_calls_in_flight_and_holds_new_ones() -> None:
+    """Gate with OS locking: calls share it; a re-initialise (exclusive) waits until the calls
+    in flight are done, and calls that arrive meanwhile wait for it (C_Finalize under a running
+    call is undefined behaviour). Re-entrant for the thread that holds it."""
+    gate = Gate(serial=False)
+    in_call, finish_call, writer_in, writer_done = (threading.Event() for _ in range(4))
+    order: list[str] = []
+
+    def call() -> None:
+        with gate.shared(), gate.shared():  # nested: re-entrant
+            order.append("call")
+            in_call.set()
+            finish_call.wait(5)
+            order.append("call done")
+
+    def reinitialise() -> None:
+        with gate.exclusive(), gate.exclusive(), gate.shared():  # re-entrant, shared inside
+            order.append("reinit")
+            writer_in.set()
+            writer_done.wait(5)
+            order.append("reinit done")
+
+    def late_call() -> None:
+        with gate.shared():
+            order.append("late call")
+
+    first = threading.Thread(target=call)
+    first.start()
+    assert in_call.wait(5)
+    writer = threading.Thread(target=reinitialise)
+    writer.start()
+    assert not writer_in.wait(0.2), "the re-initialise must wait for the call in flight"
+    finish_call.set()
+    assert writer_in.wait(5)
+    late = threading.Thread(target=late_call)
+    late.start()
+    late.join(0.2)
+    assert late.is_alive(), "a call must wait while the module is re-initialised"
+    writer_done.set()
+    for thread in (first, writer, late):
+        thread.join(5)
+    assert order == ["call", "call done", "reinit", "reinit done", "late call"]
+    assert not gate.holds_shared()

@@ -112,6 +112,7 @@ class Pkcs11Keks:
         _locking.setdefault(config.module, config.locking)
         self._pool: SessionPool | None = None
         self._login: Any = None
+        self._mod: hsm_sessions.Module | None = None
         self._generation = -1
         self._handles: dict[tuple[int, KeyRef], Any] = {}
         self._current: dict[str, KeyRef] = {}
@@ -125,10 +126,16 @@ class Pkcs11Keks:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _module(self) -> hsm_sessions.Module:
+        mod = self._mod
+        if mod is None:
+            mod = self._mod = _module(self._config.module)
+        return mod
+
     @property
     def os_locking(self) -> bool:
         """True when the module runs with OS locking and calls share a pool of sessions."""
-        return _module(self._config.module).os_locking
+        return self._module().os_locking
 
     def connect(self, attempts: int = 5) -> None:
         """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
@@ -140,7 +147,7 @@ class Pkcs11Keks:
         token now and then, or to get CKR_GENERAL_ERROR from C_GetTokenInfo and from
         C_OpenSession/C_Login (each once in a clean-clone test run).
         """
-        module = _module(self._config.module)
+        module = self._module()
         for attempt in range(1, attempts + 1):
             with module.gate.exclusive():
                 try:
@@ -163,12 +170,14 @@ class Pkcs11Keks:
     @property
     def healthy(self) -> bool:
         return (
-            self._pool is not None and self._generation == _module(self._config.module).generation
+            self._pool is not None
+            and self._mod is not None
+            and self._generation == self._mod.generation
         )
 
     def _connect(self, *, starting: bool = False) -> None:
         """Open the pool and scan the token. Hold the module's gate exclusively."""
-        module = _module(self._config.module)
+        module = self._module()
         lib = _load(self._config.module)
         if self._generation == module.generation:
             # We were connected in this generation and broke, or an attempt in it failed: only a
@@ -251,7 +260,7 @@ class Pkcs11Keks:
 
     def _reconnect(self) -> None:
         """Reconnect (rate-limited) unless another thread already did."""
-        module = _module(self._config.module)
+        module = self._module()
         with module.gate.exclusive():
             if self.healthy:
                 return
@@ -270,12 +279,14 @@ class Pkcs11Keks:
     def _ready(self) -> Iterator[Any]:
         """A usable session, lent to this thread, with the module's gate held shared;
         reconnects (rate-limited) first if needed."""
-        gate = _module(self._config.module).gate
-        if not self.healthy and not gate.holds_shared():
-            self._reconnect()
-        with gate.shared():
+        module = self._mod
+        if module is None or self._pool is None or self._generation != module.generation:
+            module = self._module()
+            if not module.gate.holds_shared():
+                self._reconnect()
+        with module.gate.shared():
             pool = self._pool
-            if pool is None or not self.healthy:
+            if pool is None or self._generation != module.generation:
                 raise HsmUnavailableError
             with pool.borrow() as session:
                 yield session
@@ -386,8 +397,11 @@ class Pkcs11Keks:
     # -- crypto -----------------------------------------------------------------------------
 
     def random(self, size: int) -> bytes:
-        with self._calls() as session:
-            data: bytes = session.generate_random(size * 8)
+        with self._ready() as session:
+            try:
+                data: bytes = session.generate_random(size * 8)
+            except PKCS11Error as exc:
+                raise self._failure(session, exc) from None
             return data
 
     def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -536,7 +550,7 @@ class Pkcs11Keks:
 
         Takes the module's gate exclusively: a copy belongs to a session another thread may be
         using."""
-        with _module(self._config.module).gate.exclusive():
+        with self._module().gate.exclusive():
             for cached in [k for k in self._handles if k[1] == key]:
                 handle = self._handles.pop(cached, None)
                 if handle is not None and self.healthy:

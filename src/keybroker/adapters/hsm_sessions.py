@@ -24,9 +24,10 @@ import ctypes
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -152,54 +153,72 @@ class _GlobalLib(_ThreadedLib):
     want_os_locking = False
 
 
+class _Reader:
+    """One thread's hold on a gate (``depth`` > 0 while it is inside a call)."""
+
+    __slots__ = ("__weakref__", "depth")
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
 class Gate:
     """Shared for PKCS#11 calls, exclusive for re-initialising the module (see module docstring).
 
     Re-entrant in both modes for the thread that holds it; a thread holding it shared must not
     ask for it exclusively (it would wait for itself): callers check first.
+
+    With OS locking, entering shared takes no lock (it runs on every PKCS#11 call): each thread
+    marks its own :class:`_Reader` and then looks for a writer; a writer announces itself and
+    then waits until no reader is marked. Under the GIL those steps are sequentially consistent,
+    so either the reader sees the writer (and steps back) or the writer sees the reader (and
+    waits); writers are rare (a re-initialise after an outage), so they poll.
     """
 
     def __init__(self, *, serial: bool) -> None:
         self.serial = serial
         self._cond = threading.Condition(threading.Lock())
         self._serial_lock = threading.RLock()
-        self._readers = 0
+        self._writer_lock = threading.Lock()
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._writer: int | None = None
         self._writer_depth = 0
-        self._writers_waiting = 0
+        self._writer_pending = False
         self._local = threading.local()
+        self._shared = _Shared(self)
 
     def holds_shared(self) -> bool:
-        return int(getattr(self._local, "depth", 0)) > 0
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        return reader is not None and reader.depth > 0 and self._writer != threading.get_ident()
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        if self.serial:
-            with self._serial_lock:
-                yield
-            return
-        me = threading.get_ident()
-        depth = int(getattr(self._local, "depth", 0))
-        if depth or self._writer == me:
-            self._local.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._local.depth -= 1
-            return
-        with self._cond:
-            while self._writer is not None or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        self._local.depth = 1
-        try:
-            yield
-        finally:
-            self._local.depth = 0
+    def shared(self) -> AbstractContextManager[Any]:
+        """Hold the gate shared (serial modules: the one process-wide lock)."""
+        return self._serial_lock if self.serial else self._shared
+
+    def _reader(self) -> _Reader:
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = _Reader()
             with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+                self._readers.add(reader)
+        return reader
+
+    def _enter_shared(self) -> None:
+        reader = self._reader()
+        if reader.depth or self._writer == threading.get_ident():
+            reader.depth += 1
+            return
+        while True:
+            reader.depth = 1
+            if not self._writer_pending:
+                return
+            reader.depth = 0
+            with self._cond:
+                while self._writer_pending:
+                    self._cond.wait()
+
+    def _exit_shared(self) -> None:
+        self._local.reader.depth -= 1
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -208,25 +227,48 @@ class Gate:
                 yield
             return
         me = threading.get_ident()
+        if self._writer == me:
+            self._writer_depth += 1
+            try:
+                yield
+            finally:
+                self._writer_depth -= 1
+            return
         if self.holds_shared():
             raise RuntimeError("PKCS#11 gate: exclusive asked while holding it shared")
-        with self._cond:
-            if self._writer == me:
-                self._writer_depth += 1
-            else:
-                self._writers_waiting += 1
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-                self._writers_waiting -= 1
+        with self._writer_lock:
+            self._writer_pending = True
+            try:
+                while True:
+                    with self._cond:
+                        readers = list(self._readers)
+                    if not any(r.depth for r in readers):
+                        break
+                    time.sleep(0.0005)
                 self._writer, self._writer_depth = me, 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer_depth -= 1
-                if not self._writer_depth:
-                    self._writer = None
+                try:
+                    yield
+                finally:
+                    self._writer, self._writer_depth = None, 0
+            finally:
+                with self._cond:
+                    self._writer_pending = False
                     self._cond.notify_all()
+
+
+class _Shared:
+    """Gate.shared() for a module with OS locking (a class: cheaper than a generator)."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate._exit_shared()
 
 
 @dataclass
@@ -298,34 +340,39 @@ class SessionPool:
         self._on_empty = on_empty
         self._wait = wait
         self._retired: set[int] = set()
+        self._waiters = 0
         self._cond = threading.Condition(threading.Lock())
-        self._local = threading.local()
+        self.local = threading.local()
 
-    @contextmanager
-    def borrow(self) -> Iterator[Any]:
-        held = getattr(self._local, "session", None)
-        if held is not None:
-            yield held
-            return
+    def borrow(self) -> _Borrow:
+        """A session for this thread (the one it already holds, if any) for a ``with`` block."""
+        return _Borrow(self)
+
+    def _wait_for_session(self) -> Any:
         deadline = time.monotonic() + self._wait
         with self._cond:
-            while not self._free:
-                left = deadline - time.monotonic()
-                if not self.size or left <= 0:
-                    raise HsmUnavailableError(reason="hsm_busy")
-                self._cond.wait(left)
-            session = self._free.pop()
-        self._local.session = session
-        try:
-            yield session
-        finally:
-            self._local.session = None
-            if id(session) in self._retired:
-                self._retired.discard(id(session))
-                session = self._renew(session)
+            self._waiters += 1
+            try:
+                while True:
+                    try:
+                        return self._free.pop()
+                    except IndexError:
+                        pass
+                    left = deadline - time.monotonic()
+                    if not self.size or left <= 0:
+                        raise HsmUnavailableError(reason="hsm_busy")
+                    self._cond.wait(min(left, 0.05))  # a wake-up may race the check: poll too
+            finally:
+                self._waiters -= 1
+
+    def _give_back(self, session: Any) -> None:
+        if self._retired and id(session) in self._retired:
+            self._retired.discard(id(session))
+            session = self._renew(session)
+        if session is not None:
+            self._free.append(session)
+        if self._waiters:
             with self._cond:
-                if session is not None:
-                    self._free.append(session)
                 self._cond.notify()
 
     def retire(self, session: Any) -> None:
@@ -345,3 +392,32 @@ class SessionPool:
         if empty:
             self._on_empty()
         return None
+
+
+class _Borrow:
+    """SessionPool.borrow(): lends a free session (no lock on the fast path: deque.pop and
+    append are atomic), or the one this thread already holds."""
+
+    __slots__ = ("_pool", "_session")
+
+    def __init__(self, pool: SessionPool) -> None:
+        self._pool = pool
+        self._session: Any = None
+
+    def __enter__(self) -> Any:
+        pool = self._pool
+        held = getattr(pool.local, "session", None)
+        if held is not None:
+            return held
+        try:
+            session = pool._free.pop()
+        except IndexError:
+            session = pool._wait_for_session()
+        pool.local.session = self._session = session
+        return session
+
+    def __exit__(self, *exc: object) -> None:
+        session = self._session
+        if session is not None:
+            self._pool.local.session = None
+            self._pool._give_back(session)
