@@ -25,6 +25,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)  # the tests use it as a TLS 
 # PostgreSQL only for the test suite (`--test`): the embedded default (`make run`) uses SQLite.
 if [ "${1:-}" = "--test" ]; then
   have_postgres_server || missing+=(postgresql)
+  [ -x /usr/sbin/pkcsslotd ] || missing+=(opencryptoki)  # a second PKCS#11 implementation (tests/support/opencryptoki.py)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import NoSuchKey, PKCS11Error
 
 from keybroker.adapters import hsm_sessions
@@ -163,6 +163,23 @@ class Pkcs11Keks:
                     return
             log.warning("hsm: %s, retrying (%d/%d)", why, attempt, attempts)
             time.sleep(0.2 * attempt)
+
+    def require_mechanisms(self) -> None:
+        """Fail the start if the token lacks a mechanism the broker needs (CKM_AES_GCM for both
+        encrypt and decrypt): ConfigurationError naming it, before health says SERVING.
+        (openCryptoki 3.8's software token, for one, has no AES-GCM.)"""
+        with self._calls() as session:
+            mechanisms = set(session.token.slot.get_mechanisms())
+            if Mechanism.AES_GCM in mechanisms:
+                info = session.token.slot.get_mechanism_info(Mechanism.AES_GCM)
+                if MechanismFlag.ENCRYPT in info.flags and MechanismFlag.DECRYPT in info.flags:
+                    return
+        raise ConfigurationError(
+            f"[hsm] module: token {self._config.token_label!r} does not offer CKM_AES_GCM "
+            "encrypt/decrypt, which every wrapped key needs; use a module and token that do "
+            "(see docs/HSM.md)",
+            reason="hsm_mechanism_missing",
+        )
 
     def on_health_change(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)

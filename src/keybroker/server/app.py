@@ -169,6 +169,7 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
         probe_key=settings.keys.default,
     )
     keks.connect()
+    keks.require_mechanisms()
     return keks
 
 
