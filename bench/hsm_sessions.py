@@ -77,11 +77,14 @@ CHILD = textwrap.dedent(
         counts.append(n)
 
     pool = [threading.Thread(target=work) for _ in range(int(threads))]
+    cpu = time.process_time()
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    print("RESULT " + json.dumps({"ops_per_s": sum(counts) / float(seconds)}))
+    cpu = time.process_time() - cpu
+    print("RESULT " + json.dumps({"ops_per_s": sum(counts) / float(seconds),
+                                  "cpu_us": cpu / max(1, sum(counts)) * 1e6}))
     """
 )
 
@@ -104,7 +107,8 @@ def run(
     locking: str = "os",
     src: Path | None = None,
     extra_env: dict[str, str] | None = None,
-) -> float:
+) -> tuple[float, float]:
+    """(calls per second, process CPU microseconds per call)."""
     environ = {**os.environ, "SOFTHSM2_CONF": str(env.softhsm_conf.resolve()), **(extra_env or {})}
     if src is not None:
         environ["PYTHONPATH"] = str(src)
@@ -127,8 +131,8 @@ def run(
         timeout=120 + seconds,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    result: float = json.loads(line[len("RESULT ") :])["ops_per_s"]
-    return result
+    found = json.loads(line[len("RESULT ") :])
+    return float(found["ops_per_s"]), float(found["cpu_us"])
 
 
 def main() -> None:
@@ -136,6 +140,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="checkout of the previous code")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["softhsm", "strict"], help="run one set only")
     args = parser.parse_args()
     env = provision()
     from keybroker import settings as settings_mod
@@ -143,7 +148,7 @@ def main() -> None:
 
     softhsm = settings_mod.load(env.config, environ={}).hsm.module
     cases: list[tuple[str, dict[str, Any]]] = []
-    for op in ("unwrap", "generate"):
+    for op in ("unwrap", "generate") if args.only != "strict" else ():
         for threads in (1, 4):
             if args.before is not None:
                 cases.append(
@@ -161,7 +166,7 @@ def main() -> None:
             )
     strict = build(WORK / "strict")
     latency = strict.environ(iv="keep", copy="allow", latency_us=1000)
-    for sessions in (1, 2, 4, 8):
+    for sessions in (1, 2, 4, 8) if args.only != "softhsm" else ():
         cases.append(
             (
                 f"strict 1ms unwrap threads=8 sessions={sessions}",
@@ -169,21 +174,24 @@ def main() -> None:
                  "sessions": sessions, "extra_env": latency},
             )
         )  # fmt: skip
-    cases.append(
-        (
-            "strict 1ms unwrap threads=8 global lock",
-            {"module": str(strict.library), "op": "unwrap", "threads": 8,
-             "locking": "global", "extra_env": latency},
-        )
-    )  # fmt: skip
-    results: dict[str, list[float]] = {name: [] for name, _ in cases}
+    if args.only != "softhsm":
+        cases.append(
+            (
+                "strict 1ms unwrap threads=8 global lock",
+                {"module": str(strict.library), "op": "unwrap", "threads": 8,
+                 "locking": "global", "extra_env": latency},
+            )
+        )  # fmt: skip
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in cases}
     for _ in range(args.rounds):
         for name, kwargs in cases:
             results[name].append(run(env, seconds=args.seconds, **kwargs))
-    print(f"{'case':<45} {'median ops/s':>12}  runs")
+    print(f"{'case':<45} {'median ops/s':>12} {'median CPU us/op':>16}  runs (ops/s)")
     for name, values in results.items():
-        runs = " ".join(f"{v:.0f}" for v in values)
-        print(f"{name:<45} {statistics.median(values):>12.0f}  {runs}")
+        rates = [v[0] for v in values]
+        cpu = statistics.median(v[1] for v in values)
+        runs = " ".join(f"{v:.0f}" for v in rates)
+        print(f"{name:<45} {statistics.median(rates):>12.0f} {cpu:>16.1f}  {runs}")
 
 
 if __name__ == "__main__":

@@ -463,6 +463,7 @@ class Pkcs11Keks:
         the blob, never counted as tampering).
         """
         fault = fault_of(exc)
+        # Module quirk (SoftHSM): a failed tag check is CKR_GENERAL_ERROR, like a hiccup.
         if fault is Fault.AMBIGUOUS and again is not None:
             op, handle = again
             try:
