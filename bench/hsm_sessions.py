@@ -9,7 +9,8 @@ with T threads calling at once, for ``--seconds`` each, every configuration in a
 (a PKCS#11 module is initialised once per process), interleaved ``--rounds`` times; the median is
 printed. Two sets:
 
-1. SoftHSM2, 1 and 4 threads: this tree (OS locking, ``[hsm] sessions`` 4) against the code in
+1. SoftHSM2, 1 and 4 threads: this tree (OS locking, ``[hsm] sessions`` 4), this tree with
+   ``[hsm] locking = "global"`` (one lock, one session: the old arrangement), and the code in
    ``--before DIR`` (a checkout of the previous version, e.g. ``git worktree add /tmp/kb-before
    main``; its ``src`` is put first on the path), if given.
 2. The strict-HSM test module (tests/support/strict_pkcs11) forwarding to SoftHSM with 1 ms of
@@ -37,10 +38,11 @@ WORK = ROOT / "bench" / ".work" / "hsm-sessions"
 
 CHILD = textwrap.dedent(
     """
-    import dataclasses, json, sys, threading, time
+    import dataclasses, inspect, json, sys, threading, time
     from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 
-    module, label, pin, op, threads, seconds, sessions, locking = sys.argv[1:9]
+    module, label, op, threads, seconds, sessions, locking = sys.argv[1:8]
+    pin = sys.stdin.readline().strip()
     fields = {f.name for f in dataclasses.fields(HsmConfig)}
     extra = {}
     if "sessions" in fields:  # the code before the pool has neither
@@ -49,16 +51,24 @@ CHILD = textwrap.dedent(
     keks.connect()
     key = keks.current("recordings")
     aad = b"a" * 100
-    material = keks.random(44)
-    dek, nonce = material[:32], material[32:]
-    blob = keks.encrypt(key, nonce, dek, aad)
+    v1_api = len(inspect.signature(keks.encrypt).parameters) == 4  # (key, nonce, plain, aad)
+    if v1_api:  # the code before wrapped-key v2: the caller makes the nonce
+        material = keks.random(44)
+        dek, nonce = material[:32], material[32:]
+        blob = keks.encrypt(key, nonce, dek, aad)
+    else:
+        dek = keks.random(32)
+        nonce, blob = keks.encrypt(key, dek, aad)
 
     def unwrap():
         keks.decrypt(key, nonce, blob, aad)
 
     def generate():
-        m = keks.random(44)
-        keks.encrypt(key, m[32:], m[:32], aad)
+        if v1_api:
+            m = keks.random(44)
+            keks.encrypt(key, m[32:], m[:32], aad)
+        else:
+            keks.encrypt(key, keks.random(32), aad)
 
     call = unwrap if op == "unwrap" else generate
     for _ in range(200):
@@ -115,22 +125,24 @@ def run(
     args = [
         module,
         "keybroker-dev",
-        env.pin_file.read_text().strip(),
         op,
         str(threads),
         str(seconds),
         str(sessions),
         locking,
     ]
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", CHILD, *args],
+        input=env.pin_file.read_text().strip() + "\n",  # never on a command line
         env=environ,
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=120 + seconds,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench child failed:\n{done.stderr[-3000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     found = json.loads(line[len("RESULT ") :])
     return float(found["ops_per_s"]), float(found["cpu_us"])
 
@@ -162,6 +174,12 @@ def main() -> None:
                 (
                     f"softhsm {op} threads={threads} after",
                     {"module": softhsm, "op": op, "threads": threads},
+                )
+            )
+            cases.append(
+                (
+                    f"softhsm {op} threads={threads} after, global lock",
+                    {"module": softhsm, "op": op, "threads": threads, "locking": "global"},
                 )
             )
     strict = build(WORK / "strict")

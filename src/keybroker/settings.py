@@ -97,6 +97,8 @@ class HsmSettings:
     locking: str = "os"
     """"os": initialise the module with CKF_OS_LOCKING_OK and use the session pool (a module
     that cannot lock falls back to "global"); "global": one PKCS#11 call at a time per process."""
+    iv_source: str = "auto"
+    """Who chooses AES-GCM IVs: "auto" (probe the module at start), "caller" or "hsm"."""
 
 
 #: No configuration may make a scheduled destruction happen sooner than this.
@@ -448,6 +450,8 @@ def validate(settings: Settings) -> None:
     _validate_keys(settings.keys)
     if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
         raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
+    if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
+        raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(

@@ -26,7 +26,7 @@ STRESS = textwrap.dedent(
     from keybroker.core.wrapped_key import KeyRef
 
     module, label, pin, sessions, locking, threads, seconds, max_ops = sys.argv[1:9]
-    keks = Pkcs11Keks(HsmConfig(module, label, pin, int(sessions), locking), probe_key="recordings")
+    keks = Pkcs11Keks(HsmConfig(module, label, pin, sessions=int(sessions), locking=locking), probe_key="recordings")
     keks.connect()
     key = keks.current("recordings")
     deadline = time.monotonic() + float(seconds)
@@ -36,10 +36,9 @@ STRESS = textwrap.dedent(
         count = 0
         try:
             while time.monotonic() < deadline and count < int(max_ops):
-                material = keks.random(44)
-                dek, nonce = material[:32], material[32:]
+                dek = keks.random(32)
                 aad = b"rec-%d-%d" % (n, count)
-                blob = keks.encrypt(key, nonce, dek, aad)
+                nonce, blob = keks.encrypt(key, dek, aad)
                 assert keks.decrypt(key, nonce, blob, aad) == dek
                 count += 1
         except Exception as exc:  # reported to the parent

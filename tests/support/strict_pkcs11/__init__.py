@@ -25,7 +25,7 @@ from pathlib import Path
 from keybroker.devenv import softhsm_module
 
 SOURCE = Path(__file__).with_name("strict_pkcs11.c")
-IV_MODES = ("generate", "refuse", "keep")
+IV_MODES = ("generate", "refuse", "keep", "ignore")
 
 
 @dataclass(frozen=True)

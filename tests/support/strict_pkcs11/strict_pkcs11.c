@@ -6,7 +6,9 @@
  *     in FIPS mode) and writes it into the caller's CK_GCM_PARAMS.pIv buffer; the caller's IV is
  *     ignored ("generate") or, if it is not all zero bytes, refused with
  *     CKR_MECHANISM_PARAM_INVALID ("refuse"). "keep" forwards the caller's IV (SoftHSM's own
- *     behaviour). Decryption always uses the caller's IV, as on every HSM.
+ *     behaviour). "ignore" is a broken module for negative tests: it uses an IV of its own and
+ *     does not report it (wrapped keys made with it can never be decrypted). Decryption always
+ *     uses the caller's IV, as on every HSM.
  *   - C_CopyObject answers CKR_FUNCTION_NOT_SUPPORTED (AWS CloudHSM), unless allowed.
  *   - Optional simulated latency on every call (a network HSM).
  *   - Simulated outages switched at run time through a control file: every call (but
@@ -18,7 +20,7 @@
  *                             Use a copy of the file when the process also loads that module
  *                             directly: the dynamic loader gives one path one instance, and
  *                             two users of one instance would share C_Initialize and logins.
- *   STRICT_PKCS11_IV          generate (default) | refuse | keep
+ *   STRICT_PKCS11_IV          generate (default) | refuse | keep | ignore
  *   STRICT_PKCS11_COPY        refuse (default) | allow
  *   STRICT_PKCS11_LATENCY_US  microseconds slept before forwarding each call (default 0)
  *   STRICT_PKCS11_CONTROL     path of the control file (optional)
@@ -192,7 +194,7 @@ static const char *const function_names[] = {FUNCTIONS(NAME, NAME)};
 
 /* -- configuration and run-time control ------------------------------------------------- */
 
-enum iv_mode { IV_GENERATE, IV_REFUSE, IV_KEEP };
+enum iv_mode { IV_GENERATE, IV_REFUSE, IV_KEEP, IV_IGNORE };
 
 static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *target_handle;
@@ -377,6 +379,8 @@ static CK_RV w_C_Initialize(P args) {
         iv_mode = IV_REFUSE;
     } else if (strcmp(iv, "keep") == 0) {
         iv_mode = IV_KEEP;
+    } else if (strcmp(iv, "ignore") == 0) {
+        iv_mode = IV_IGNORE;
     } else {
         return CKR_ARGUMENTS_BAD;
     }
@@ -403,7 +407,10 @@ static CK_RV w_C_Initialize(P args) {
     CK_C_INITIALIZE_ARGS *init = args;
     trace("C_Initialize flags=0x%lx mutex_callbacks=%d iv=%s copy=%s", init ? init->flags : 0UL,
           init && init->CreateMutex ? 1 : 0,
-          iv_mode == IV_GENERATE ? "generate" : iv_mode == IV_REFUSE ? "refuse" : "keep",
+          iv_mode == IV_GENERATE ? "generate"
+          : iv_mode == IV_REFUSE ? "refuse"
+          : iv_mode == IV_KEEP   ? "keep"
+                                 : "ignore",
           copy_allowed ? "allow" : "refuse");
     return target->C_Initialize(args);
 }
@@ -466,7 +473,8 @@ static CK_RV w_C_EncryptInit(CK_SESSION_HANDLE session, CK_MECHANISM *mechanism,
     params.ulIvBits = GCM_IV_SIZE * 8;
     CK_MECHANISM forwarded = {CKM_AES_GCM, &params, sizeof(params)};
     rv = target->C_EncryptInit(session, &forwarded, key);
-    if (rv == CKR_OK) memcpy(caller->pIv, iv, GCM_IV_SIZE); /* what the caller must store */
+    if (rv == CKR_OK && iv_mode != IV_IGNORE)
+        memcpy(caller->pIv, iv, GCM_IV_SIZE); /* what the caller must store */
     return rv;
 }
 
