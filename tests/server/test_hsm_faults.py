@@ -37,7 +37,7 @@ def broker(
             "KEYBROKER_HSM_MODULE": str(strict_module.library),
             "KEYBROKER_ALERTS_TAMPER_COUNT": "2",
             "KEYBROKER_ALERTS_TAMPER_GLOBAL_COUNT": "2",
-            **strict_module.environ(iv="keep", copy="allow"),
+            **strict_module.environ(),
         },
     )
     port = proc.wait_listening()

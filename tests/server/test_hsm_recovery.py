@@ -185,13 +185,13 @@ def test_token_files_outage_recovers_without_restart(
 def strict_broker(
     own_env: DevEnv, tmp_path: Path, strict_module: StrictModule
 ) -> Iterator[tuple[BrokerProcess, int]]:
-    """The broker on the strict-HSM test module (caller IVs kept and C_CopyObject allowed here:
-    this file tests outages, not the module's strictness)."""
+    """The broker on the strict-HSM test module, as strict as it gets (its own GCM IVs, no
+    C_CopyObject)."""
     strict_module.clear()
     environ = {
         "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2",
         "KEYBROKER_HSM_MODULE": str(strict_module.library),
-        **strict_module.environ(iv="keep", copy="allow"),
+        **strict_module.environ(),
     }
     proc = BrokerProcess(own_env, tmp_path / "broker.log", environ)
     port = proc.wait_listening()
