@@ -7,6 +7,7 @@ on the same broker still reads INVALID_ARGUMENT and does fire it (so the alert i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,25 +26,32 @@ TAMPER_ALERT = "alert tamper_burst"
 
 
 @pytest.fixture
-def broker(
-    tmp_path: Path, strict_module: StrictModule
-) -> Iterator[tuple[DevEnv, BrokerProcess, int]]:
+def strict(strict_module: StrictModule, tmp_path: Path) -> StrictModule:
+    """The strict module with this test's own control file: an outage switched on here must not
+    reach another user of the module in this test run (e.g. the session's in-process broker)."""
+    return dataclasses.replace(
+        strict_module, control=tmp_path / "strict-control", trace=tmp_path / "strict-trace"
+    )
+
+
+@pytest.fixture
+def broker(tmp_path: Path, strict: StrictModule) -> Iterator[tuple[DevEnv, BrokerProcess, int]]:
     env = provision(tmp_path / "state", listen="127.0.0.1:0")
-    strict_module.clear()
+    strict.clear()
     proc = BrokerProcess(
         env,
         tmp_path / "broker.log",
         {
-            "KEYBROKER_HSM_MODULE": str(strict_module.library),
+            "KEYBROKER_HSM_MODULE": str(strict.library),
             "KEYBROKER_ALERTS_TAMPER_COUNT": "2",
             "KEYBROKER_ALERTS_TAMPER_GLOBAL_COUNT": "2",
-            **strict_module.environ(),
+            **strict.environ(),
         },
     )
     port = proc.wait_listening()
     yield env, proc, port
     proc.stop()
-    strict_module.clear()
+    strict.clear()
 
 
 @pytest.mark.parametrize(
@@ -56,7 +64,7 @@ def broker(
     ],
 )
 def test_a_module_error_during_unwrap_is_unavailable_and_no_tampering(
-    broker: tuple[DevEnv, BrokerProcess, int], strict_module: StrictModule, code: str
+    broker: tuple[DevEnv, BrokerProcess, int], strict: StrictModule, code: str
 ) -> None:
     env, proc, port = broker
     token = mint_token(env, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
@@ -68,7 +76,7 @@ def test_a_module_error_during_unwrap_is_unavailable_and_no_tampering(
             recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
         )
 
-        strict_module.fail(code, ["C_Decrypt"])
+        strict.fail(code, ["C_Decrypt"])
         for _ in range(4):
             assert code_of(lambda: kb.UnwrapDataKey(unwrap, metadata=auth(token))) == (
                 grpc.StatusCode.UNAVAILABLE,
@@ -78,7 +86,7 @@ def test_a_module_error_during_unwrap_is_unavailable_and_no_tampering(
         assert serving.status == health_pb2.HealthCheckResponse.SERVING
         assert TAMPER_ALERT not in proc.output()
 
-        strict_module.clear()
+        strict.clear()
         assert kb.UnwrapDataKey(unwrap, metadata=auth(token)).data_key == gen.data_key
         tampered = bytearray(gen.wrapped_key)
         tampered[-1] ^= 1

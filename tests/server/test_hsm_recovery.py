@@ -9,6 +9,7 @@ tests/support/strict_pkcs11)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import time
@@ -29,6 +30,15 @@ from tests.support.strict_pkcs11 import StrictModule
 
 RECOVERY_SECONDS = 10.0
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "key store temporarily unavailable")
+
+
+@pytest.fixture
+def strict(strict_module: StrictModule, tmp_path: Path) -> StrictModule:
+    """The strict module with this test's own control file: an outage switched on here must not
+    reach another user of the module in this test run (e.g. the session's in-process broker)."""
+    return dataclasses.replace(
+        strict_module, control=tmp_path / "strict-control", trace=tmp_path / "strict-trace"
+    )
 
 
 @pytest.fixture
@@ -183,21 +193,21 @@ def test_token_files_outage_recovers_without_restart(
 
 @pytest.fixture
 def strict_broker(
-    own_env: DevEnv, tmp_path: Path, strict_module: StrictModule
+    own_env: DevEnv, tmp_path: Path, strict: StrictModule
 ) -> Iterator[tuple[BrokerProcess, int]]:
     """The broker on the strict-HSM test module, as strict as it gets (its own GCM IVs, no
     C_CopyObject)."""
-    strict_module.clear()
+    strict.clear()
     environ = {
         "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2",
-        "KEYBROKER_HSM_MODULE": str(strict_module.library),
-        **strict_module.environ(),
+        "KEYBROKER_HSM_MODULE": str(strict.library),
+        **strict.environ(),
     }
     proc = BrokerProcess(own_env, tmp_path / "broker.log", environ)
     port = proc.wait_listening()
     yield proc, port
     proc.stop()
-    strict_module.clear()
+    strict.clear()
 
 
 @pytest.mark.parametrize(
@@ -212,17 +222,17 @@ def strict_broker(
 def test_module_error_outage_recovers_without_restart(
     own_env: DevEnv,
     strict_broker: tuple[BrokerProcess, int],
-    strict_module: StrictModule,
+    strict: StrictModule,
     code: str,
 ) -> None:
     """The module answers ``code`` to every call for a while: UNAVAILABLE (never
     INVALID_ARGUMENT or INTERNAL) and NOT_SERVING, then serving again within 10 s."""
     proc, port = strict_broker
-    _round_trip(own_env, proc, port, Outage(lambda: strict_module.fail(code), strict_module.clear))
+    _round_trip(own_env, proc, port, Outage(lambda: strict.fail(code), strict.clear))
 
 
 def test_refused_login_outage_recovers_without_restart(
-    own_env: DevEnv, strict_broker: tuple[BrokerProcess, int], strict_module: StrictModule
+    own_env: DevEnv, strict_broker: tuple[BrokerProcess, int], strict: StrictModule
 ) -> None:
     """The device goes away, and when it answers again it refuses the login for a while
     (CKR_PIN_INCORRECT from C_Login only): still UNAVAILABLE, never a configuration error that
@@ -230,12 +240,12 @@ def test_refused_login_outage_recovers_without_restart(
     proc, port = strict_broker
 
     def refuse_login() -> None:
-        strict_module.fail("0xA0", ["C_Login"])  # CKR_PIN_INCORRECT
+        strict.fail("0xA0", ["C_Login"])  # CKR_PIN_INCORRECT
         _eventually(lambda: "hsm_login_failed" in proc.output())
 
     _round_trip(
         own_env,
         proc,
         port,
-        Outage(lambda: strict_module.fail("CKR_DEVICE_REMOVED"), strict_module.clear, refuse_login),
+        Outage(lambda: strict.fail("CKR_DEVICE_REMOVED"), strict.clear, refuse_login),
     )
