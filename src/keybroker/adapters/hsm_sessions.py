@@ -311,6 +311,10 @@ def load(path: str, locking: Locking = "os") -> Module:
             import pkcs11
 
             pkcs11._loaded[path] = lib
+            # Loaded for the life of the process: never deallocated, so never dlclose()d while a
+            # daemon thread may still be inside it, and no failing __dealloc__ at interpreter
+            # exit (python-pkcs11's calls a method the half-torn-down subclass no longer finds).
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
             log.info(
                 "hsm: module loaded",
                 extra={"pkcs11_module": path, "os_locking": os_locking},
