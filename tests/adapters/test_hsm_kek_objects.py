@@ -356,3 +356,18 @@ def test_iv_source_setting_is_validated(devenv: DevEnv) -> None:
     assert load_settings(devenv).hsm.iv_source == "auto"
     with pytest.raises(ConfigurationError, match=r"\[hsm\] iv_source"):
         load_settings(devenv, hsm_iv_source="module")
+
+
+def test_module_without_aes_gcm_encryption_is_refused_at_start(
+    token: DevEnv, strict_module: StrictModule
+) -> None:
+    """A module that refuses every CKM_AES_GCM encryption (the strict module answering
+    CKR_MECHANISM_INVALID to C_EncryptInit) is refused at start with a configuration error
+    naming the mechanism: nothing could ever be wrapped on it."""
+    strict_module.fail("0x70", ["C_EncryptInit"])  # CKR_MECHANISM_INVALID
+    try:
+        out = run(token, "wraps", strict=strict_module)
+    finally:
+        strict_module.clear()
+    assert out["connect"]["error"] == "ConfigurationError"
+    assert "the broker needs CKM_AES_GCM" in out["connect"]["message"]

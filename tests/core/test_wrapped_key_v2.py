@@ -283,3 +283,21 @@ def test_format_doc_verification_snippet_opens_every_vector() -> None:
         assert namespace["open_wrapped_key"](vector.blob, vector.kek) == vector.data_key
     with pytest.raises(InvalidTag):
         namespace["open_wrapped_key"](valid("typical").blob, valid("unicode_many").kek)
+
+
+def test_format_doc_v2_field_table_matches_the_blob() -> None:
+    """Every row of the v2 worked example's field table shows the bytes at its offset (rows
+    abbreviated with an ellipsis are checked at both ends)."""
+    doc = DOCS_FORMAT.read_text(encoding="utf-8")
+    section = doc[doc.index("## Worked example, v2") :]
+    section = section[: section.index("\n## ", 5)]
+    blob = valid("typical").blob
+    rows = re.findall(r"^\| 0x([0-9a-f]+) \| `([0-9a-f …]+)`", section, re.MULTILINE)
+    assert len(rows) >= 9
+    for offset_hex, shown in rows:
+        offset = int(offset_hex, 16)
+        head, _, tail = shown.partition("…")
+        head_bytes, tail_bytes = bytes.fromhex(head), bytes.fromhex(tail)
+        assert blob[offset : offset + len(head_bytes)] == head_bytes, offset_hex
+        if tail_bytes:
+            assert tail_bytes in blob[offset:], offset_hex

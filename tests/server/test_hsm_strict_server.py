@@ -100,8 +100,9 @@ def test_a_planted_kek_is_never_used(
     own_env: DevEnv, strict_module: StrictModule, tmp_path: Path, module: str
 ) -> None:
     """Someone with the PIN creates kek:recordings:v99 and kek:planted:v1 with C_CreateObject
-    from a known value before the broker starts. The broker reports both, never adopts them,
-    and wraps under recordings/v1; a blob sealed with the known value is refused."""
+    from a known value before the broker starts. The broker reports both (error log, journaled
+    Reconcile event, alert foreign_kek_object), never adopts them, and wraps under
+    recordings/v1."""
     known = os.urandom(32)
     subprocess.run(
         [sys.executable, "-c", _PLANT, softhsm_module(), TOKEN_LABEL,
@@ -132,5 +133,7 @@ def test_a_planted_kek_is_never_used(
         log = proc.output()
         for label in ("kek:recordings:v99", "kek:planted:v1"):
             assert f"object {label!r} on the token is not used" in log
+        assert "alert foreign_kek_object" in log
+        assert "keybroker.key.name=recordings keybroker.key.version=99" in log
     finally:
         proc.stop()

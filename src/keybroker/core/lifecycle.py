@@ -45,6 +45,8 @@ from keybroker.errors import (
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "keybroker.v1.KeyAdmin"
+#: Reason of the event recorded for an object under a KEK label that is never used.
+REJECTED_OBJECT = "hsm_object_rejected"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
 S = VersionState
@@ -407,6 +409,11 @@ class KeyLifecycle:
                 self._event("Reconcile", ref, "destruction_completed")
                 self._hsm.destroy_version(ref)
                 repairs += 1
+        for label, why in sorted(self._hsm.rejected_objects().items()):
+            log.error("HSM object %r is never used: %s", label, why)
+            named = _label_ref(label)
+            if named is not None:  # journaled (and alerted on: foreign_kek_object)
+                self._event("Reconcile", named, REJECTED_OBJECT, Outcome.ERROR)
         for ref, state in sorted(known.items()):
             live = state not in (S.PENDING, S.DESTROYING, S.DESTROYED)
             if live and ref not in token:
@@ -453,6 +460,17 @@ def _check_policy(rotation_period: int | None, rotate_after_wraps: int | None) -
             f"rotate_after_wraps must be 1..{MAX_ROTATE_AFTER_WRAPS}",
             reason="bad_rotate_after_wraps",
         )
+
+
+def _label_ref(label: str) -> KeyRef | None:
+    """The key version a ``kek:<name>:v<version>`` label names, if it is well formed."""
+    parts = label.split(":")
+    if len(parts) != 3 or parts[0] != "kek" or not parts[2].startswith("v"):
+        return None
+    try:
+        return KeyRef(validate_key_name(parts[1]), int(parts[2][1:]))
+    except (InvalidRequestError, ValueError):
+        return None
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -94,6 +94,10 @@ class KekAdministration(Protocol):
         """Wrap and unwrap with ``key``; None if that worked, else why not."""
         ...
 
+    def rejected_objects(self) -> dict[str, str]:
+        """Labels of objects under ``kek:`` labels that fail the adoption checks, and why."""
+        ...
+
 
 class KeyStore(Protocol):
     """Key metadata, shared by every replica. Each method is one atomic transaction."""
