@@ -60,7 +60,7 @@ def main() -> int:
             store=True,
             template=_legacy_template(),
         )
-        keks._scan()
+        keks._scan(session)
     rows = []
     for ref, what in ((strict, "new KEK (not modifiable): token-object handle"),
                       (legacy, "old-template KEK: session copy")):  # fmt: skip

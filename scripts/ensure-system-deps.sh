@@ -26,6 +26,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)  # the tests use it as a TLS 
 if [ "${1:-}" = "--test" ]; then
   have_postgres_server || missing+=(postgresql)
   command -v node >/dev/null 2>&1 || missing+=(nodejs)  # interop/node: the recording format in Node.js
+  [ -x /usr/sbin/pkcsslotd ] || missing+=(opencryptoki)  # a second PKCS#11 implementation (tests/support/opencryptoki.py)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

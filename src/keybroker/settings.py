@@ -92,6 +92,11 @@ class HsmSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     """Environment set before the module loads (e.g. SOFTHSM2_CONF)."""
     health_interval: float = 1.0
+    sessions: int = 4
+    """PKCS#11 sessions per process, each used by one thread at a time (with OS locking)."""
+    locking: str = "os"
+    """"os": initialise the module with CKF_OS_LOCKING_OK and use the session pool (a module
+    that cannot lock falls back to "global"); "global": one PKCS#11 call at a time per process."""
     iv_source: str = "auto"
     """Who chooses AES-GCM IVs: "auto" (probe the module at start), "caller" or "hsm"."""
 
@@ -463,6 +468,8 @@ def validate(settings: Settings) -> None:
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
     _validate_keys(settings.keys)
+    if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
+        raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
     if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
         raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
     state = settings.state

@@ -140,7 +140,7 @@ def test_operator_token_script_then_kek_create(tmp_path: Path) -> None:
     hsm = tmp_path / "hsm"
     script = subprocess.run(
         [str(root / "softhsm" / "init-token.sh"), str(hsm), "ops-token"],
-        capture_output=True, text=True, timeout=60, check=False,
+        input="ops-so-pin\n", capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert script.returncode == 0, script.stderr
     assert (hsm / "user.pin").stat().st_mode & 0o077 == 0

@@ -24,6 +24,7 @@ from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.checkpoint_keys import checkpoint_signer
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
+from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
 from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
@@ -157,19 +158,29 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     )
 
 
+def hsm_config(settings: Settings) -> HsmConfig:
+    """The HSM adapter's configuration (reads the PIN file)."""
+    hsm = settings.hsm
+    locking: Locking = "global" if hsm.locking == "global" else "os"
+    return HsmConfig(
+        hsm.module,
+        hsm.token_label,
+        settings.read_pin(),
+        iv_source=hsm.iv_source,
+        sessions=hsm.sessions,
+        locking=locking,
+    )
+
+
 def connect_hsm(settings: Settings) -> Pkcs11Keks:
     """Log in to the HSM (fail fast on a wrong PIN or an unknown token)."""
     os.environ.update(settings.hsm.env)
     keks = Pkcs11Keks(
-        HsmConfig(
-            settings.hsm.module,
-            settings.hsm.token_label,
-            settings.read_pin(),
-            iv_source=settings.hsm.iv_source,
-        ),
+        hsm_config(settings),
         probe_key=settings.keys.default,
     )
     keks.connect()
+    keks.require_mechanisms()
     return keks
 
 
