@@ -71,9 +71,10 @@ def test_a_module_error_during_unwrap_is_unavailable_and_no_tampering(
     with channel(env, port) as ch:
         kb = stub(ch)
         health = health_pb2_grpc.HealthStub(ch)
-        gen = kb.GenerateDataKey(generate_request(), metadata=auth(token))
+        request = generate_request()
+        gen = kb.GenerateDataKey(request, metadata=auth(token))
         unwrap = pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+            recording_id=request.recording_id, wrapped_key=gen.wrapped_key, purpose="support"
         )
 
         strict.fail(code, ["C_Decrypt"])
@@ -91,7 +92,7 @@ def test_a_module_error_during_unwrap_is_unavailable_and_no_tampering(
         tampered = bytearray(gen.wrapped_key)
         tampered[-1] ^= 1
         bad = pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=bytes(tampered), purpose="support"
+            recording_id=request.recording_id, wrapped_key=bytes(tampered), purpose="support"
         )
         for _ in range(2):
             assert code_of(lambda: kb.UnwrapDataKey(bad, metadata=auth(token))) == (
