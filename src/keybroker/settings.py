@@ -245,7 +245,13 @@ class ClientSettings:
             if path is None:
                 raise ConfigurationError(f"[client] {key} is required to call the broker")
             if not path.is_file():
-                raise ConfigurationError(f"[client] {key}: {path} does not exist")
+                hint = (
+                    "; mint one with `keybroker dev token --scope … --purpose … --output FILE` "
+                    "(dev broker) or ask your identity provider"
+                    if key == "token_file"
+                    else ""
+                )
+                raise ConfigurationError(f"[client] {key}: {path} does not exist{hint}")
             paths.append(path)
         return (paths[0], paths[1], paths[2]), paths[3]
 

@@ -188,31 +188,47 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONFIG_HELP = "settings file with an [audit] section (default: $KEYBROKER_CONFIG)"
+QUERY_FILTERS = {
+    "recording": "recording id",
+    "subject": "data subject id",
+    "principal": "token subject (sub) of the caller",
+    "cert": "client certificate identity or SHA-256 thumbprint",
+    "key": "key name, or name/vN for one version",
+    "operation": "method name, e.g. UnwrapDataKey",
+}
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="verify and query the audit journal").add_subparsers(
         dest="audit_command", required=True
     )
     p = audit.add_parser("verify", help="check the hash chain, signatures and anchors")
-    p.add_argument("--config")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
     p.add_argument("--anchors", type=Path, help="checkpoints file kept off-host")
     p.add_argument("--public-key", help="Ed25519 public key PEM (default: from the signing key)")
     p.set_defaults(func=cmd_verify)
     p = audit.add_parser("query", help="decisions matching all given filters")
-    p.add_argument("--config")
-    p.add_argument("--dir", type=Path)
-    for flag in ("recording", "subject", "principal", "cert", "key", "operation"):
-        p.add_argument(f"--{flag}")
-    p.add_argument("--decision", choices=["allow", "deny", "error"])
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
+    for flag, text in QUERY_FILTERS.items():
+        p.add_argument(f"--{flag}", help=text)
+    p.add_argument("--decision", choices=["allow", "deny", "error"], help="the outcome")
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
-    p.add_argument("--until")
+    p.add_argument("--until", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.set_defaults(func=cmd_query)
     from keybroker.cli import audit_report
 
     audit_report.register(audit)
     p = audit.add_parser("pseudonym", help="the pseudonym an identifier has in exported spans")
-    p.add_argument("identifier")
-    p.add_argument("--kind", choices=["recording", "subject"], default="recording")
-    p.add_argument("--config")
+    p.add_argument("identifier", help="a recording or subject id")
+    p.add_argument(
+        "--kind",
+        choices=["recording", "subject"],
+        default="recording",
+        help="what the identifier is (default recording)",
+    )
+    p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=cmd_pseudonym)
