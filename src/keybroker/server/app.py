@@ -340,9 +340,8 @@ def grpc_server(
             ),
         ),
     )
-    credentials = server_credentials(settings)
     try:
-        port = server.add_secure_port(settings.server.listen, credentials)
+        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
     except RuntimeError:
         port = 0
     if port == 0:
