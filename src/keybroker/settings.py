@@ -360,19 +360,31 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     return value
 
 
-#: Variables Kubernetes injects for a Service named ``keybroker`` (or ``keybroker-…``): service
-#: links such as ``KEYBROKER_SERVICE_HOST``, ``KEYBROKER_SERVICE_PORT_GRPC``, ``KEYBROKER_PORT``,
-#: ``KEYBROKER_PORT_50051_TCP_ADDR``. They are not settings and never stop start-up (no setting is
-#: named ``service_host``, ``service_port…`` or ``port…``).
-_SERVICE_LINK_RE = re.compile(
-    r"KEYBROKER_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
-    r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)"
+#: Variables Kubernetes injects for a Service named ``keybroker`` (or ``keybroker-…``), e.g.
+#: ``KEYBROKER_SERVICE_HOST=10.96.0.12``, ``KEYBROKER_SERVICE_PORT_GRPC=50051``,
+#: ``KEYBROKER_PORT=tcp://10.96.0.12:50051``, ``KEYBROKER_PORT_50051_TCP_ADDR=10.96.0.12``: not
+#: settings, so they never stop start-up. Recognised by name and value together, so that a
+#: mistaken ``KEYBROKER_SERVER_PORT=50051`` is still refused as an unknown key.
+_SERVICE_LINKS = (
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_HOST"), re.compile(r".*")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_PORT(?:_\w+)?"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT"), re.compile(r"(tcp|udp|sctp)://\S+:\d+")),
+    (
+        re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)"),
+        re.compile(r"(tcp|udp|sctp)://\S+"),
+    ),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_ADDR"), re.compile(r"\S+")),
 )
 
 
-def is_service_link(var: str) -> bool:
+def is_service_link(var: str, value: str) -> bool:
     """True for a Kubernetes service-link variable that merely shares the ``KEYBROKER_`` prefix."""
-    return _SERVICE_LINK_RE.fullmatch(var) is not None
+    return any(
+        name.fullmatch(var) is not None and shape.fullmatch(value) is not None
+        for name, shape in _SERVICE_LINKS
+    )
 
 
 def _env_overrides(
@@ -382,7 +394,11 @@ def _env_overrides(
     found: dict[str, dict[str, str]] = {}
     names: dict[tuple[str, str], str] = {}
     for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG" or is_service_link(var):
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var == f"{ENV_PREFIX}CONFIG"
+            or is_service_link(var, value)
+        ):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
