@@ -13,6 +13,8 @@ from keybroker.adapters.journal_lock import lock_directory, lock_slot
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.errors import ConfigurationError
 from keybroker.v1 import keybroker_pb2 as pb
+from tests.server.test_startup_errors import ELSEWHERE
+from tests.server.test_startup_errors import documented as troubleshooting
 from tests.support.clients import auth, channel, generate_request, stub
 from tests.support.process import BrokerProcess, free_port, run_cli
 
@@ -54,6 +56,8 @@ def test_a_second_broker_on_the_same_journal_exits_2_and_the_journal_verifies(
         assert second.returncode == 2, second.stderr
         message = second.stderr
         assert "in use by another keybroker" in message
+        documented = ELSEWHERE["tests/server/test_journal_lock.py"]
+        assert troubleshooting()[documented].search(message)  # docs/TROUBLESHOOTING.md's line
         assert f"pid {first.proc.pid}" in message
         lock = journal / "keybroker.lock"
         assert str(lock) in message
