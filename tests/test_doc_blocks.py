@@ -49,10 +49,10 @@ def test_unmarked_blocks_are_refused(tmp_path: Path, text: str, problem: str) ->
 
 
 def _copy_of_the_repository(dest: Path) -> None:
-    """The files a clone would have (tracked, plus new ones not ignored: this working copy's
-    state), without .git, build caches or .keybroker/."""
+    """The files a clone would have: the tracked ones, as they are in this working copy (not
+    untracked files, such as what these blocks leave behind when a user runs them here)."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        ["git", "ls-files", "-z", "--cached"],
         cwd=ROOT, capture_output=True, check=True,
     ).stdout.decode().split("\0")  # fmt: skip
     for name in filter(None, listed):
