@@ -28,6 +28,7 @@ command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
 if [ "${1:-}" = "--test" ]; then
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   have_postgres_server || missing+=(postgresql)
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)  # interop/node: the recording format in Node.js
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

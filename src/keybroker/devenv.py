@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keybroker.adapters.files import private_dir, write_private
 from keybroker.errors import ConfigurationError
 
 TOKEN_LABEL = "keybroker-dev"  # noqa: S105 - a label, not a secret
@@ -130,10 +131,7 @@ class DevEnv:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    write_private(path, data)  # 0600 in 0700 directories, whatever the umask
 
 
 # -- HSM ------------------------------------------------------------------------------------
@@ -141,12 +139,13 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 def provision_hsm(env: DevEnv) -> None:
     """SoftHSM config and token (skipped if the token directory already holds one)."""
-    env.token_dir.mkdir(parents=True, exist_ok=True)
-    env.softhsm_conf.write_text(
+    private_dir(env.token_dir)
+    write_private(
+        env.softhsm_conf,
         f"directories.tokendir = {env.token_dir.resolve()}\n"
         "objectstore.backend = file\n"
         "log.level = ERROR\n"
-        "slots.removable = false\n"
+        "slots.removable = false\n",
     )
     if any(env.token_dir.iterdir()):
         return
@@ -222,7 +221,7 @@ def make_ca(cert_path: Path, key_path: Path, cn: str = "keybroker dev CA") -> No
         .sign(key, hashes.SHA256())
     )
     _write_secret(key_path, _pem_key(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def issue_cert(
@@ -268,11 +267,11 @@ def issue_cert(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     _write_secret(key_path, _pem_key(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def provision_pki(env: DevEnv) -> None:
-    env.pki.mkdir(parents=True, exist_ok=True)
+    private_dir(env.pki)
     if not env.ca_cert.exists():
         make_ca(env.ca_cert, env.ca_key)
     if not env.cert("server").exists():
@@ -305,7 +304,7 @@ def provision_issuer(env: DevEnv) -> None:
     _write_secret(env.signing_key, _pem_key(key))
     jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk.update({"kid": f"dev-{secrets.token_hex(4)}", "alg": "ES256", "use": "sig"})
-    env.jwks.write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+    write_private(env.jwks, json.dumps({"keys": [jwk]}, indent=2) + "\n")
 
 
 def signing_kid(env: DevEnv) -> str:
@@ -369,10 +368,11 @@ def provision_audit(env: DevEnv) -> None:
             serialization.NoEncryption(),
         )
         _write_secret(env.checkpoint_key, pem)
-        env.checkpoint_public_key.write_bytes(
+        write_private(
+            env.checkpoint_public_key,
             key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            ),
         )
 
 
@@ -382,7 +382,8 @@ def provision_audit(env: DevEnv) -> None:
 def write_config(env: DevEnv, listen: str = "127.0.0.1:50051") -> None:
     if env.config.exists():
         return
-    env.config.write_text(
+    write_private(
+        env.config,
         f"""# keybroker development settings (written by `keybroker dev init`).
 # Paths are relative to this file. See README.md "Configuration" for every key.
 
@@ -435,14 +436,14 @@ ca_file = "pki/ca.pem"
 cert_file = "pki/client.pem"
 key_file = "pki/client.key"
 token_file = "client.token"
-"""
+""",
     )
 
 
 def provision(root: Path, *, listen: str = "127.0.0.1:50051", create_key: bool = True) -> DevEnv:
     """Provision (or reuse) the whole dev environment under ``root``."""
     env = DevEnv(root)
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)
     provision_hsm(env)
     provision_pki(env)
     provision_issuer(env)

@@ -3,7 +3,7 @@
 Every error the broker raises on purpose is a :class:`KeybrokerError`. Each class carries a public
 ``message`` (safe to send to the caller: it never contains key material, wrapped blobs or tokens)
 and a machine-readable ``reason`` recorded in the decision span. Mapping to gRPC status codes lives
-in exactly one place, :mod:`keybroker.server.status`.
+in exactly one place, :mod:`keybroker.wire`.
 """
 
 from __future__ import annotations

@@ -172,6 +172,9 @@ class AuditSettings:
     """32-byte HMAC key of the hash chain, as 64 hex characters. Never stored in the journal."""
     signing_key_file: Path | None = None
     """Ed25519 private key (PEM) that signs checkpoints."""
+    signing_key_label: str = ""
+    """Instead of signing_key_file: label of the checkpoint key pair on the [hsm] token (Ed25519 or
+    ECDSA P-256; ``keybroker audit signing-key create``). The private key never leaves the HSM."""
     fsync: bool = True
     """fdatasync every group commit (durable against power loss); false: OS buffers only."""
     max_file_bytes: int = 64 * 1024 * 1024
@@ -202,6 +205,19 @@ class AuditSettings:
             raise ConfigurationError("[audit] pseudonym_key_file must hold 64 hex characters")
         return key
 
+    def load_chain_key(self) -> bytes:
+        """The chain key (HMAC) alone: all that reading and verifying a journal needs besides a
+        public key."""
+        if self.chain_key_file is None:
+            raise ConfigurationError("[audit] chain_key_file is required with [audit] dir")
+        try:
+            chain_key = bytes.fromhex(self.chain_key_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"[audit] cannot read audit keys: {exc}") from None
+        if len(chain_key) != 32:
+            raise ConfigurationError("[audit] chain_key_file must hold 64 hex characters")
+        return chain_key
+
     def load_keys(self) -> tuple[bytes, Any]:
         """(chain key, Ed25519 private key) from their files, or a ConfigurationError."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -209,7 +225,8 @@ class AuditSettings:
 
         if self.chain_key_file is None or self.signing_key_file is None:
             raise ConfigurationError(
-                "[audit] chain_key_file and signing_key_file are required with [audit] dir"
+                "[audit] chain_key_file and signing_key_file (or signing_key_label) are "
+                "required with [audit] dir"
             )
         try:
             chain_key = bytes.fromhex(self.chain_key_file.read_text().strip())

@@ -95,6 +95,8 @@ def record_to_span(
         if decision.recording_id:
             decision.recording_id = pseudonymize("recording", decision.recording_id)
         decision.subject_ids = tuple(pseudonymize("subject", s) for s in decision.subject_ids)
+        if decision.justification:  # free text ("art. 17 request from Jane Doe …")
+            decision.justification = pseudonymize("justification", decision.justification)
     parent = _parent(decision.trace_context.get("traceparent"))
     trace_id = parent.trace_id if parent else int.from_bytes(mac[8:24], "big")
     status = (

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from keybroker.adapters.files import private_dir
+from keybroker.adapters.journal_archive import register_chain
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 from keybroker.errors import JournalUnavailableError, UnavailableError
@@ -46,13 +46,56 @@ def journal_files(directory: Path) -> list[Path]:
 
 
 def read_lines(directory: Path) -> Iterator[tuple[str, bytes]]:
-    """``(file:line, raw line)`` over every journal file of one chain, in order."""
+    """``(file:line, raw line)`` over every journal file of one chain, in order (a torn last
+    record included: see :class:`ChainLines` to tell it apart)."""
     for path in journal_files(directory):
         with path.open("rb") as fh:
             for number, raw in enumerate(fh, 1):
                 if raw.startswith(b"\0"):
                     break  # preallocated space after the last record (live or crashed journal)
                 yield f"{path.name}:{number}", raw
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The incomplete last record of a chain: a crash (or a write in progress) cut it short.
+
+    Only the newest file's unterminated last line is a torn tail: start-up recovery cuts exactly
+    that (it was never acknowledged: a record is answered only after its whole line is durable).
+    An unterminated line anywhere else, or a whole line that does not parse, is tampering."""
+
+    where: str
+    size: int
+
+    def note(self) -> str:
+        return (
+            f"{self.where}: torn last record ({self.size} bytes) left by a crash or a write in "
+            "progress; it was never acknowledged and the next start cuts it off"
+        )
+
+
+class ChainLines:
+    """The lines of one chain like :func:`read_lines`, less a torn last record, which is kept
+    in :attr:`torn` once iteration has passed it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.torn: TornTail | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        self.torn = None
+        files = journal_files(self.directory)
+        for index, path in enumerate(files):
+            newest = index == len(files) - 1
+            with path.open("rb") as fh:
+                for number, raw in enumerate(fh, 1):
+                    if raw.startswith(b"\0"):
+                        break  # preallocated space after the last record
+                    where = f"{path.name}:{number}"
+                    if newest and not raw.endswith(b"\n"):
+                        self.torn = TornTail(where, len(raw.rstrip(b"\0")))
+                        break  # the last piece of the newest file: a torn write
+                    yield where, raw
 
 
 class _Ticket:
@@ -69,7 +112,7 @@ class _Ticket:
 class JournalConfig:
     directory: Path
     chain_key: bytes
-    signing_key: Ed25519PrivateKey
+    signing_key: jf.CheckpointKey
     fsync: bool = True
     max_file_bytes: int = 64 * 1024 * 1024
     max_file_age: float = 86400.0
@@ -98,7 +141,8 @@ class Journal:
         self._file_opened = 0.0
         self._last_checkpoint = time.monotonic()
         self._on_flush: Callable[[float, int], None] | None = None
-        config.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(config.directory)  # 0700 whatever the umask (files are created 0600)
+        register_chain(config.directory)  # so `audit verify` notices if it disappears
         self._seq, self._mac, self._durable_size = self._recover()
         self._durable_seq, self._durable_mac = self._seq, self._mac
 

@@ -19,6 +19,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from keybroker.adapters.files import private_dir
 from keybroker.errors import ConfigurationError
 
 DIR_LOCK = "keybroker.lock"
@@ -52,7 +53,7 @@ def _holder(fd: int) -> str:
 def acquire(path: Path, what: str) -> JournalLock:
     """Take the lock file ``path`` (made 0600), or raise a ConfigurationError naming its holder."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)  # 0700, as the journal makes its directories
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigurationError(

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from keybroker.adapters.files import create_private
 from keybroker.errors import ConfigurationError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class SqliteDialect:
         self.path = path
 
     def connect(self) -> Any:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)  # 0600 (its -wal/-shm files follow it), whatever the umask
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=10.0
         )

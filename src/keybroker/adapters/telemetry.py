@@ -17,7 +17,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from keybroker import __version__
+from keybroker.adapters.files import create_private
 from keybroker.core.decision import Decision, Outcome
+from keybroker.errors import ConfigurationError
 from keybroker.settings import TelemetrySettings
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,32 @@ def resource(settings: TelemetrySettings) -> Resource:
     return Resource.create({"service.name": settings.service_name, "service.version": __version__})
 
 
+def otlp_insecure(settings: TelemetrySettings) -> bool:
+    """Whether ``otlp_endpoint`` is plaintext, by OpenTelemetry's convention: ``http://`` is
+    plaintext, ``https://`` is TLS, and only an endpoint without a scheme (``host:port``) follows
+    ``otlp_insecure``. Any other scheme is a configuration error (never a silent guess).
+
+    The SDK exporters take an explicit ``insecure=False`` over an ``http://`` scheme and then
+    speak TLS to a plaintext collector, losing every span; so the scheme is decided here."""
+    endpoint = settings.otlp_endpoint.strip()
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        return settings.otlp_insecure
+    scheme = scheme.lower()
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise ConfigurationError(
+            f"[telemetry] otlp_endpoint {endpoint!r}: use http://host:port (plaintext), "
+            "https://host:port (TLS) or host:port (TLS unless otlp_insecure = true)"
+        )
+    return scheme == "http"
+
+
 def otlp_exporter(settings: TelemetrySettings) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter(
         endpoint=settings.otlp_endpoint,
-        insecure=settings.otlp_insecure,
+        insecure=otlp_insecure(settings),
         timeout=settings.otlp_timeout,
     )
 
@@ -70,6 +92,7 @@ class JsonLinesSpanExporter(SpanExporter):
     """Appends each span as one JSON line to a file (development and demos)."""
 
     def __init__(self, path: Path) -> None:
+        create_private(path)  # 0600 whatever the umask (spans name principals and peers)
         self._out = path.open("a", encoding="utf-8")
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:

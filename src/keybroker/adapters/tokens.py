@@ -15,16 +15,19 @@ certificate is still refused over another.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import ssl
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jwt
 from jwt import PyJWK, PyJWKSet
@@ -66,6 +69,37 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+class RedirectRefusedError(urllib.error.URLError):
+    """The JWKS server redirected to another origin (scheme, host or port)."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"https": 443, "http": 80}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the JWKS URL's own origin: never to ``http://`` (keys an
+    on-path attacker could replace) nor to another host (keys the issuer did not publish)."""
+
+    def redirect_request(  # noqa: PLR0917 - the signature urllib calls
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if _origin(newurl) != _origin(req.full_url):
+            raise RedirectRefusedError(
+                f"redirect {code} to another scheme, host or port refused: {newurl}"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class JwksKeys:
     """Signing keys by ``kid`` from a JWKS file or https URL.
 
@@ -93,6 +127,9 @@ class JwksKeys:
         self._timeout = fetch_timeout
         self._tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self._tls), _SameOriginRedirects()
+        )
         self._keys: dict[str, PyJWK] = {}
         self._last_refresh = float("-inf")
         self._lock = threading.Lock()
@@ -107,10 +144,12 @@ class JwksKeys:
                 request = urllib.request.Request(  # noqa: S310 - https only (settings check)
                     self._url, headers={"accept": "application/json"}
                 )
-                with urllib.request.urlopen(  # noqa: S310
-                    request, timeout=self._timeout, context=self._tls
-                ) as resp:
+                with self._opener.open(request, timeout=self._timeout) as resp:
                     data = json.loads(resp.read(MAX_JWKS_BYTES))
+        except RedirectRefusedError as exc:
+            raise ConfigurationError(
+                f"[auth] cannot load JWKS from {self._url}: {exc.reason}"
+            ) from None
         except (OSError, ValueError) as exc:
             raise ConfigurationError(
                 f"[auth] cannot load JWKS from {self._file or self._url}: {type(exc).__name__}"

@@ -365,15 +365,19 @@ def render_svg(s: Summary, *, width: int = 860) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from keybroker.cli.audit import _journal_root, _records, _settings, _when
+    from keybroker.cli.audit import _journal_root, _records, _settings, _when, print_notes
 
     root = _journal_root(args, _settings(args))
     since = _when(args.since) if args.since else None
     until = _when(args.until) if args.until else None
+    notes: list[str] = []
     decisions = (
-        (record.ts, d) for _chain, record in _records(root) if (d := record.decision) is not None
+        (record.ts, d)
+        for _chain, record in _records(root, notes)
+        if (d := record.decision) is not None
     )
     summary = summarize(decisions, since_ns=since, until_ns=until, top=args.top)
+    print_notes(notes)
     if args.chart:
         Path(args.chart).write_text(render_svg(summary), encoding="utf-8")
     if args.json:
@@ -396,7 +400,9 @@ def register(audit: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--top", type=int, default=10, help="denial reasons listed (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--chart", type=Path, metavar="FILE.svg", help="also write an SVG chart")
-    p.set_defaults(func=cmd_report)
+    from keybroker.cli.audit import reading_journal
+
+    p.set_defaults(func=reading_journal(cmd_report))
 
 
 def main_report(argv: Sequence[str]) -> int:

@@ -2,47 +2,20 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Self
-
-import grpc
+from typing import Any, ClassVar
 
 from keybroker.client import _calls
-from keybroker.client._calls import TlsFiles
-from keybroker.client.tokens import TokenProvider, as_provider
+from keybroker.client._base import _Blocking
+from keybroker.client.retry import NO_RETRY, RetryPolicy
 
 
-class UnaryClient:
-    """Subclasses set ``stub_class``; :meth:`_call` maps failures to the domain errors."""
+class UnaryClient(_Blocking):
+    """Subclasses set ``service``; :meth:`_call_method` maps failures to the domain errors.
 
-    stub_class: Any = None
+    Nothing is retried by default: an administrative change is not assumed idempotent."""
 
-    def __init__(
-        self, target: str, *, tls: TlsFiles, token: str | TokenProvider, timeout: float = 10.0
-    ) -> None:
-        self._channel = grpc.secure_channel(target, tls.credentials())
-        self._stub = self.stub_class(self._channel)
-        self._token = as_provider(token)
-        self._timeout = timeout
+    default_timeout: ClassVar[float] = 10.0
+    default_retry: ClassVar[RetryPolicy] = NO_RETRY
 
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self._stub, method)(
-                request, metadata=_calls.metadata(self._token()), timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise _calls.translate(exc) from None
+    def _call_method(self, method: str, request: Any) -> Any:
+        return self._call(_calls.Op(method, request, lambda response: response))

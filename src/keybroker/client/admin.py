@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from keybroker.client._unary import UnaryClient
 from keybroker.v1 import admin_pb2 as pb
-from keybroker.v1 import admin_pb2_grpc as pb_grpc
 
 
 class KeyAdminClient(UnaryClient):
-    stub_class = pb_grpc.KeyAdminStub
+    service = pb.DESCRIPTOR.services_by_name["KeyAdmin"]
 
     def create_key(
         self, name: str, *, rotation_period: int = 0, rotate_after_wraps: int = 0
@@ -24,19 +23,19 @@ class KeyAdminClient(UnaryClient):
             rotation_period_seconds=rotation_period,
             rotate_after_wraps=rotate_after_wraps,
         )
-        key: pb.Key = self._call("CreateKey", request)
+        key: pb.Key = self._call_method("CreateKey", request)
         return key
 
     def get_key(self, name: str) -> pb.Key:
-        key: pb.Key = self._call("GetKey", pb.GetKeyRequest(name=name))
+        key: pb.Key = self._call_method("GetKey", pb.GetKeyRequest(name=name))
         return key
 
     def list_keys(self) -> list[pb.Key]:
-        response: pb.ListKeysResponse = self._call("ListKeys", pb.ListKeysRequest())
+        response: pb.ListKeysResponse = self._call_method("ListKeys", pb.ListKeysRequest())
         return list(response.keys)
 
     def rotate_key(self, name: str) -> pb.Key:
-        key: pb.Key = self._call("RotateKey", pb.RotateKeyRequest(name=name))
+        key: pb.Key = self._call_method("RotateKey", pb.RotateKeyRequest(name=name))
         return key
 
     def set_rotation_policy(
@@ -54,16 +53,16 @@ class KeyAdminClient(UnaryClient):
             request.rotate_after_wraps = rotate_after_wraps
         if min_decryption_version is not None:
             request.min_decryption_version = min_decryption_version
-        key: pb.Key = self._call("SetRotationPolicy", request)
+        key: pb.Key = self._call_method("SetRotationPolicy", request)
         return key
 
     def disable_version(self, name: str, version: int, *, decrypt_only: bool = False) -> pb.Key:
         request = pb.DisableKeyVersionRequest(name=name, version=version, decrypt_only=decrypt_only)
-        key: pb.Key = self._call("DisableKeyVersion", request)
+        key: pb.Key = self._call_method("DisableKeyVersion", request)
         return key
 
     def enable_version(self, name: str, version: int) -> pb.Key:
-        key: pb.Key = self._call(
+        key: pb.Key = self._call_method(
             "EnableKeyVersion", pb.KeyVersionRequest(name=name, version=version)
         )
         return key
@@ -72,11 +71,11 @@ class KeyAdminClient(UnaryClient):
         request = pb.ScheduleKeyVersionDestructionRequest(
             name=name, version=version, window_seconds=window
         )
-        key: pb.Key = self._call("ScheduleKeyVersionDestruction", request)
+        key: pb.Key = self._call_method("ScheduleKeyVersionDestruction", request)
         return key
 
     def cancel_destruction(self, name: str, version: int) -> pb.Key:
-        key: pb.Key = self._call(
+        key: pb.Key = self._call_method(
             "CancelKeyVersionDestruction", pb.KeyVersionRequest(name=name, version=version)
         )
         return key

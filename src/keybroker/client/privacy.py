@@ -9,29 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keybroker.client._calls import TlsFiles
 from keybroker.client._unary import UnaryClient
-from keybroker.client.tokens import TokenProvider
 from keybroker.v1 import privacy_pb2 as pb
-from keybroker.v1 import privacy_pb2_grpc as pb_grpc
 
 
 class PrivacyClient(UnaryClient):
-    stub_class = pb_grpc.PrivacyStub
+    service = pb.DESCRIPTOR.services_by_name["Privacy"]
 
-    def __init__(
-        self, target: str, *, tls: TlsFiles, token: str | TokenProvider, timeout: float = 30.0
-    ) -> None:
-        super().__init__(target, tls=tls, token=token, timeout=timeout)
+    default_timeout = 30.0
 
     def erase_recording(self, recording_id: str, *, reason: str) -> pb.ErasureReceipt:
         request = pb.EraseRecordingRequest(recording_id=recording_id, reason=reason)
-        receipt: pb.ErasureReceipt = self._call("EraseRecording", request)
+        receipt: pb.ErasureReceipt = self._call_method("EraseRecording", request)
         return receipt
 
     def erase_subject(self, subject_id: str, *, reason: str) -> pb.ErasureReceipt:
         request = pb.EraseSubjectRequest(subject_id=subject_id, reason=reason)
-        receipt: pb.ErasureReceipt = self._call("EraseSubject", request)
+        receipt: pb.ErasureReceipt = self._call_method("EraseSubject", request)
         return receipt
 
     @staticmethod
@@ -47,7 +41,7 @@ class PrivacyClient(UnaryClient):
     def place_hold(
         self, *, recording_id: str | None = None, subject_id: str | None = None, reason: str
     ) -> pb.LegalHold:
-        hold: pb.LegalHold = self._call(
+        hold: pb.LegalHold = self._call_method(
             "PlaceLegalHold", self._hold_request(recording_id, subject_id, reason)
         )
         return hold
@@ -55,7 +49,7 @@ class PrivacyClient(UnaryClient):
     def release_hold(
         self, *, recording_id: str | None = None, subject_id: str | None = None
     ) -> pb.LegalHold:
-        hold: pb.LegalHold = self._call(
+        hold: pb.LegalHold = self._call_method(
             "ReleaseLegalHold", self._hold_request(recording_id, subject_id, "")
         )
         return hold
@@ -76,10 +70,10 @@ class PrivacyClient(UnaryClient):
             remove_purposes=list(remove),
             reason=reason,
         )
-        response: pb.AmendPurposesResponse = self._call("AmendPurposes", request)
+        response: pb.AmendPurposesResponse = self._call_method("AmendPurposes", request)
         return response
 
     def subject_access_report(self, subject_id: str) -> pb.SubjectAccessReportResponse:
         request = pb.SubjectAccessReportRequest(subject_id=subject_id)
-        report: pb.SubjectAccessReportResponse = self._call("SubjectAccessReport", request)
+        report: pb.SubjectAccessReportResponse = self._call_method("SubjectAccessReport", request)
         return report

@@ -210,7 +210,19 @@ def decrypt_stream(
     so treat ``dst`` as invalid unless this function returns.
     """
     header = RecordingHeader.read(src)
-    aead = header.cipher(data_key_for(header))
+    return decrypt_segments(src, dst, header, data_key_for(header), progress=progress)
+
+
+def decrypt_segments(
+    src: BinaryIO,
+    dst: BinaryIO,
+    header: RecordingHeader,
+    data_key: bytes,
+    *,
+    progress: Progress | None = None,
+) -> int:
+    """Decrypt the segments that follow ``header`` in ``src`` (see :func:`decrypt_stream`)."""
+    aead = header.cipher(data_key)
     chunk = header.segment_size + TAG_SIZE
     current, following = bytearray(chunk), bytearray(chunk)
     out = bytearray(header.segment_size)

@@ -20,7 +20,7 @@ import hmac
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from keybroker.core.decision import Decision, Outcome
 
@@ -31,6 +31,14 @@ KIND_CHECKPOINT = "checkpoint"
 _KIND_DECISION_BYTES = KIND_DECISION.encode()
 
 Signer = Callable[[bytes], bytes]
+
+
+class CheckpointKey(Protocol):
+    """What signs checkpoints: an Ed25519 private key, or the HSM (raw 64-byte signatures)."""
+
+    def sign(self, data: bytes, /) -> bytes: ...
+
+
 SignatureCheck = Callable[[bytes, bytes], bool]
 
 
@@ -188,7 +196,8 @@ def verify(
             raise ChainError(where, "unreadable record (modified or torn)") from None
         if expected is None:
             # The first record present. Record 1 starts the chain; a later one means older files
-            # were archived, and the chain is checked from here.
+            # were archived or removed: the chain is checked from here, and the caller checks
+            # that archive records account for the earlier ones (adapters/journal_archive.py).
             if seq == 1 and link != GENESIS:
                 raise ChainError(where, "record 1 does not start a chain")
         elif seq != expected:

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from keybroker.adapters.alerts import AlertDetector
 from keybroker.adapters.catalog import CachedCatalog
+from keybroker.adapters.checkpoint_keys import checkpoint_signer
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.journal import Journal, JournalConfig
@@ -34,6 +35,7 @@ from keybroker.adapters.telemetry import (
     SpanRecorder,
     configure_tracing,
     otlp_exporter,
+    otlp_insecure,
     resource,
 )
 from keybroker.adapters.tokens import JwksKeys, TokenVerifier
@@ -51,6 +53,7 @@ from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
+from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
@@ -144,7 +147,7 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     if audit.dir is None:
         log.warning("[audit] dir is unset: decisions are only exported as best-effort spans")
         return None
-    chain_key, signing_key = audit.load_keys()
+    chain_key, signing_key = audit.load_chain_key(), checkpoint_signer(settings)
     return Journal(
         JournalConfig(
             directory=audit.dir / f"w{worker}",
@@ -243,7 +246,7 @@ def build_observability(
     if telemetry.otlp_endpoint:
         meter_provider = configure_metrics(
             telemetry.otlp_endpoint,
-            telemetry.otlp_insecure,
+            otlp_insecure(telemetry),
             telemetry.otlp_timeout,
             resource(telemetry),
         )
@@ -557,6 +560,7 @@ def _worker(settings: Settings, worker: int) -> None:
     from keybroker.cli.logs import configure_logging
 
     configure_logging(settings.telemetry.log_level)
+    disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
     _serve_one(settings, worker)
 
 
@@ -577,6 +581,7 @@ def _hold_journal(settings: Settings, processes: int) -> None:
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
+    disable_core_dumps()
     processes = settings.server.processes or os.cpu_count() or 1
     check_before_start(settings)
     _hold_journal(settings, processes)
