@@ -271,7 +271,13 @@ class ClientSettings:
             if path is None:
                 raise ConfigurationError(f"[client] {key} is required to call the broker")
             if not path.is_file():
-                raise ConfigurationError(f"[client] {key}: {path} does not exist")
+                hint = (
+                    "; mint one with `keybroker dev token --scope … --purpose … --output FILE` "
+                    "(dev broker) or ask your identity provider"
+                    if key == "token_file"
+                    else ""
+                )
+                raise ConfigurationError(f"[client] {key}: {path} does not exist{hint}")
             paths.append(path)
         return (paths[0], paths[1], paths[2]), paths[3]
 
@@ -381,63 +387,141 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     return value
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+#: Variables Kubernetes injects for a Service named ``keybroker`` (or ``keybroker-…``), e.g.
+#: ``KEYBROKER_SERVICE_HOST=10.96.0.12``, ``KEYBROKER_SERVICE_PORT_GRPC=50051``,
+#: ``KEYBROKER_PORT=tcp://10.96.0.12:50051``, ``KEYBROKER_PORT_50051_TCP_ADDR=10.96.0.12``: not
+#: settings, so they never stop start-up. Recognised by name and value together, so that a
+#: mistaken ``KEYBROKER_SERVER_PORT=50051`` is still refused as an unknown key.
+_SERVICE_LINKS = (
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_HOST"), re.compile(r".*")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_PORT(?:_\w+)?"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT"), re.compile(r"(tcp|udp|sctp)://\S+:\d+")),
+    (
+        re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)"),
+        re.compile(r"(tcp|udp|sctp)://\S+"),
+    ),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_ADDR"), re.compile(r"\S+")),
+)
+
+
+def is_service_link(var: str, value: str) -> bool:
+    """True for a Kubernetes service-link variable that merely shares the ``KEYBROKER_`` prefix."""
+    return any(
+        name.fullmatch(var) is not None and shape.fullmatch(value) is not None
+        for name, shape in _SERVICE_LINKS
+    )
+
+
+def _env_overrides(
+    environ: Mapping[str, str],
+) -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str]]:
+    """``{section: {key: value}}`` from ``KEYBROKER_<SECTION>_<KEY>``, and each one's variable."""
     found: dict[str, dict[str, str]] = {}
+    names: dict[tuple[str, str], str] = {}
     for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var == f"{ENV_PREFIX}CONFIG"
+            or is_service_link(var, value)
+        ):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section not in _SECTIONS or not key:
             raise ConfigurationError(
-                f"{var}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> with a section among "
-                + ", ".join(_SECTIONS)
+                f"environment variable {var}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> "
+                "with a section among " + ", ".join(_SECTIONS)
             )
         found.setdefault(section, {})[key] = value
-    return found
+        names[(section, key)] = var
+    return found, names
+
+
+def _toml_line(text: str, section: str, key: str | None = None) -> int | None:
+    """The line of ``[section]`` (or of ``key`` inside it) in TOML ``text``: best effort, for
+    messages only."""
+    header = re.compile(rf"\s*\[\s*{re.escape(section)}\s*\]\s*(#.*)?")
+    inside = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.fullmatch(r"\s*\[.*", line):
+            inside = header.fullmatch(line) is not None
+            if inside and key is None:
+                return number
+            continue
+        if inside and key is not None and re.match(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=", line):
+            return number
+    return None
+
+
+class _Sources:
+    """Where each value came from (a TOML file and line, or an environment variable), so that an
+    error can say where to fix it."""
+
+    def __init__(self, path: Path | None, text: str, env: dict[tuple[str, str], str]) -> None:
+        self._path, self._text, self._env = path, text, env
+
+    def of(self, section: str, key: str | None = None) -> str:
+        if key is not None and (section, key) in self._env:
+            return f"environment variable {self._env[(section, key)]}"
+        line = _toml_line(self._text, section, key) if self._path else None
+        if self._path is None:
+            return "settings"
+        return f"{self._path}, line {line}" if line else str(self._path)
 
 
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load settings from ``path`` (TOML) and environment overrides, then validate."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
+    text = ""
     base = Path.cwd()
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text())
+            text = path.read_text()
+            raw = tomllib.loads(text)
         except OSError as exc:
             raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
         base = path.resolve().parent
+    overrides, env_names = _env_overrides(environ)
+    sources = _Sources(path, text, env_names)
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
+        section = sorted(unknown)[0]
         raise ConfigurationError(
-            f"unknown section [{sorted(unknown)[0]}]; known sections: " + ", ".join(_SECTIONS)
+            f"unknown section [{section}] ({sources.of(section)}); known sections: "
+            + ", ".join(_SECTIONS)
         )
-    for section, values in _env_overrides(environ).items():
+    for section, values in overrides.items():
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
-            raise ConfigurationError(f"[{section}] must be a table")
+            raise ConfigurationError(f"[{section}] must be a table ({sources.of(section)})")
         table.update(values)
     built: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values = raw.get(section, {})
         if not isinstance(values, dict):
-            raise ConfigurationError(f"[{section}] must be a table")
+            raise ConfigurationError(f"[{section}] must be a table ({sources.of(section)})")
         hints = get_type_hints(cls)
         names = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in names:
                 raise ConfigurationError(
-                    f"[{section}] {key}: unknown key; known keys: " + ", ".join(sorted(names))
+                    f"[{section}] {key}: unknown key ({sources.of(section, key)}); known keys: "
+                    + ", ".join(sorted(names))
                 )
-            kwargs[key] = _coerce(section, key, hints[key], value, base)
+            try:
+                kwargs[key] = _coerce(section, key, hints[key], value, base)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{exc.message} ({sources.of(section, key)})") from None
         try:
             built[section] = cls(**kwargs)
         except ValueError as exc:
-            raise ConfigurationError(f"[{section}] {exc}") from None
+            raise ConfigurationError(f"[{section}] {exc} ({sources.of(section)})") from None
     settings = Settings(**built, source=path)
     validate(settings)
     return settings
@@ -467,6 +551,7 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
+    validate_listen(settings.server.listen)
     _validate_keys(settings.keys)
     if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
         raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
@@ -477,6 +562,23 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError(
             "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
         )
+
+
+_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9._-]+")
+
+
+def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` address (IPv6 in brackets, e.g. ``[::]:50051``), or
+    None for a ``unix:`` socket path; a ConfigurationError otherwise."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    host, sep, port = listen.rpartition(":")
+    hint = "expected HOST:PORT, e.g. 127.0.0.1:50051, 0.0.0.0:50051 or [::]:50051"
+    if not sep or not host or not _HOST_RE.fullmatch(host):
+        raise ConfigurationError(f"{key}: {listen!r} is not an address; {hint}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"{key}: {listen!r} has no valid port (0..65535); {hint}")
+    return host.strip("[]"), int(port)
 
 
 def _validate_keys(keys: KeysSettings) -> None:
@@ -499,9 +601,17 @@ def _validate_keys(keys: KeysSettings) -> None:
         )
 
 
+NO_CONFIGURATION = (
+    "no configuration given: pass --config FILE or set KEYBROKER_CONFIG=FILE "
+    "(`keybroker dev init` writes a development one to .keybroker/keybroker.toml)"
+)
+
+
 def validate_for_serving(settings: Settings) -> None:
     """Checks ``keybroker serve`` needs: TLS files, token verification, HSM."""
     tls = settings.tls
+    if settings.source is None and tls.cert_file is None:
+        raise ConfigurationError(NO_CONFIGURATION)
     for key in ("cert_file", "key_file", "client_ca_file"):
         path = getattr(tls, key)
         if path is None:

@@ -31,10 +31,12 @@ from tests.support.process import BrokerProcess, free_port, run_cli
     ],
 )
 def test_bad_configuration_fails_fast_naming_the_key(
-    devenv: DevEnv, override: dict[str, str], expected: str
+    devenv: DevEnv, tmp_path: Path, override: dict[str, str], expected: str
 ) -> None:
     """The broker refuses to start, exit code 2, with a message naming the setting."""
-    env = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", **override}
+    # its own journal: the session's in-process broker holds the dev one (one writer per journal)
+    journal = str(tmp_path / "journal")
+    env = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", "KEYBROKER_AUDIT_DIR": journal, **override}
     if override.get("KEYBROKER_TLS_CLIENT_CA_FILE") == "":
         # An empty path is refused by the settings loader; prove the serve check with a config
         # that simply has no client CA.
@@ -54,7 +56,12 @@ def test_wrong_pin_fails_fast(devenv: DevEnv, tmp_path: Path) -> None:
     """A wrong PIN is a configuration error, not a crash."""
     pin = tmp_path / "wrong.pin"
     pin.write_text("0000\n")
-    out = run_cli("serve", "--config", str(devenv.config), env={"KEYBROKER_HSM_PIN_FILE": str(pin)})
+    out = run_cli(
+        "serve",
+        "--config",
+        str(devenv.config),
+        env={"KEYBROKER_HSM_PIN_FILE": str(pin), "KEYBROKER_AUDIT_DIR": str(tmp_path / "j")},
+    )
     assert out.returncode == 2
     assert "[hsm] pin_file" in out.stderr
 

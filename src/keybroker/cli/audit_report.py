@@ -393,7 +393,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(audit: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = audit.add_parser("report", help="summarise decisions over a period (tables, JSON, SVG)")
-    p.add_argument("--config")
+    p.add_argument(
+        "--config", help="settings file with an [audit] section (default: $KEYBROKER_CONFIG)"
+    )
     p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--until", help="ISO 8601 time (UTC if no zone)")

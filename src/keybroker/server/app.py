@@ -26,6 +26,7 @@ from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
+from keybroker.adapters.journal_lock import JournalLock, lock_directory, lock_slot
 from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
 from keybroker.adapters.privacy_cache import PrivacyCache
@@ -58,6 +59,7 @@ from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
+from keybroker.server.startup import bind_error, check_tls_material
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import (
     admin_pb2,
@@ -93,6 +95,7 @@ class RunningBroker:
     privacy: PrivacyCache | None = None
     shredder: RetentionShredder | None = None
     draining: threading.Event = field(default_factory=threading.Event)
+    journal_lock: JournalLock | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -115,6 +118,8 @@ class RunningBroker:
             self.store.close()
         if self.journal is not None:
             self.journal.close()  # writes a final signed checkpoint
+        if self.journal_lock is not None:
+            self.journal_lock.release()
         if self.exporter is not None:
             self.exporter.stop()  # one last bounded attempt; the rest goes after restart
         self.tracer_provider.shutdown()
@@ -414,10 +419,19 @@ def grpc_server(
     except RuntimeError:
         port = 0
     if port == 0:
-        raise ConfigurationError(
-            f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
-        )
+        raise bind_error(settings.server.listen)
     return server, port
+
+
+def check_before_start(settings: Settings) -> None:
+    """What must hold before anything is opened or bound: settings, then the TLS files."""
+    validate_for_serving(settings)
+    check_tls_material(settings.tls)
+
+
+def lock_journal_slot(settings: Settings, worker: int) -> JournalLock | None:
+    """Worker ``worker``'s journal slot, taken before the HSM, the store or the port."""
+    return None if settings.audit.dir is None else lock_slot(settings.audit.dir, worker)
 
 
 def create_server(
@@ -427,8 +441,29 @@ def create_server(
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
 ) -> RunningBroker:
-    """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
-    validate_for_serving(settings)
+    """Check the settings and TLS files, take this worker's journal slot (one writer per
+    journal), connect to the HSM, wire the services and start listening. Fails fast."""
+    check_before_start(settings)
+    lock = lock_journal_slot(settings, worker)
+    try:
+        running = _create_server(
+            settings, clock=clock, span_processor=span_processor, worker=worker
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    running.journal_lock = lock
+    return running
+
+
+def _create_server(
+    settings: Settings,
+    *,
+    clock: Clock,
+    span_processor: SpanProcessor | None,
+    worker: int,
+) -> RunningBroker:
     store = open_store(settings)
     keks = connect_hsm(settings)
     auth = settings.auth
@@ -609,14 +644,30 @@ def _worker(settings: Settings, worker: int) -> None:
     _serve_one(settings, worker)
 
 
+_held: list[JournalLock] = []
+
+
+def _hold_journal(settings: Settings, processes: int) -> None:
+    """Take the journal directory for as long as this process runs (before any worker binds),
+    and make sure no leftover worker of another broker still writes one of our slots; each
+    worker then takes its own slot ``w<N>`` (create_server)."""
+    if settings.audit.dir is None:
+        return
+    _held.append(lock_directory(settings.audit.dir))
+    if processes > 1:
+        for worker in range(processes):
+            lock_slot(settings.audit.dir, worker).release()
+
+
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
     disable_core_dumps()
     processes = settings.server.processes or os.cpu_count() or 1
+    check_before_start(settings)
+    _hold_journal(settings, processes)
     if processes == 1:
         _serve_one(settings)
         return
-    validate_for_serving(settings)
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
         ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
