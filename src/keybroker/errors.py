@@ -107,6 +107,15 @@ class StoreUnavailableError(UnavailableError):
     default_reason = "store_unavailable"
 
 
+class KeyStateStaleError(UnavailableError):
+    """A wrapped key names a key version this replica cannot resolve yet (made a moment ago on
+    another replica or worker, not yet loaded here). Retrying shortly succeeds; it is never the
+    blob's fault, so it is not "wrapped key is invalid"."""
+
+    default_message = "key state not yet current on this replica; retry"
+    default_reason = "key_state_stale"
+
+
 class InternalError(KeybrokerError):
     """A bug or an unexpected state. Details go to the log, never to the caller."""
 

@@ -44,6 +44,7 @@ from keybroker.errors import (
     FailedPreconditionError,
     HsmUnavailableError,
     InvalidWrappedKeyError,
+    KeyStateStaleError,
     NotFoundError,
 )
 
@@ -324,7 +325,9 @@ class Pkcs11Keks:
             )
             return out
 
-        result = self._timed("decrypt", key, op, InvalidWrappedKeyError)
+        # No object for a version the catalog has let through: the token and the catalog
+        # disagree for now (made or destroyed a moment ago elsewhere). Never the blob's fault.
+        result = self._timed("decrypt", key, op, KeyStateStaleError)
         if isinstance(result, _Failed):
             self._classify_failure(result.exc)
             raise InvalidWrappedKeyError from None
