@@ -30,6 +30,10 @@ class AuthenticationError(KeybrokerError):
     default_message = "invalid or missing access token"
     default_reason = "token_invalid"
 
+    verified_claims: tuple[str | None, str | None, str | None] | None = None
+    """``(sub, jti, client_id)`` when the token's signature verified and a later check (time,
+    audience, issuer, lifetime) failed: who was refused, for the audit record. Never the token."""
+
 
 class PermissionDeniedError(KeybrokerError):
     """The caller is authenticated but not allowed to do this (scope, purpose, binding, TLS)."""

@@ -12,8 +12,10 @@ reached the last snapshot stays in force and the loop keeps retrying.
 Misses: a wrapped key may name a version this replica has not loaded yet (another replica or
 worker process made it a moment ago). :meth:`CachedCatalog.fresh_snapshot` then reloads at once,
 on the calling thread, so the verdict on that blob rests on a snapshot read *after* the blob
-existed; forced reloads are rate-limited (one per ``miss_refresh_interval`` per process, and
-callers arriving while one runs share it), and a caller that cannot have a fresh snapshot gets
+existed. Forced reloads are rate-limited by a token bucket per process (a burst of
+``MISS_REFRESH_BURST``, then ``MISS_REFRESH_RATE`` a second; callers arriving while one runs
+share it), so a flood of blobs naming unknown keys costs the store a bounded number of cheap
+``generation`` reads. A caller that cannot have a fresh snapshot gets
 :class:`~keybroker.errors.KeyStateStaleError` (UNAVAILABLE, retryable), never "invalid".
 
 Usage: wraps and unwraps per version are summed in memory and added to the store every
@@ -39,9 +41,9 @@ log = logging.getLogger(__name__)
 
 ChangeListener = Callable[[KeySnapshot, KeySnapshot], None]
 
-#: At most one forced reload per this many seconds per process (a flood of blobs naming unknown
-#: keys costs the store at most ~20 cheap ``generation`` reads a second).
-MISS_REFRESH_INTERVAL = 0.05
+#: Forced reloads on a miss: a burst of this many, then this many a second, per process.
+MISS_REFRESH_BURST = 100
+MISS_REFRESH_RATE = 20.0
 #: Longest a caller waits for a reload another thread is running before it answers UNAVAILABLE.
 MISS_REFRESH_WAIT = 0.5
 
@@ -58,7 +60,8 @@ class CachedCatalog:
         listen: Callable[[], Any] | None = None,
         tick: Callable[[], None] | None = None,
         tick_interval: float = 10.0,
-        miss_refresh_interval: float = MISS_REFRESH_INTERVAL,
+        miss_refresh_burst: int = MISS_REFRESH_BURST,
+        miss_refresh_rate: float = MISS_REFRESH_RATE,
     ) -> None:
         self._store = store
         self._refresh_interval = refresh_interval
@@ -69,8 +72,10 @@ class CachedCatalog:
         self._snapshot = KeySnapshot()
         self._refresh_lock = threading.Lock()
         self._read_at = float("-inf")  # monotonic time the last good reload began its read
-        self._miss_interval = miss_refresh_interval
-        self._last_forced = float("-inf")
+        self._miss_burst = float(miss_refresh_burst)
+        self._miss_rate = miss_refresh_rate
+        self._miss_tokens = float(miss_refresh_burst)
+        self._miss_filled = time.monotonic()
         self._usage: dict[KeyRef, Usage] = {}
         self._usage_lock = threading.Lock()
         self._listeners: list[ChangeListener] = []
@@ -132,9 +137,13 @@ class CachedCatalog:
             if self._read_at >= asked:  # a reload that began after we asked has finished
                 return self._snapshot
             now = time.monotonic()
-            if now - self._last_forced < self._miss_interval:
+            self._miss_tokens = min(
+                self._miss_burst, self._miss_tokens + (now - self._miss_filled) * self._miss_rate
+            )
+            self._miss_filled = now
+            if self._miss_tokens < 1:
                 raise KeyStateStaleError
-            self._last_forced = now
+            self._miss_tokens -= 1
             try:
                 self._refresh(False)
             except Exception as exc:  # noqa: BLE001 - no fresh state: no verdict either

@@ -53,6 +53,7 @@ from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
+from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import (
@@ -334,6 +335,7 @@ def grpc_server(
                 ("grpc.so_reuseport", 1),
             ),
         ),
+        refusals=RefusalLog(),
     )
     try:
         port = server.add_secure_port(settings.server.listen, server_credentials(settings))

@@ -42,6 +42,7 @@ from keybroker.server.guard import (
     commit_deferred,
     record_live,
 )
+from keybroker.server.refusals import MALFORMED_MESSAGE, NO_MESSAGE, UNKNOWN_METHOD, RefusalLog
 from keybroker.server.status import REASON_METADATA
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 BatchStarter: TypeAlias = "Callable[[Any, tuple[Any, ...], Any], bool]"
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
+_MALFORMED = "malformed request message"
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
 
 
@@ -83,8 +85,9 @@ class _Aborted(Exception):
 class LoopContext(grpc.ServicerContext, RecordDeferral):
     """The ``ServicerContext`` of one call; deferring when the call runs inline."""
 
-    def __init__(self, event: Any, *, deferring: bool) -> None:
+    def __init__(self, event: Any, *, deferring: bool, peer: str | None = None) -> None:
         self._call = event.call
+        self._peer = peer
         self._metadata: Metadata = tuple(event.invocation_metadata or ())
         self._deadline: float = event.call_details.deadline
         self._lock = threading.Lock()
@@ -108,7 +111,9 @@ class LoopContext(grpc.ServicerContext, RecordDeferral):
         return self._metadata
 
     def peer(self) -> str:
-        return bytes(self._call.peer()).decode("utf-8", "replace")
+        if self._peer is None:
+            self._peer = bytes(self._call.peer()).decode("utf-8", "replace")
+        return self._peer
 
     def auth_context(self) -> Mapping[str, Any]:  # name -> list of values
         auth = cygrpc.auth_context(self._call) or {}
@@ -180,6 +185,9 @@ class _Unary:
     event: Any
     handler: Handler
     inline: bool
+    peer: str
+    """Read when the call arrived: once gRPC core has failed a call (e.g. an oversized
+    message), its peer reads empty."""
 
 
 @dataclass(slots=True)
@@ -214,7 +222,7 @@ def _run_unary(
     try:
         message = handler.request_deserializer(request) if handler.request_deserializer else request
     except Exception:  # noqa: BLE001 - a request that does not parse changes nothing
-        return grpc.StatusCode.INVALID_ARGUMENT, "malformed request message", None
+        return grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED, None
     behaviour = handler.unary_unary
     if behaviour is None:
         log.error("not a unary-unary handler: %r", handler)
@@ -344,11 +352,15 @@ class LoopServer:
         *,
         inline: frozenset[str],
         options: LoopOptions,
+        refusals: RefusalLog | None = None,
     ) -> None:
+        """``refusals`` counts calls refused before any handler ran; the server starts and
+        stops it (:mod:`keybroker.server.refusals`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
             raise ValueError(f"inline methods without a handler: {unknown}")
         self._handlers = handlers
+        self.refusals = refusals
         self._inline = inline
         self._options = options
         self._cq = cygrpc.CompletionQueue()
@@ -376,6 +388,8 @@ class LoopServer:
     def start(self) -> None:
         self._server.start()
         self._server.request_call(self._cq, self._cq, _NEW_CALL)
+        if self.refusals is not None:
+            self.refusals.start()
         self._thread.start()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -466,6 +480,8 @@ class LoopServer:
                 self._destroyed = True
                 self._server.destroy()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self.refusals is not None:
+                self.refusals.stop()  # logs the last interval
             if self._stopping is not None:
                 if self._stopping.grace_timer is not None:
                     self._stopping.grace_timer.cancel()
@@ -505,6 +521,7 @@ class LoopServer:
         method = bytes(event.call_details.method).decode("utf-8", "replace")
         handler = self._handlers.lookup(method)
         if handler is None:
+            self._refused(_peer_of(event.call), UNKNOWN_METHOD)
             event.call.start_server_batch(
                 _final_ops(grpc.StatusCode.UNIMPLEMENTED, "method not found", (), None),
                 _FINISHED,
@@ -514,13 +531,14 @@ class LoopServer:
         else:
             event.call.start_server_batch(
                 (cygrpc.ReceiveMessageOperation(_FLAGS),),
-                _Unary(event, handler, method in self._inline),
+                _Unary(event, handler, method in self._inline, _peer_of(event.call)),
             )
 
     def _received(self, tag: _Unary, event: Any, replies: list[_Reply]) -> None:
         message = event.batch_operations[0].message() if event.success else None
         call = tag.event.call
         if message is None:
+            self._refused(tag.peer, NO_MESSAGE)
             call.start_server_batch(
                 _final_ops(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected", (),
                            None),
@@ -528,16 +546,36 @@ class LoopServer:
             )  # fmt: skip
             return
         if tag.inline:
-            context = LoopContext(tag.event, deferring=True)
+            context = LoopContext(tag.event, deferring=True, peer=tag.peer)
             code, details, response = _run_unary(tag.handler, message, context)
+            if details is _MALFORMED:
+                self._refused(tag.peer, MALFORMED_MESSAGE)
             replies.append(_Reply(context, code, details, response))
         else:
-            self._pool.submit(_run_in_pool, tag.handler, tag.event, message, self._start_batch)
+            self._pool.submit(_run_in_pool, tag, message, self._start_batch, self._refused)
+
+    def _refused(self, peer: str, kind: str) -> None:
+        """Count a call refused before any handler (never fails the loop)."""
+        if self.refusals is None:
+            return
+        try:
+            self.refusals.note(peer, kind)
+        except Exception:
+            log.exception("counting a refused call failed")
 
 
-def _run_in_pool(handler: Handler, event: Any, message: bytes, start_batch: BatchStarter) -> None:
-    context = LoopContext(event, deferring=False)
-    code, details, response = _run_unary(handler, message, context)
+def _peer_of(call: Any) -> str:
+    return bytes(call.peer()).decode("utf-8", "replace")
+
+
+def _run_in_pool(
+    tag: _Unary, message: bytes, start_batch: BatchStarter, refused: Callable[[str, str], None]
+) -> None:
+    event = tag.event
+    context = LoopContext(event, deferring=False, peer=tag.peer)
+    code, details, response = _run_unary(tag.handler, message, context)
+    if details is _MALFORMED:
+        refused(tag.peer, MALFORMED_MESSAGE)
     start_batch(event.call, _final_ops(code, details, context.trailing, response), _FINISHED)
 
 
