@@ -83,6 +83,13 @@ class RetentionExpiredError(FailedPreconditionError):
     default_reason = "retention_expired"
 
 
+class RateLimitedError(KeybrokerError):
+    """The caller made more calls than ``[limits]`` allows it; slow down and retry later."""
+
+    default_message = "too many calls; slow down"
+    default_reason = "rate_limited"
+
+
 class UnavailableError(KeybrokerError):
     """A dependency the broker needs is not reachable right now; retrying later may work."""
 

@@ -57,6 +57,27 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """Per-caller limits (keybroker.server.limits). The defaults never throttle a benchmark."""
+
+    certificate_rate: float = 0.0
+    """Data-plane calls per second per client-certificate identity (token bucket); 0: off."""
+    subject_rate: float = 0.0
+    """Data-plane calls per second per token ``sub`` (token bucket); 0: off."""
+    burst: float = 2.0
+    """Bucket size, in seconds' worth of calls at each rate."""
+    denials_per_minute: int = 100
+    """Denials per client certificate and per peer IP journaled one by one each minute; beyond,
+    one aggregate record per caller and minute. 0: every denial on its own line."""
+    stream_threads: int = 4
+    """Threads for streaming calls (health Watch, reflection), apart from every other call."""
+    streams_per_connection: int = 4
+    """Streaming calls one client connection may have open at once."""
+    stream_queue: int = 16
+    """Streaming calls waiting for a stream thread; beyond, RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
 class TlsSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -262,6 +283,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: AlertThresholds = field(default_factory=AlertThresholds)
     client: ClientSettings = field(default_factory=ClientSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     source: Path | None = None
 
     def read_pin(self) -> str:
@@ -294,6 +316,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "audit": AuditSettings,
     "alerts": AlertThresholds,
     "client": ClientSettings,
+    "limits": LimitsSettings,
 }
 _DURATION_KEYS = {
     "auth.max_token_lifetime",
@@ -441,10 +464,24 @@ def validate(settings: Settings) -> None:
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
     _validate_keys(settings.keys)
+    _validate_limits(settings.limits)
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(
             "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
+        )
+
+
+def _validate_limits(limits: LimitsSettings) -> None:
+    if min(limits.certificate_rate, limits.subject_rate, limits.denials_per_minute) < 0:
+        raise ConfigurationError(
+            "[limits] certificate_rate, subject_rate and denials_per_minute: 0 (off) or more"
+        )
+    if limits.burst <= 0:
+        raise ConfigurationError("[limits] burst: must be positive (seconds' worth of calls)")
+    if min(limits.stream_threads, limits.streams_per_connection, limits.stream_queue) < 1:
+        raise ConfigurationError(
+            "[limits] stream_threads, streams_per_connection and stream_queue: at least 1"
         )
 
 

@@ -51,6 +51,7 @@ from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.health import Health, HealthMonitor
+from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.refusals import RefusalLog
@@ -89,6 +90,7 @@ class RunningBroker:
     privacy: PrivacyCache | None = None
     shredder: RetentionShredder | None = None
     draining: threading.Event = field(default_factory=threading.Event)
+    denials: DenialLimiter | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -102,6 +104,8 @@ class RunningBroker:
         if grace:
             time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
+        if self.denials is not None:
+            self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
@@ -222,6 +226,9 @@ class Observability:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider | None
     metrics: DecisionMetrics | None
+    counters: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live recorders that count (alerts, metrics): they see every denial, also those the
+    journal keeps only in an aggregate record (keybroker.server.limits)."""
 
 
 def build_observability(
@@ -262,9 +269,10 @@ def build_observability(
     ]
     if decision_metrics is not None:
         live.append(decision_metrics)
+    counters = FanOut(list(live))
     if live_spans:
         live.append(SpanRecorder(provider))
-    return Observability(FanOut(live), provider, meter_provider, decision_metrics)
+    return Observability(FanOut(live), provider, meter_provider, decision_metrics, counters)
 
 
 def start_exporter(
@@ -299,6 +307,41 @@ INLINE_METHODS = frozenset(
     }
 )
 """Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
+
+
+def guards(
+    settings: Settings,
+    verifier: TokenVerifier,
+    obs: Observability,
+    journal: Journal | None,
+    draining: threading.Event,
+) -> tuple[Callable[[str], CallGuard], DenialLimiter | None]:
+    """The guard maker for each service, and the denial limiter they share (started; the
+    broker stops it)."""
+    limits = settings.limits
+    rates = RateLimits.of(limits.certificate_rate, limits.subject_rate, limits.burst)
+    denials = (
+        DenialLimiter(limits.denials_per_minute, event_recorder(journal, obs.recorder))
+        if limits.denials_per_minute
+        else None
+    )
+    if denials is not None:
+        denials.start()
+
+    def guard(service: str) -> CallGuard:
+        return CallGuard(
+            service=service,
+            verifier=verifier.verify,
+            recorder=obs.recorder,
+            require_cnf=settings.auth.require_cnf,
+            durable=journal,
+            draining=draining,
+            limits=rates if service == SERVICE_NAME else None,  # the data plane's rates
+            denials=denials,
+            counters=obs.counters,
+        )
+
+    return guard, denials
 
 
 def grpc_server(
@@ -413,16 +456,7 @@ def create_server(
     require_default_key(settings, catalog)
 
     draining = threading.Event()
-
-    def guard(service: str) -> CallGuard:
-        return CallGuard(
-            service=service,
-            verifier=verifier.verify,
-            recorder=obs.recorder,
-            require_cnf=auth.require_cnf,
-            durable=journal,
-            draining=draining,
-        )
+    guard, denials = guards(settings, verifier, obs, journal, draining)
 
     broker = KeyBroker(
         keks,
@@ -495,6 +529,7 @@ def create_server(
         privacy_cache,
         shredder,
         draining,
+        denials,
     )
 
 

@@ -30,6 +30,7 @@ from keybroker.errors import (
     KeybrokerError,
     UnavailableError,
 )
+from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
 
@@ -217,8 +218,17 @@ class CallGuard:
         require_cnf: bool,
         durable: DurableRecorder | None = None,
         draining: threading.Event | None = None,
+        limits: RateLimits | None = None,
+        denials: DenialLimiter | None = None,
+        counters: DecisionRecorder | None = None,
     ) -> None:
+        """``limits``: per-caller call rates; ``denials``: which denials are journaled one by one
+        (the rest go into aggregate records, and only to ``counters`` live: the alert detector
+        and metrics, which must see every denial). See keybroker.server.limits."""
         self._service = service
+        self._limits = limits
+        self._denials = denials
+        self._counters = counters
         self._draining = draining
         self._verify = verifier
         self._recorder = recorder
@@ -319,10 +329,14 @@ class CallGuard:
         if self._draining is not None and self._draining.is_set():
             raise UnavailableError("broker shutting down; retry", reason="shutting_down")
         policy.require_tls13(peer)
+        if self._limits is not None:  # before the signature check: a flood costs no ES256
+            self._limits.check_certificate(peer.identity or peer.thumbprint)
         principal = self._verify(bearer_token(metadata))
         decision.subject = principal.subject
         decision.token_id = principal.token_id
         decision.client_id = principal.client_id
+        if self._limits is not None:
+            self._limits.check_subject(principal.subject)
         policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
         return principal
 
@@ -339,6 +353,10 @@ class CallGuard:
     def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
         """Durable record first (fail closed), then the live span."""
         decision.ended_ns = time.time_ns()
+        if self._denials is not None and not self._denials.admit(decision):
+            if self._counters is not None:  # counted into an aggregate record; alerts still see it
+                self._counters.record(decision)
+            return
         if isinstance(context, RecordDeferral) and context.defer(
             DeferredRecord(decision, self._durable, self._recorder)
         ):

@@ -19,6 +19,7 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.RetentionExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.HsmUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.JournalUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -41,6 +42,7 @@ _REASON_CLASSES: dict[str, type[errors.KeybrokerError]] = {
     errors.JournalUnavailableError.default_reason: errors.JournalUnavailableError,
     errors.StoreUnavailableError.default_reason: errors.StoreUnavailableError,
     errors.KeyStateStaleError.default_reason: errors.KeyStateStaleError,
+    errors.RateLimitedError.default_reason: errors.RateLimitedError,
 }
 _CODE_CLASSES: dict[grpc.StatusCode, type[errors.KeybrokerError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
