@@ -372,6 +372,9 @@ def grpc_server(
         inline=INLINE_METHODS,
         options=LoopOptions(
             pool_threads=settings.server.threads,
+            stream_threads=settings.limits.stream_threads,
+            streams_per_connection=settings.limits.streams_per_connection,
+            stream_queue=settings.limits.stream_queue,
             channel_options=(
                 ("grpc.max_receive_message_length", settings.server.max_message_bytes),
                 ("grpc.max_send_message_length", settings.server.max_message_bytes),

@@ -5,8 +5,12 @@ worker thread hand each call back and forth (new call, request message, reply), 
 those thread wake-ups and GIL hand-overs cost as much as the work (docs/PERFORMANCE.md). This
 server polls gRPC core's completion queue on one thread and answers the data-plane methods
 (``inline``) right there. Everything else — key administration, privacy calls that wait for
-replicas, batch rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread
-pool, so a slow call never holds up the data plane.
+replicas, batch rewraps — goes to a small thread pool, so a slow call never holds up the data
+plane. Streaming calls (reflection, health ``Watch``) hold a thread for as long as they are open,
+so they get a pool of their own (``stream_threads``), admitted through a gate: at most
+``streams_per_connection`` open per client connection and ``stream_queue`` waiting for a thread;
+beyond, RESOURCE_EXHAUSTED at once. Idle watchers can thus never take the threads admin and
+privacy calls need.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
@@ -42,7 +46,13 @@ from keybroker.server.guard import (
     commit_deferred,
     record_live,
 )
-from keybroker.server.refusals import MALFORMED_MESSAGE, NO_MESSAGE, UNKNOWN_METHOD, RefusalLog
+from keybroker.server.refusals import (
+    MALFORMED_MESSAGE,
+    NO_MESSAGE,
+    TOO_MANY_STREAMS,
+    UNKNOWN_METHOD,
+    RefusalLog,
+)
 from keybroker.server.status import REASON_METADATA
 
 log = logging.getLogger(__name__)
@@ -335,6 +345,40 @@ class LoopOptions:
     pool_threads: int = 4
     max_turn: int = 64
     channel_options: tuple[tuple[str, Any], ...] = ()
+    stream_threads: int = 4
+    streams_per_connection: int = 4
+    stream_queue: int = 16
+
+
+class _StreamGate:
+    """Admits streaming calls: bounded per connection and in total (threads + queue)."""
+
+    def __init__(self, options: LoopOptions) -> None:
+        self._capacity = options.stream_threads + options.stream_queue
+        self._per_connection = options.streams_per_connection
+        self._lock = threading.Lock()
+        self._open = 0
+        self._by_peer: dict[str, int] = {}
+
+    def enter(self, peer: str) -> str | None:
+        """None when admitted (call :meth:`leave` when it ends), else why not."""
+        with self._lock:
+            if self._open >= self._capacity:
+                return "too many streaming calls; retry later"
+            if self._by_peer.get(peer, 0) >= self._per_connection:
+                return "too many streaming calls on this connection"
+            self._open += 1
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+            return None
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._open -= 1
+            left = self._by_peer.get(peer, 1) - 1
+            if left:
+                self._by_peer[peer] = left
+            else:
+                self._by_peer.pop(peer, None)
 
 
 @dataclass
@@ -369,6 +413,10 @@ class LoopServer:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
         )
+        self._streams = futures.ThreadPoolExecutor(
+            max_workers=options.stream_threads, thread_name_prefix="kb-stream"
+        )
+        self._stream_gate = _StreamGate(options)
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -480,6 +528,7 @@ class LoopServer:
                 self._destroyed = True
                 self._server.destroy()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._streams.shutdown(wait=False, cancel_futures=True)
             if self.refusals is not None:
                 self.refusals.stop()  # logs the last interval
             if self._stopping is not None:
@@ -527,7 +576,7 @@ class LoopServer:
                 _FINISHED,
             )
         elif handler.request_streaming or handler.response_streaming:
-            self._pool.submit(_Stream(event, handler, self._start_batch).run)
+            self._new_stream(event, handler)
         else:
             event.call.start_server_batch(
                 (cygrpc.ReceiveMessageOperation(_FLAGS),),
@@ -553,6 +602,25 @@ class LoopServer:
             replies.append(_Reply(context, code, details, response))
         else:
             self._pool.submit(_run_in_pool, tag, message, self._start_batch, self._refused)
+
+    def _new_stream(self, event: Any, handler: Handler) -> None:
+        peer = _peer_of(event.call)
+        refusal = self._stream_gate.enter(peer)
+        if refusal is not None:
+            self._refused(peer, TOO_MANY_STREAMS)
+            event.call.start_server_batch(
+                _final_ops(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal, (), None), _FINISHED
+            )
+            return
+        stream = _Stream(event, handler, self._start_batch)
+
+        def run() -> None:
+            try:
+                stream.run()
+            finally:
+                self._stream_gate.leave(peer)
+
+        self._streams.submit(run)
 
     def _refused(self, peer: str, kind: str) -> None:
         """Count a call refused before any handler (never fails the loop)."""

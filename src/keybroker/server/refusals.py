@@ -1,12 +1,13 @@
 """Calls refused before any handler ran, counted per peer IP and logged once a minute.
 
-A call to an unknown method, a request message that does not parse, or a call that never delivers
-its request message (over ``[server] max_message_bytes``: gRPC core refuses it with
-RESOURCE_EXHAUSTED before the server sees a message; or a client that went away) is no decision
-about a key, so it makes no journal record. It is still an access attempt: the server loop counts
-it here, per peer IP and kind, and every ``interval`` seconds one log line per IP says how many
-such calls came from it, of which kinds, and in which interval (the access log with IP and time the
-requirements ask for, aggregated so a flood cannot flood the log).
+A call to an unknown method, a streaming call beyond the stream limits, a request message that
+does not parse, or a call that never delivers its request message (over ``[server]
+max_message_bytes``: gRPC core refuses it with RESOURCE_EXHAUSTED before the server sees a
+message; or a client that went away) is no decision about a key, so it makes no journal record.
+It is still an access attempt: the server loop counts it here, per peer IP and kind, and every
+``interval`` seconds one log line per IP says how many such calls came from it, of which kinds,
+and in which interval (the access log with IP and time the requirements ask for, aggregated so
+a flood cannot flood the log).
 
 TLS handshake failures never reach Python (see docs/AUDIT.md, "What spans cannot record").
 """
@@ -29,6 +30,9 @@ MALFORMED_MESSAGE = "malformed_message"
 NO_MESSAGE = "no_request_message"
 """The request message never arrived: larger than the limit (gRPC core refused it), or the
 client cancelled or went away first. gRPC core does not tell the server which."""
+
+TOO_MANY_STREAMS = "too_many_streams"
+"""A streaming call over ``[limits] streams_per_connection`` or ``stream_queue``."""
 
 #: IPs tracked per interval; beyond this, further IPs are counted under "other".
 MAX_PEERS = 10_000
