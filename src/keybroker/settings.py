@@ -49,7 +49,7 @@ class ServerSettings:
     processes: int = 1
     """Worker processes sharing the port (SO_REUSEPORT); 0 means one per CPU."""
     threads: int = 4
-    """Threads per process for calls off the data plane (admin, privacy, batch, streams); the
+    """Threads per process for calls off the data plane (admin, privacy, batch); the
     data-plane methods run on each process's server loop (keybroker.server.loop)."""
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
