@@ -229,6 +229,8 @@ class Observability:
     counters: FanOut = field(default_factory=lambda: FanOut(()))
     """The live recorders that count (alerts, metrics): they see every denial, also those the
     journal keeps only in an aggregate record (keybroker.server.limits)."""
+    spans: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live span recorder alone (for records the counters must not count twice)."""
 
 
 def build_observability(
@@ -270,9 +272,10 @@ def build_observability(
     if decision_metrics is not None:
         live.append(decision_metrics)
     counters = FanOut(list(live))
-    if live_spans:
-        live.append(SpanRecorder(provider))
-    return Observability(FanOut(live), provider, meter_provider, decision_metrics, counters)
+    spans: list[DecisionRecorder] = [SpanRecorder(provider)] if live_spans else []
+    return Observability(
+        FanOut(live + spans), provider, meter_provider, decision_metrics, counters, FanOut(spans)
+    )
 
 
 def start_exporter(
@@ -321,7 +324,8 @@ def guards(
     limits = settings.limits
     rates = RateLimits.of(limits.certificate_rate, limits.subject_rate, limits.burst)
     denials = (
-        DenialLimiter(limits.denials_per_minute, event_recorder(journal, obs.recorder))
+        # journal and span only: the counters saw each aggregated denial already
+        DenialLimiter(limits.denials_per_minute, event_recorder(journal, obs.spans))
         if limits.denials_per_minute
         else None
     )
