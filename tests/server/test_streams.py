@@ -4,6 +4,7 @@ waiting; admin, privacy and RewrapDataKeys keep their threads."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,31 @@ def running(devenv: DevEnv, tmp_path: Path) -> Iterator[RunningBroker]:
 def _watch(ch: grpc.Channel) -> Any:
     health = health_pb2_grpc.HealthStub(ch)
     return health.Watch(health_pb2.HealthCheckRequest(service=""))
+
+
+def _served(watches: list[Any], timeout: float) -> list[Any]:
+    """The watches whose first message arrives within ``timeout`` (read on helper threads: a
+    stream still waiting for a stream thread would block a plain ``next`` for ever)."""
+    served: list[Any] = []
+    lock = threading.Lock()
+
+    def read(w: Any) -> None:
+        try:
+            first = next(w)
+        except (grpc.RpcError, StopIteration):
+            return
+        if first.status == health_pb2.HealthCheckResponse.SERVING:
+            with lock:
+                served.append(w)
+
+    threads = [threading.Thread(target=read, args=(w,), daemon=True) for w in watches]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        return list(served)
 
 
 def _erase_seconds(devenv: DevEnv, port: int) -> float:
@@ -77,8 +103,8 @@ def test_fifty_idle_watch_streams_do_not_delay_an_erasure(
         # only 4 running + 16 waiting are admitted (20 more)
         assert len(refused) == 30
         assert {w.code() for w in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        serving = health_pb2.HealthCheckResponse.SERVING
-        assert next(watches[0]).status == serving  # the admitted ones are served
+        waiting = [w for w in watches if not w.done()]
+        assert len(_served(waiting, 3.0)) == 4  # 4 stream threads serve; 16 wait their turn
     finally:
         for w in watches:
             w.cancel()
@@ -94,21 +120,22 @@ def test_streams_per_connection_are_capped(devenv: DevEnv, running: RunningBroke
     one ends, a new one is admitted."""
     with channel(devenv, running.port, own_connection=True) as ch:
         watches = [_watch(ch) for _ in range(4)]
-        for w in watches:
-            next(w)  # each admitted and running
-        extra = _watch(ch)
-        with pytest.raises(grpc.RpcError) as info:
-            next(extra)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        watches[0].cancel()
-        deadline = time.monotonic() + 5
-        while True:  # the cancelled stream's thread lets go of its slot shortly
-            again = _watch(ch)
-            try:
-                next(again)
-                break
-            except grpc.RpcError:
+        extra: list[Any] = []
+        try:
+            assert len(_served(watches, 5.0)) == 4  # each admitted and running
+            extra.append(_watch(ch))
+            deadline = time.monotonic() + 5
+            while not extra[0].done() and time.monotonic() < deadline:  # refused at once
+                time.sleep(0.02)
+            assert extra[0].done() and extra[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches[0].cancel()
+            deadline = time.monotonic() + 5
+            while True:  # the cancelled stream's thread lets go of its slot shortly
+                extra.append(_watch(ch))
+                if _served(extra[-1:], 2.0):
+                    break
                 assert time.monotonic() < deadline, "a slot never came free"
                 time.sleep(0.05)
-        for w in [*watches, again]:
-            w.cancel()
+        finally:
+            for w in [*watches, *extra]:
+                w.cancel()
