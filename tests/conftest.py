@@ -53,7 +53,14 @@ def devenv(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
 
 
 def load_settings(env: DevEnv, **overrides: str) -> settings_mod.Settings:
-    environ = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2"}
+    environ = {
+        "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
+        "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2",
+        # the suite's brokers see hundreds of denials a minute from one certificate, and its
+        # tests look for each one's record: every denial on its own line (aggregation is
+        # tested with its own threshold, tests/server/test_limits.py)
+        "KEYBROKER_LIMITS_DENIALS_PER_MINUTE": "0",
+    }
     environ.update({f"KEYBROKER_{k.upper()}": v for k, v in overrides.items()})
     return settings_mod.load(env.config, environ=environ)
 

@@ -49,11 +49,32 @@ class ServerSettings:
     processes: int = 1
     """Worker processes sharing the port (SO_REUSEPORT); 0 means one per CPU."""
     threads: int = 4
-    """Threads per process for calls off the data plane (admin, privacy, batch, streams); the
+    """Threads per process for calls off the data plane (admin, privacy, batch); the
     data-plane methods run on each process's server loop (keybroker.server.loop)."""
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Per-caller limits (keybroker.server.limits). The defaults never throttle a benchmark."""
+
+    certificate_rate: float = 0.0
+    """Data-plane calls per second per client-certificate identity (token bucket); 0: off."""
+    subject_rate: float = 0.0
+    """Data-plane calls per second per token ``sub`` (token bucket); 0: off."""
+    burst: float = 2.0
+    """Bucket size, in seconds' worth of calls at each rate."""
+    denials_per_minute: int = 100
+    """Denials per client certificate and per peer IP journaled one by one each minute; beyond,
+    one aggregate record per caller and minute. 0: every denial on its own line."""
+    stream_threads: int = 4
+    """Threads for streaming calls (health Watch, reflection), apart from every other call."""
+    streams_per_connection: int = 4
+    """Streaming calls one client connection may have open at once."""
+    stream_queue: int = 16
+    """Streaming calls waiting for a stream thread; beyond, RESOURCE_EXHAUSTED."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +315,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: AlertThresholds = field(default_factory=AlertThresholds)
     client: ClientSettings = field(default_factory=ClientSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     source: Path | None = None
 
     def read_pin(self) -> str:
@@ -326,6 +348,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "audit": AuditSettings,
     "alerts": AlertThresholds,
     "client": ClientSettings,
+    "limits": LimitsSettings,
 }
 _DURATION_KEYS = {
     "auth.max_token_lifetime",
@@ -557,6 +580,7 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
     if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
         raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
+    _validate_limits(settings.limits)
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(
@@ -579,6 +603,19 @@ def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigurationError(f"{key}: {listen!r} has no valid port (0..65535); {hint}")
     return host.strip("[]"), int(port)
+
+
+def _validate_limits(limits: LimitsSettings) -> None:
+    if min(limits.certificate_rate, limits.subject_rate, limits.denials_per_minute) < 0:
+        raise ConfigurationError(
+            "[limits] certificate_rate, subject_rate and denials_per_minute: 0 (off) or more"
+        )
+    if limits.burst <= 0:
+        raise ConfigurationError("[limits] burst: must be positive (seconds' worth of calls)")
+    if min(limits.stream_threads, limits.streams_per_connection, limits.stream_queue) < 1:
+        raise ConfigurationError(
+            "[limits] stream_threads, streams_per_connection and stream_queue: at least 1"
+        )
 
 
 def _validate_keys(keys: KeysSettings) -> None:

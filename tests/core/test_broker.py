@@ -18,6 +18,7 @@ from keybroker.core.wrapped_key import NONCE_SIZE, KeyRef, WrappedKey
 from keybroker.errors import (
     InvalidRequestError,
     InvalidWrappedKeyError,
+    KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
     RetentionExpiredError,
@@ -98,6 +99,7 @@ class FakeCatalog:
         self.states: dict[KeyRef, VersionState] = {}
         self.min_version: dict[str, int] = {}
         self.uses: list[tuple[KeyRef, int, int]] = []
+        self.reloads = 0
 
     def snapshot(self) -> KeySnapshot:
         names = {ref.name for ref in self.keks.keks}
@@ -111,6 +113,10 @@ class FakeCatalog:
                 name, NOW, refs[-1].version, self.min_version.get(name, 1), versions=versions
             )
         return KeySnapshot.of(1, keys)
+
+    def fresh_snapshot(self) -> KeySnapshot:
+        self.reloads += 1
+        return self.snapshot()
 
     def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
         self.uses.append((key, wraps, unwraps))
@@ -506,6 +512,32 @@ def test_unwrap_unknown_key_version_is_invalid_wrapped_key(world: World) -> None
     blob = other.generate().wrapped_key
     with pytest.raises(InvalidWrappedKeyError):
         world.unwrap(blob)
+
+
+def test_an_unknown_version_is_judged_on_a_fresh_reload_only(world: World) -> None:
+    """Unknown to the snapshot: the catalog reloads once before the verdict (issue 14 item 11);
+    a known version never costs a reload (the hot path stays a dict lookup)."""
+    other = World()
+    other.keks.add(DEFAULT_KEY, 5)
+    with pytest.raises(InvalidWrappedKeyError):
+        world.unwrap(other.generate().wrapped_key)
+    assert world.catalog.reloads == 1
+    world.unwrap(world.generate().wrapped_key)
+    assert world.catalog.reloads == 1
+
+
+def test_a_version_missing_from_the_hsm_is_retryable_not_invalid(world: World) -> None:
+    """The catalog lists the version but the HSM has no object: KeyStateStaleError after one
+    reload, never InvalidWrappedKeyError."""
+    blob = world.generate().wrapped_key
+
+    def missing(key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        raise KeyStateStaleError
+
+    world.keks.decrypt = missing  # type: ignore[method-assign]
+    with pytest.raises(KeyStateStaleError):
+        world.unwrap(blob)
+    assert world.catalog.reloads == 1
 
 
 # -- vectors through the broker ---------------------------------------------------------------

@@ -67,6 +67,7 @@ from keybroker.errors import (
     HsmUnavailableError,
     InvalidWrappedKeyError,
     KeybrokerError,
+    KeyStateStaleError,
     NotFoundError,
 )
 
@@ -510,7 +511,9 @@ class Pkcs11Keks:
         def failed(session: Any, handle: Any, exc: PKCS11Error) -> bytes:
             return self._decrypt_failed(session, exc, None if handle is None else (op, handle))
 
-        return self._timed("decrypt", key, op, InvalidWrappedKeyError, failed)
+        # No object for a version the catalog has let through: the token and the catalog
+        # disagree for now (made or destroyed a moment ago elsewhere). Never the blob's fault.
+        return self._timed("decrypt", key, op, KeyStateStaleError, failed)
 
     def _decrypt_failed(
         self, session: Any, exc: PKCS11Error, again: tuple[Callable[[Any], bytes], Any] | None

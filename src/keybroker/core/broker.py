@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from keybroker.core import policy
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
+from keybroker.core.keys import KeySnapshot, VersionState
 from keybroker.core.ports import Clock, KeyCatalog, KeyEncryptionKeys
 from keybroker.core.privacy import (
     SCOPE_AMEND,
@@ -32,6 +33,7 @@ from keybroker.core.wrapped_key import (
 from keybroker.errors import (
     FailedPreconditionError,
     InvalidRequestError,
+    KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
     RetentionExpiredError,
@@ -40,6 +42,13 @@ from keybroker.errors import (
 #: Most items one RewrapDataKeys call may carry (the request must also fit
 #: ``[server] max_message_bytes``).
 MAX_REWRAP_BATCH = 256
+
+
+def _loaded(snapshot: KeySnapshot, ref: KeyRef) -> bool:
+    """Does ``snapshot`` know ``ref`` past its creation? (PENDING: a rotation still under way
+    when it was read; a blob under it can only come from a newer state.)"""
+    found = snapshot.index.get(ref)
+    return found is not None and found[1].state is not VersionState.PENDING
 
 
 class SecretBytes:
@@ -189,6 +198,8 @@ class KeyBroker:
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
         """The key version new wraps use: ``name``'s, or its retention epoch key's."""
         snapshot = self._catalog.snapshot()
+        if name not in snapshot.keys:  # made a moment ago elsewhere? decide on fresh state
+            snapshot = self._catalog.fresh_snapshot()
         snapshot.current(name)  # the requested key must exist either way
         if self._epochs is None:
             return snapshot.current(name)
@@ -374,24 +385,45 @@ class KeyBroker:
         same InvalidWrappedKeyError: the error is no oracle. The KEK version's state is checked
         around it: an unknown version is just a bad blob; a destroyed one cannot be tried; a
         disabled one (or one below the key's minimum) is refused only once the blob is genuine.
+
+        "Unknown" is decided on fresh state only: a version this replica has not loaded (made a
+        moment ago by another replica or worker), or one the HSM has no object for, first makes
+        the catalog reload (:meth:`KeyCatalog.fresh_snapshot`); if it cannot, the answer is
+        KeyStateStaleError (UNAVAILABLE, retryable), never "invalid".
         """
         parsed = WrappedKey.parse(wrapped_key)
         decision.key_name = parsed.key.name
         decision.key_version = parsed.key.version
         snapshot = self._catalog.snapshot()
+        if not _loaded(snapshot, parsed.key):
+            snapshot = self._catalog.fresh_snapshot()
+        parsed = self._with_material(snapshot, parsed, decision)
+        try:
+            data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        except KeyStateStaleError:
+            # The catalog let the version through but the HSM has no object for it: one of the
+            # two is behind. Reload; a version destroyed meanwhile is now said to be destroyed.
+            snapshot = self._catalog.fresh_snapshot()
+            parsed = self._with_material(snapshot, parsed, decision)
+            data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
+        snapshot.require_usable(parsed.key)
+        return parsed, data_key
+
+    def _with_material(
+        self, snapshot: KeySnapshot, parsed: WrappedKey, decision: Decision
+    ) -> WrappedKey:
+        """``parsed``, or its legal-hold copy when its own version is destroyed."""
         try:
             snapshot.require_material(parsed.key)
         except FailedPreconditionError as exc:
             held = self._hold_copy(parsed) if exc.reason == "key_version_destroyed" else None
             if held is None:
                 raise
-            parsed = held
-            decision.key_name, decision.key_version = parsed.key.name, parsed.key.version
-            snapshot.require_material(parsed.key)
-        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
-        decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
-        snapshot.require_usable(parsed.key)
-        return parsed, data_key
+            decision.key_name, decision.key_version = held.key.name, held.key.version
+            snapshot.require_material(held.key)
+            return held
+        return parsed
 
     def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
         """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's

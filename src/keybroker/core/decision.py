@@ -51,6 +51,9 @@ class Decision:
     """The reason a caller gave for a privacy operation (erasure, hold, purpose amendment)."""
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C ``traceparent``/``tracestate`` of the caller, to join its trace."""
+    aggregated: dict[str, int] = field(default_factory=dict)
+    """Only on an aggregate record (reason ``denials_aggregated``): the denials it stands for,
+    counted by ``<operation>/<reason>`` (see keybroker.server.limits)."""
 
 
 #: Makes a record durable, or raises (UnavailableError) if it cannot.

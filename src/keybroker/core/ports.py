@@ -34,7 +34,8 @@ class KeyEncryptionKeys(Protocol):
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         """Inverse of :meth:`encrypt`.
 
-        Raises InvalidWrappedKeyError when the key version is unknown or authentication fails, and
+        Raises InvalidWrappedKeyError when authentication fails, KeyStateStaleError when the
+        HSM holds no object for the version (not there yet, or destroyed meanwhile), and
         HsmUnavailableError when the HSM cannot be used.
         """
         ...
@@ -69,6 +70,11 @@ class KeyCatalog(Protocol):
     """The data plane's view of key metadata: an in-memory snapshot, plus usage counting."""
 
     def snapshot(self) -> KeySnapshot: ...
+
+    def fresh_snapshot(self) -> KeySnapshot:
+        """A snapshot read after this call began, for a blob naming a version :meth:`snapshot`
+        does not know. Rate-limited; raises KeyStateStaleError (retryable) when it cannot."""
+        ...
 
     def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
         """Count uses in memory; flushed to the store in aggregate, never per call."""

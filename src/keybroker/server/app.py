@@ -56,8 +56,10 @@ from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
+from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
+from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
 from keybroker.settings import Settings, validate_for_serving
@@ -96,6 +98,7 @@ class RunningBroker:
     shredder: RetentionShredder | None = None
     draining: threading.Event = field(default_factory=threading.Event)
     journal_lock: JournalLock | None = None
+    denials: DenialLimiter | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -109,6 +112,8 @@ class RunningBroker:
         if grace:
             time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
+        if self.denials is not None:
+            self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
@@ -300,6 +305,11 @@ class Observability:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider | None
     metrics: DecisionMetrics | None
+    counters: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live recorders that count (alerts, metrics): they see every denial, also those the
+    journal keeps only in an aggregate record (keybroker.server.limits)."""
+    spans: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live span recorder alone (for records the counters must not count twice)."""
 
 
 def build_observability(
@@ -340,9 +350,11 @@ def build_observability(
     ]
     if decision_metrics is not None:
         live.append(decision_metrics)
-    if live_spans:
-        live.append(SpanRecorder(provider))
-    return Observability(FanOut(live), provider, meter_provider, decision_metrics)
+    counters = FanOut(list(live))
+    spans: list[DecisionRecorder] = [SpanRecorder(provider)] if live_spans else []
+    return Observability(
+        FanOut(live + spans), provider, meter_provider, decision_metrics, counters, FanOut(spans)
+    )
 
 
 def start_exporter(
@@ -379,6 +391,42 @@ INLINE_METHODS = frozenset(
 """Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
 
 
+def guards(
+    settings: Settings,
+    verifier: TokenVerifier,
+    obs: Observability,
+    journal: Journal | None,
+    draining: threading.Event,
+) -> tuple[Callable[[str], CallGuard], DenialLimiter | None]:
+    """The guard maker for each service, and the denial limiter they share (started; the
+    broker stops it)."""
+    limits = settings.limits
+    rates = RateLimits.of(limits.certificate_rate, limits.subject_rate, limits.burst)
+    denials = (
+        # journal and span only: the counters saw each aggregated denial already
+        DenialLimiter(limits.denials_per_minute, event_recorder(journal, obs.spans))
+        if limits.denials_per_minute
+        else None
+    )
+    if denials is not None:
+        denials.start()
+
+    def guard(service: str) -> CallGuard:
+        return CallGuard(
+            service=service,
+            verifier=verifier.verify,
+            recorder=obs.recorder,
+            require_cnf=settings.auth.require_cnf,
+            durable=journal,
+            draining=draining,
+            limits=rates if service == SERVICE_NAME else None,  # the data plane's rates
+            denials=denials,
+            counters=obs.counters,
+        )
+
+    return guard, denials
+
+
 def grpc_server(
     settings: Settings,
     servicer: KeyBrokerServicer,
@@ -407,12 +455,16 @@ def grpc_server(
         inline=INLINE_METHODS,
         options=LoopOptions(
             pool_threads=settings.server.threads,
+            stream_threads=settings.limits.stream_threads,
+            streams_per_connection=settings.limits.streams_per_connection,
+            stream_queue=settings.limits.stream_queue,
             channel_options=(
                 ("grpc.max_receive_message_length", settings.server.max_message_bytes),
                 ("grpc.max_send_message_length", settings.server.max_message_bytes),
                 ("grpc.so_reuseport", 1),
             ),
         ),
+        refusals=RefusalLog(),
     )
     try:
         port = server.add_secure_port(settings.server.listen, server_credentials(settings))
@@ -522,16 +574,7 @@ def _create_server(
     require_keys(settings, keks, catalog)
 
     draining = threading.Event()
-
-    def guard(service: str) -> CallGuard:
-        return CallGuard(
-            service=service,
-            verifier=verifier.verify,
-            recorder=obs.recorder,
-            require_cnf=auth.require_cnf,
-            durable=journal,
-            draining=draining,
-        )
+    guard, denials = guards(settings, verifier, obs, journal, draining)
 
     broker = KeyBroker(
         keks,
@@ -611,6 +654,7 @@ def _create_server(
         privacy_cache,
         shredder,
         draining,
+        denials,
     )
 
 
