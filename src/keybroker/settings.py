@@ -93,6 +93,8 @@ class HsmSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     """Environment set before the module loads (e.g. SOFTHSM2_CONF)."""
     health_interval: float = 1.0
+    iv_source: str = "auto"
+    """Who chooses AES-GCM IVs: "auto" (probe the module at start), "caller" or "hsm"."""
 
 
 #: No configuration may make a scheduled destruction happen sooner than this.
@@ -452,6 +454,8 @@ def validate(settings: Settings) -> None:
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
     _validate_keys(settings.keys)
+    if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
+        raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(

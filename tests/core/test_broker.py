@@ -41,6 +41,8 @@ class FakeKeks:
     def __init__(self) -> None:
         self.keks: dict[KeyRef, bytes] = {}
         self.random_output: list[bytes] = []
+        self.nonces: list[bytes] = []
+        """The IVs this fake HSM chose itself, as a strict HSM does (never the caller's)."""
         self.decrypts = 0
         self.encrypts = 0
 
@@ -66,11 +68,13 @@ class FakeKeks:
         self.random_output.append(out)
         return out
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self.encrypts += 1
         if key not in self.keks:
             raise NotFoundError(reason="key_not_found")
-        return AESGCM(self.keks[key]).encrypt(nonce, plaintext, aad)
+        nonce = hashlib.sha256(f"fake hsm iv {len(self.nonces)}".encode()).digest()[:NONCE_SIZE]
+        self.nonces.append(nonce)
+        return nonce, AESGCM(self.keks[key]).encrypt(nonce, plaintext, aad)
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         self.decrypts += 1
@@ -222,13 +226,16 @@ def test_generate_then_unwrap_gives_the_same_data_key(world: World) -> None:
     assert world.unwrap(generated.wrapped_key) == data_key
 
 
-def test_generate_draws_data_key_and_nonce_from_the_hsm(world: World) -> None:
-    """Data key and nonce both come from the KEK port's random generator, never from elsewhere."""
+def test_generate_draws_data_key_from_the_hsm_and_stores_the_iv_it_used(world: World) -> None:
+    """The data key comes from the KEK port's random generator; the blob (format v2) carries
+    the nonce the KEK port reports having used, which the broker cannot predict."""
     generated = world.generate()
     drawn = b"".join(world.keks.random_output)
     parsed = WrappedKey.parse(generated.wrapped_key)
     assert generated.data_key.reveal() in drawn
-    assert parsed.nonce in drawn
+    assert parsed.format_version == 2
+    assert parsed.nonce == world.keks.nonces[-1]
+    assert parsed.nonce not in drawn
     assert len(parsed.nonce) == NONCE_SIZE
 
 

@@ -1,9 +1,12 @@
-"""The KeyBroker service over real mTLS with a real SoftHSM token: every status code, every rule."""
+"""The KeyBroker service over real mTLS with a real SoftHSM token, directly and through the
+strict-HSM test module (HSM-chosen GCM IVs, no C_CopyObject): every status code, every rule."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -12,13 +15,32 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.sdk.trace import ReadableSpan
 
 from keybroker.core.retention import EpochScheme
+from keybroker.core.wrapped_key import Bindings, KeyRef, WrappedKey
+from keybroker.devenv import TOKEN_LABEL, DevEnv, softhsm_module
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from tests.conftest import Clock, TokenFactory, code_of
-from tests.support.clients import auth, generate_request
+from tests.conftest import HSM_MODULES, Clock, TokenFactory, code_of
+from tests.support.clients import auth, channel, generate_request, stub
+from tests.support.process import run_fresh
 
 Spans = Callable[[], Sequence[ReadableSpan]]
+
+
+@pytest.fixture(params=HSM_MODULES)
+def data_broker(request: pytest.FixtureRequest) -> RunningBroker:
+    """The broker on SoftHSM, then the one on the strict module."""
+    running: RunningBroker = request.getfixturevalue(
+        "broker" if request.param == "softhsm" else "strict_broker"
+    )
+    return running
+
+
+@pytest.fixture
+def kb(data_broker: RunningBroker, devenv: DevEnv) -> Iterator[pb_grpc.KeyBrokerStub]:
+    """A KeyBroker stub to :func:`data_broker`."""
+    with channel(devenv, data_broker.port) as ch:
+        yield stub(ch)
 
 
 def generate(kb: pb_grpc.KeyBrokerStub, token: str, **kwargs: Any) -> pb.GenerateDataKeyResponse:
@@ -323,7 +345,7 @@ def test_oversized_request_is_resource_exhausted(
 def test_unexpected_failure_is_internal_and_generic(
     kb: pb_grpc.KeyBrokerStub,
     token: TokenFactory,
-    broker: RunningBroker,
+    data_broker: RunningBroker,
     monkeypatch: pytest.MonkeyPatch,
     spans: Spans,
 ) -> None:
@@ -332,7 +354,7 @@ def test_unexpected_failure_is_internal_and_generic(
     def boom(size: int) -> bytes:
         raise RuntimeError("secret detail that must not leak")
 
-    monkeypatch.setattr(broker.keks, "random", boom)
+    monkeypatch.setattr(data_broker.keks, "random", boom)
     code, message = code_of(lambda: generate(kb, token()))
     assert (code, message) == (grpc.StatusCode.INTERNAL, "internal error")
     assert (spans()[-1].attributes or {})["keybroker.decision"] == "error"
@@ -344,3 +366,76 @@ def test_missing_token_is_unauthenticated(kb: pb_grpc.KeyBrokerStub) -> None:
     """No authorization metadata: UNAUTHENTICATED."""
     code, _ = code_of(lambda: kb.GenerateDataKey(generate_request()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+
+
+_V1_SEAL = """
+import json, os, sys
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass
+job = json.loads(sys.argv[1])
+token = pkcs11.lib(job["module"]).get_token(token_label=job["token_label"])
+with token.open(user_pin=job["pin"]) as session:
+    key = session.get_key(label="kek:recordings:v1", object_class=ObjectClass.SECRET_KEY)
+    sealed = key.encrypt(
+        bytes.fromhex(job["data_key"]),
+        mechanism=Mechanism.AES_GCM,
+        mechanism_param=pkcs11.GCMParams(bytes.fromhex(job["nonce"]), bytes.fromhex(job["aad"]), 128),
+    )
+print(sealed.hex())
+"""
+
+
+def test_a_v1_wrapped_key_from_an_earlier_release_still_unwraps(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, devenv: DevEnv
+) -> None:
+    """A format-v1 blob (nonce chosen by the caller and inside the AAD), sealed in SoftHSM as an
+    earlier release did, unwraps through SoftHSM and through the strict module."""
+    data_key, nonce = os.urandom(32), os.urandom(12)
+    bindings = Bindings.create(
+        recording_id="rec-v1",
+        purposes=["support"],
+        subject_ids=["subj-1"],
+        retain_until=int(time.time()) + 86400,
+        context={},
+    )
+    aad = WrappedKey.header(KeyRef("recordings", 1), nonce, bindings)
+    job = {
+        "module": softhsm_module(),
+        "token_label": TOKEN_LABEL,
+        "pin": devenv.pin_file.read_text().strip(),
+        "data_key": data_key.hex(),
+        "nonce": nonce.hex(),
+        "aad": aad.hex(),
+    }
+    env = {**os.environ, "SOFTHSM2_CONF": str(devenv.softhsm_conf.resolve())}
+    script = "import sys; sys.argv[1:] = " + repr([json.dumps(job)]) + "\n" + _V1_SEAL
+    blob = aad + bytes.fromhex(run_fresh(script, env).strip())
+    assert WrappedKey.parse(blob).format_version == 1
+    out = kb.UnwrapDataKey(
+        pb.UnwrapDataKeyRequest(recording_id="rec-v1", wrapped_key=blob, purpose="support"),
+        metadata=auth(token()),
+    )
+    assert out.data_key == data_key
+
+
+def test_new_wrapped_keys_are_v2_with_the_iv_the_module_used(
+    kb: pb_grpc.KeyBrokerStub,
+    token: TokenFactory,
+    data_broker: RunningBroker,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Every wrap writes format v2. On SoftHSM the broker drew the IV; on the strict module the
+    module chose it (the probe found it overwrites caller IVs) and it was read back."""
+    caps = data_broker.keks.capabilities
+    assert caps is not None
+    gen = generate(kb, token())
+    parsed = WrappedKey.parse(gen.wrapped_key)
+    assert parsed.format_version == 2
+    if request.node.callspec.params["data_broker"] == "softhsm":
+        assert (caps.iv_behaviour, caps.iv_source) == ("keeps", "caller")
+    else:
+        assert (caps.iv_behaviour, caps.iv_source, caps.session_copies) == (
+            "overwrites",
+            "hsm",
+            False,
+        )

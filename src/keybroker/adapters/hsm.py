@@ -6,8 +6,17 @@ process (see FACTS.md). Every PKCS#11 call in this process therefore runs under 
 lock, :data:`PKCS11_LOCK`. Use processes, not threads, for HSM throughput.
 
 KEKs are token objects labelled ``kek:<name>:v<version>`` (AES-256, private, sensitive, never
-extractable). For speed each version used is copied once into an in-memory session object
-(``CKA_TOKEN=false``; it stays sensitive and non-extractable) and its handle cached.
+extractable, not modifiable, AES-GCM only where the module allows; see
+:mod:`keybroker.adapters.kek_objects`). An object under such a label that was not generated in
+the HSM as a never-extractable AES-256 key is reported and never used. Where the module supports
+``C_CopyObject`` (probed at start), each version used is copied once into an in-memory session
+object (``CKA_TOKEN=false``; it stays sensitive and non-extractable) for speed; elsewhere the
+token object's handle is used directly. Handles are cached either way.
+
+GCM IVs: :func:`~keybroker.adapters.kek_objects.probe_module` finds at start whether the module
+keeps a caller's IV, overwrites it or refuses it (``[hsm] iv_source`` overrides), and every
+encryption reads back the IV the module actually used. Every KEK version is checked with a
+wrap -> unwrap self-test before it is used for new wraps (:meth:`Pkcs11Keks.self_test`).
 
 Failure and recovery: a background probe (:meth:`Pkcs11Keks.check`) looks the default key up on the
 token; if the token, session or login is gone, the store drops every handle and calls fail with
@@ -22,13 +31,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11.exceptions import (
     NoSuchKey,
     NoSuchToken,
@@ -38,7 +47,16 @@ from pkcs11.exceptions import (
     UserAlreadyLoggedIn,
 )
 
-from keybroker.core.wrapped_key import KeyRef, validate_key_name
+from keybroker.adapters.kek_objects import (
+    ModuleCapabilities,
+    gcm_encrypt,
+    generate_kek,
+    is_session_copy,
+    probe_module,
+    rejection,
+    session_copy,
+)
+from keybroker.core.wrapped_key import DATA_KEY_SIZE, KeyRef, validate_key_name
 from keybroker.errors import (
     ConfigurationError,
     FailedPreconditionError,
@@ -86,6 +104,8 @@ class HsmConfig:
     module: str
     token_label: str
     pin: str
+    iv_source: str = "auto"
+    """``auto`` (probe the module), ``caller`` or ``hsm`` (see kek_objects)."""
 
     def __repr__(self) -> str:
         return f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, pin=***)"
@@ -104,6 +124,12 @@ class Pkcs11Keks:
         self._next_attempt = 0.0
         self._listeners: list[Callable[[bool], None]] = []
         self._observer: Callable[[float, str], None] | None = None
+        self._caps: ModuleCapabilities | None = None
+        self._rejected: dict[str, str] = {}
+        self._tested: dict[KeyRef, str | None] = {}
+        """Self-test results: None passed, else why it failed (never used for wraps)."""
+        self._test_listeners: list[Callable[[bool], None]] = []
+        self._test_lock = threading.Lock()
 
     def observe(self, observer: Callable[[float, str], None]) -> None:
         """Call ``observer(seconds, operation)`` after every encrypt and decrypt (metrics)."""
@@ -187,6 +213,9 @@ class Pkcs11Keks:
         self._generation = generation
         try:
             self._scan()
+            if self._caps is None:
+                self._caps = probe_module(session, self._config.iv_source)
+                log.info("hsm module: %s", self._caps.describe())
         except PKCS11Error as exc:
             self._drop()
             log.warning("hsm: listing the token's keys failed: %s", type(exc).__name__)
@@ -255,11 +284,37 @@ class Pkcs11Keks:
     # -- key inventory ----------------------------------------------------------------------
 
     def _token_keys(self, session: Any) -> Iterator[tuple[KeyRef, Any]]:
+        """Every usable KEK object on the token (see :meth:`_usable`)."""
         attrs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
         for obj in session.get_objects(attrs):
-            ref = parse_kek_label(obj.label or "")
-            if ref is not None:
+            label = obj.label or ""
+            ref = parse_kek_label(label)
+            if ref is not None and self._usable(label, obj):
                 yield ref, obj
+            elif ref is None and label.startswith("kek:"):
+                self._reject(label, "label is not kek:<name>:v<version>")
+
+    def _usable(self, label: str, obj: Any) -> bool:
+        """False (and reported once) for an object under a KEK label that fails the checks of
+        :func:`~keybroker.adapters.kek_objects.rejection`: it is never used."""
+        why = rejection(obj)
+        if why is not None:
+            self._reject(label, why)
+        return why is None
+
+    def _reject(self, label: str, why: str) -> None:
+        if self._rejected.get(label) != why:
+            self._rejected[label] = why
+            log.error("hsm: object %r on the token is not used: %s", label, why)
+
+    def rejected_objects(self) -> dict[str, str]:
+        """Objects under ``kek:`` labels that are never used, and why (found by the scans)."""
+        return dict(self._rejected)
+
+    @property
+    def capabilities(self) -> ModuleCapabilities | None:
+        """What the start-up probe found (None before the first connection)."""
+        return self._caps
 
     def _scan(self) -> None:
         current: dict[str, KeyRef] = {}
@@ -285,7 +340,9 @@ class Pkcs11Keks:
             found = self._find(session, key)
             if len(found) != 1:
                 return None
-            handle = found[0].copy({Attribute.TOKEN: False})
+            handle = found[0]
+            if self._caps is not None and self._caps.session_copies:
+                handle = session_copy(handle) or handle
             self._handles[key] = handle
         return handle
 
@@ -300,14 +357,17 @@ class Pkcs11Keks:
                 raise HsmUnavailableError from None
             return data
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        params = pkcs11.GCMParams(nonce, aad, 128)
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM under ``key``: (the IV the module used, ciphertext || tag). A version
+        that failed its self-test is never used."""
+        failed = self._tested.get(key)
+        if failed is not None:
+            raise HsmUnavailableError(reason="kek_self_test_failed")
+        caps = self._caps
+        iv_source = caps.iv_source if caps is not None else self._config.iv_source
 
-        def op(handle: Any) -> bytes:
-            out: bytes = handle.encrypt(
-                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params
-            )
-            return out
+        def op(handle: Any) -> tuple[bytes, bytes]:
+            return gcm_encrypt(handle, plaintext, aad, iv_source)
 
         result = self._timed("encrypt", key, op, lambda: NotFoundError(reason="key_not_found"))
         if isinstance(result, _Failed):
@@ -379,28 +439,81 @@ class Pkcs11Keks:
         with self._ready() as session:
             if self._find(session, key):
                 return False
-            session.generate_key(
-                KeyType.AES,
-                256,
-                label=kek_label(key),
-                store=True,
-                template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.ENCRYPT: True,
-                    Attribute.DECRYPT: True,
-                    Attribute.WRAP: False,
-                    Attribute.UNWRAP: False,
-                    Attribute.SIGN: False,
-                    Attribute.VERIFY: False,
-                    Attribute.DERIVE: False,
-                },
-            )
+            limited = generate_kek(session, kek_label(key))
             self._scan()
-            log.info("hsm: created %s", kek_label(key))
-            return True
+            log.info("hsm: created %s%s", kek_label(key), "" if limited else " (all mechanisms)")
+        if self.self_test(key) is not None:
+            self.destroy_version(key)  # ours, just made, never used: it must not linger
+            raise HsmUnavailableError(reason="kek_self_test_failed")
+        return True
+
+    # -- self-test ----------------------------------------------------------------------------
+
+    def on_self_test_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(all_passed)`` whenever a self-test result changes."""
+        self._test_listeners.append(listener)
+
+    @property
+    def self_tests_passed(self) -> bool:
+        return all(why is None for why in list(self._tested.values()))
+
+    def self_test_failures(self) -> dict[KeyRef, str]:
+        return {ref: why for ref, why in list(self._tested.items()) if why is not None}
+
+    def self_test(self, key: KeyRef) -> str | None:
+        """Wrap a random key under ``key`` and unwrap it again, as a real wrap would. Returns
+        None if that worked, else why not (and ``key`` is never used for new wraps, and
+        :attr:`self_tests_passed` is False). An unavailable HSM is not a verdict: it raises
+        HsmUnavailableError and the version stays untested."""
+        aad = b"keybroker self-test " + kek_label(key).encode()
+        with self._test_lock:
+            self._tested.pop(key, None)
+        why: str | None = None
+        try:
+            plaintext = self.random(DATA_KEY_SIZE)
+            nonce, sealed = self.encrypt(key, plaintext, aad)
+            if self.decrypt(key, nonce, sealed, aad) != plaintext:
+                why = "unwrap gave another key"
+        except HsmUnavailableError as exc:
+            if exc.reason != "hsm_no_iv":
+                raise
+            why = "the module returned no GCM IV"
+        except InvalidWrappedKeyError:
+            why = "unwrapping a fresh wrap failed (the module used another IV than it reported)"
+        except NotFoundError:
+            why = "no usable object on the token"
+        with self._test_lock:
+            was = self.self_tests_passed
+            self._tested[key] = why
+            now = self.self_tests_passed
+        if why is not None:
+            log.error(
+                "hsm: KEK %s failed its self-test and is not used for new wraps: %s", key, why
+            )
+        if was != now:
+            for listener in self._test_listeners:
+                listener(now)
+        return why
+
+    def ensure_self_tested(self, keys: Iterable[KeyRef]) -> None:
+        """Self-test each of ``keys`` (every version new wraps may use) not tested yet in this
+        process: at start-up and after each rotation. Results for versions no longer among
+        ``keys`` are dropped (they are not used for wraps any more)."""
+        wanted = set(keys)
+        with self._test_lock:
+            was = self.self_tests_passed
+            for gone in [ref for ref in self._tested if ref not in wanted]:
+                del self._tested[gone]
+            now = self.self_tests_passed
+        if was != now:
+            for listener in self._test_listeners:
+                listener(now)
+        for key in sorted(wanted):
+            if key not in self._tested:
+                try:
+                    self.self_test(key)
+                except HsmUnavailableError:
+                    log.warning("hsm: self-test of %s postponed: HSM unavailable", key)
 
     def destroy_version(self, key: KeyRef) -> bool:
         """Destroy the token object of ``key`` and this process's session copy."""
@@ -415,22 +528,26 @@ class Pkcs11Keks:
             return bool(found)
 
     def forget(self, key: KeyRef) -> None:
-        """Drop this process's in-memory session copy of ``key`` (e.g. once it is destroyed)."""
+        """Drop this process's cached handle of ``key`` (e.g. once it is destroyed), destroying
+        it only if it is an in-memory session copy: without C_CopyObject the cached handle is
+        the token object itself, which must survive."""
         with PKCS11_LOCK:
             handle = self._handles.pop(key, None)
-            if handle is not None and self.healthy:
+            if handle is not None and self.healthy and is_session_copy(handle):
                 try:
                     handle.destroy()
                 except PKCS11Error:
                     log.debug("hsm: session copy of %s already gone", kek_label(key))
 
     def _find(self, session: Any, key: KeyRef) -> list[Any]:
+        """The usable token objects labelled as ``key`` (rejected ones are left out)."""
+        label = kek_label(key)
         attrs = {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.TOKEN: True,
-            Attribute.LABEL: kek_label(key),
+            Attribute.LABEL: label,
         }
-        return list(session.get_objects(attrs))
+        return [obj for obj in session.get_objects(attrs) if self._usable(label, obj)]
 
     def create(self, name: str) -> KeyRef:
         """Create version 1 of KEK ``name`` directly on the token (offline bootstrap)."""

@@ -237,11 +237,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--decrypt-only", action="store_true", help="retire instead: unwrap keeps working"
     )
-    add(
+    p = add(
         "enable",
         "enable a disabled or decrypt-only version",
-        _admin_call(lambda a, n: a.enable_version(n.name, n.version)),
+        _admin_call(lambda a, n: a.enable_version(n.name, n.version, make_current=n.make_current)),
         version=True,
+    )
+    p.add_argument(
+        "--make-current",
+        action="store_true",
+        help="also make it the current version (a newer one, e.g. found on the HSM token)",
     )
     p = add(
         "schedule-destruction",

@@ -84,6 +84,14 @@ class KeyAdmin:
         self._authorize(principal, decision, name, version)
         return self._life.set_state(name, version, state)
 
+    def make_current(
+        self, principal: Principal, decision: Decision, name: str, version: int
+    ) -> KeyInfo:
+        """Make a newer version current (e.g. one adopted from the HSM token): always this
+        explicit, audited call, never by itself."""
+        self._authorize(principal, decision, name, version)
+        return self._life.make_current(name, version)
+
     def schedule_destruction(
         self,
         principal: Principal,

@@ -24,7 +24,6 @@ from keybroker.core.privacy import (
 from keybroker.core.retention import EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
-    NONCE_SIZE,
     Bindings,
     KeyRef,
     WrappedKey,
@@ -158,9 +157,8 @@ class KeyBroker:
         key = self._current_for(name, retain_until)
         decision.key_name = key.name
         decision.key_version = key.version
-        material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
-        data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
-        wrapped = self._wrap(key, nonce, bindings, data_key)
+        data_key = self._keks.random(DATA_KEY_SIZE)
+        wrapped = self._wrap(key, bindings, data_key)
         self._catalog.count(key, wraps=1)
         if self._privacy is not None:
             self._privacy.register(
@@ -257,8 +255,7 @@ class KeyBroker:
         self._require_not_erased(parsed.bindings)
         policy.require_retention(parsed.bindings, self._clock())
         current = self._catalog.snapshot().current(parsed.key.name)
-        nonce = self._keks.random(NONCE_SIZE)
-        wrapped = self._wrap(current, nonce, parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -303,7 +300,7 @@ class KeyBroker:
         )
         decision.purposes = bindings.purposes
         current = self._catalog.snapshot().current(parsed.key.name)
-        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), bindings, data_key)
+        wrapped = self._wrap(current, bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -348,7 +345,7 @@ class KeyBroker:
         parsed = WrappedKey.parse(wrapped_key)
         data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         current = self._catalog.snapshot().current(hold_key_name)
-        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         return wrapped
@@ -383,6 +380,9 @@ class KeyBroker:
         snapshot.require_usable(parsed.key)
         return parsed, data_key
 
-    def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:
-        aad = WrappedKey.header(key, nonce, bindings)
-        return aad + self._keks.encrypt(key, nonce, data_key, aad)
+    def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
+        """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's
+        encryption gives the nonce it used, and the blob is built from both."""
+        aad = WrappedKey.aad_v2(key, bindings)
+        nonce, ciphertext = self._keks.encrypt(key, data_key, aad)
+        return WrappedKey.join_v2(aad, nonce, ciphertext)

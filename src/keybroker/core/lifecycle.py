@@ -8,8 +8,11 @@ two steps leaves a state :meth:`KeyLifecycle.reconcile` can finish:
   activated if its HSM object exists, dropped otherwise.
 - destruction: claim (SCHEDULED -> DESTROYING, one replica wins) -> record -> destroy the HSM
   object -> DESTROYED. A DESTROYING row older than ``reconcile_after`` is finished.
-- an HSM object without metadata is adopted as ENABLED (e.g. a key made with ``kek create
-  --offline`` before the first start).
+- an HSM object without metadata (and passing the adoption checks of the HSM adapter) is
+  adopted as ENABLED but never made current for a key that has a current version: that takes
+  :meth:`KeyLifecycle.make_current` (KeyAdmin ``EnableKeyVersion`` with ``make_current``). Only a
+  key nobody knew gets its highest version current (the first start after ``kek create
+  --offline``).
 
 Events no caller asked for (scheduled rotations and destructions, reconciliation) are recorded
 as decisions of service ``keybroker.v1.KeyAdmin`` with subject ``keybroker:scheduler``.
@@ -150,6 +153,39 @@ class KeyLifecycle:
         if on_created is not None:
             on_created()  # if this fails the PENDING row stays: reconcile() activates it
         self._store.activate_version(ref.name, ref.version, self._clock())
+
+    def make_current(self, name: str, version: int) -> KeyInfo:
+        """Make a newer version (e.g. one adopted from the HSM token) current, after checking
+        that its HSM object is usable and passes a wrap/unwrap self-test."""
+        key = self.get(name)
+        found = key.version(version)
+        if found is None or found.state not in (S.ENABLED, S.DECRYPT_ONLY, S.DISABLED):
+            raise NotFoundError(
+                f"key {name!r} has no live version {version}", reason="key_version_not_found"
+            )
+        if version <= key.current_version:
+            raise FailedPreconditionError(
+                f"only a version newer than the current version {key.current_version} can be "
+                "made current; rotate the key instead",
+                reason="key_version_not_newer",
+            )
+        ref = KeyRef(name, version)
+        if ref not in self._hsm.versions_on_token():
+            raise FailedPreconditionError(
+                f"version {version} has no usable HSM object", reason="hsm_object_missing"
+            )
+        why = self._hsm.self_test(ref)
+        if why is not None:
+            raise FailedPreconditionError(
+                f"version {version} failed its self-test: {why}", reason="kek_self_test_failed"
+            )
+        if not self._store.make_current(name, version, self._clock()):
+            raise FailedPreconditionError(
+                f"version {version} of {name!r} changed concurrently; read it again",
+                reason="concurrent_change",
+            )
+        self._changed()
+        return self.get(name)
 
     # -- policy and states -------------------------------------------------------------------
 
@@ -362,7 +398,17 @@ class KeyLifecycle:
             state = known.get(ref)
             if state is None:
                 if self._store.adopt_version(ref, self._clock()):
-                    self._event("Reconcile", ref, "adopted_from_hsm")
+                    current = self._store.key(ref.name)
+                    made_current = current is not None and current.current_version == ref.version
+                    reason = "adopted_from_hsm" if made_current else "adopted_from_hsm_not_current"
+                    if not made_current:
+                        log.warning(
+                            "key version %s found on the HSM token was adopted but is not "
+                            "current: make it current with KeyAdmin EnableKeyVersion "
+                            "(make_current) if it should be",
+                            ref,
+                        )
+                    self._event("Reconcile", ref, reason)
                     repairs += 1
             elif state is S.DESTROYED:
                 self._event("Reconcile", ref, "destruction_completed")

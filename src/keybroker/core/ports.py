@@ -25,8 +25,10 @@ class KeyEncryptionKeys(Protocol):
         """``size`` random bytes from the HSM's generator."""
         ...
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag."""
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM inside the HSM under a fresh 96-bit nonce; returns the nonce actually
+        used and ciphertext || 16-byte tag. Who draws the nonce (the broker, from the HSM's
+        generator, or the HSM itself) is the adapter's business: the result is what counts."""
         ...
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
@@ -84,7 +86,13 @@ class KekAdministration(Protocol):
         """Destroy the HSM object (and in-process copies); False if there was none."""
         ...
 
-    def versions_on_token(self) -> set[KeyRef]: ...
+    def versions_on_token(self) -> set[KeyRef]:
+        """Versions whose HSM object passes the adoption checks (others are never used)."""
+        ...
+
+    def self_test(self, key: KeyRef) -> str | None:
+        """Wrap and unwrap with ``key``; None if that worked, else why not."""
+        ...
 
 
 class KeyStore(Protocol):
@@ -161,7 +169,12 @@ class KeyStore(Protocol):
         ...
 
     def adopt_version(self, key: KeyRef, now: float) -> bool:
-        """Record an HSM object that has no metadata as ENABLED (creating the key if needed)."""
+        """Record an HSM object that has no metadata as ENABLED, never as the current version
+        of a key that has one (a key unknown until now gets it as its first current version)."""
+        ...
+
+    def make_current(self, name: str, version: int, now: float) -> bool:
+        """ENABLED and current, if ``version`` exists, is live and is newer than the current."""
         ...
 
     def add_usage(self, usage: Mapping[KeyRef, Usage]) -> None: ...

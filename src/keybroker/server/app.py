@@ -40,7 +40,7 @@ from keybroker.core.admin import KeyAdmin
 from keybroker.core.alerting import never_scheduled
 from keybroker.core.broker import KeyBroker
 from keybroker.core.decision import Decision
-from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
+from keybroker.core.keys import UNWRAPPABLE, KeySnapshot, VersionState
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
@@ -157,7 +157,12 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
     """Log in to the HSM (fail fast on a wrong PIN or an unknown token)."""
     os.environ.update(settings.hsm.env)
     keks = Pkcs11Keks(
-        HsmConfig(settings.hsm.module, settings.hsm.token_label, settings.read_pin()),
+        HsmConfig(
+            settings.hsm.module,
+            settings.hsm.token_label,
+            settings.read_pin(),
+            iv_source=settings.hsm.iv_source,
+        ),
         probe_key=settings.keys.default,
     )
     keks.connect()
@@ -200,6 +205,31 @@ def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], N
                     keks.forget(KeyRef(key.name, version.version))
 
     return listener
+
+
+def wrap_versions(snapshot: KeySnapshot) -> list[KeyRef]:
+    """Every version new wraps may use (ENABLED): each gets a wrap -> unwrap self-test."""
+    return [
+        KeyRef(key.name, version.version)
+        for key in snapshot.keys.values()
+        for version in key.versions
+        if version.state is VersionState.ENABLED
+    ]
+
+
+def require_keys(settings: Settings, keks: Pkcs11Keks, catalog: CachedCatalog) -> None:
+    """The default key must exist; every version new wraps may use is self-tested now and
+    whenever the metadata changes (a rotation here or on another replica). A version that fails
+    is never used for wraps (and health says NOT_SERVING: :func:`watch_hsm`)."""
+    require_default_key(settings, catalog)
+    keks.ensure_self_tested(wrap_versions(catalog.snapshot()))
+    catalog.on_change(lambda _old, new: keks.ensure_self_tested(wrap_versions(new)))
+
+
+def watch_hsm(keks: Pkcs11Keks, health_state: Health) -> None:
+    """Health follows the HSM connection and the KEK self-tests."""
+    keks.on_health_change(health_state.watch("hsm", keks.healthy))
+    keks.on_self_test_change(health_state.watch("kek_self_test", keks.self_tests_passed))
 
 
 def require_default_key(settings: Settings, catalog: CachedCatalog) -> None:
@@ -408,7 +438,7 @@ def create_server(
     )
     privacy_cache.refresh()
     catalog.also_refresh(privacy_cache.refresh)
-    require_default_key(settings, catalog)
+    require_keys(settings, keks, catalog)
 
     draining = threading.Event()
 
@@ -456,7 +486,7 @@ def create_server(
     )
     starting = health_state.watch("starting", False)
     health_state.publish()
-    keks.on_health_change(health_state.watch("hsm", keks.healthy))
+    watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
     probes = [keks.check, privacy_cache.check]
     if journal is not None:
