@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
         )
     import atheris  # type: ignore[import-untyped]
 
-    with atheris.instrument_imports(include=list(INSTRUMENTED)):
+    with atheris.instrument_imports(include=list(INSTRUMENTED[argv[1]])):
         module = importlib.import_module(f"tests.fuzz.fuzz_{argv[1]}")
     flags = argv[2:]
     dictionary = Path(__file__).with_name(f"{argv[1]}.dict")
