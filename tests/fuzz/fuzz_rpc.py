@@ -54,6 +54,7 @@ SERVICES = (
 )
 METHODS = tuple(f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods)
 INPUT_TYPES = {f"/{s.full_name}/{m.name}": m.input_type for s in SERVICES for m in s.methods}
+SPARE_KEY = "fuzz-spare"
 FORBIDDEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 ALL_SCOPES = [
     "keys:generate",
@@ -68,7 +69,7 @@ ALL_SCOPES = [
 PURPOSES = ("support", "quality", "billing")
 KNOWN_TEXT = (
     "recordings", "rec-fuzz-1", "rec-fuzz-2", "subject-1", "subject-2", "support", "quality",
-    "billing", "fraud", "recordings.2026-12", "a", "", "x" * 256, "é", "\u0000", "legal reason",
+    "billing", "fraud", "recordings.2026-12", SPARE_KEY, "a", "", "x" * 256, "é", "\u0000", "legal reason",
 )  # fmt: skip
 
 
@@ -167,6 +168,14 @@ def world() -> World:
         w.wrapped.append(
             keybroker_pb2.GenerateWrappedDataKeyResponse.FromString(response).wrapped_key
         )
+    # A key with an older, no longer current version: the one admin calls may act on.
+    for method, prepare in (
+        ("CreateKey", admin_pb2.CreateKeyRequest(name=SPARE_KEY).SerializeToString()),
+        ("RotateKey", admin_pb2.RotateKeyRequest(name=SPARE_KEY).SerializeToString()),
+    ):
+        code, details = w.call(f"/{SERVICES[1].full_name}/{method}", prepare, 0)
+        if code is not grpc.StatusCode.OK:
+            raise RuntimeError(f"cannot prepare {SPARE_KEY}: {code} {details}")
     return w
 
 
