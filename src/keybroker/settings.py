@@ -501,6 +501,21 @@ class _Sources:
         return f"{self._path}, line {line}" if line else str(self._path)
 
 
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text of a TOML settings file and its tables (ConfigurationError naming the file)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return text, tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"config file {path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
+
+
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load settings from ``path`` (TOML) and environment overrides, then validate."""
     environ = os.environ if environ is None else environ
@@ -508,17 +523,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
     text = ""
     base = Path.cwd()
     if path is not None:
-        try:
-            text = path.read_bytes().decode("utf-8")
-            raw = tomllib.loads(text)
-        except OSError as exc:
-            raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigurationError(
-                f"config file {path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"
-            ) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
+        text, raw = _read_toml(path)
         base = path.resolve().parent
     overrides, env_names = _env_overrides(environ)
     sources = _Sources(path, text, env_names)
