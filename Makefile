@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .keybroker
 LISTEN ?= 127.0.0.1:50051
-LINT_PATHS := src tests bench scripts
+LINT_PATHS := src tests bench scripts deploy
 
 .PHONY: run test lint proto demo bench bench-capacity bench-recording system-deps venv clean
 

@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--ready", action="store_true", help="succeed only when SERVING (default)")
     mode.add_argument("--live", action="store_true", help="succeed on any health answer")
     parser.add_argument("--target", default="127.0.0.1:50051")
-    parser.add_argument("--server-name", default="keybroker",
-                        help="name the server certificate must carry (default: keybroker)")
+    parser.add_argument(
+        "--server-name",
+        default="keybroker",
+        help="name the server certificate must carry (default: keybroker)",
+    )
     parser.add_argument("--ca", type=Path, default=PROBE_DIR / "ca.crt")
     parser.add_argument("--cert", type=Path, default=PROBE_DIR / "tls.crt")
     parser.add_argument("--key", type=Path, default=PROBE_DIR / "tls.key")
