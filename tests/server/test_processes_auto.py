@@ -90,3 +90,28 @@ def test_bad_processes_name_the_accepted_values(tmp_path: Path, value: str) -> N
     config.write_text(f"[server]\nprocesses = {value}\n")
     with pytest.raises(ConfigurationError, match="auto"):
         settings_mod.load(config, environ={})
+
+
+def test_serve_sizes_workers_by_available_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve() with processes = auto asks available_cpus(); with a fixed N it does not."""
+    from keybroker.server import app
+
+    asked: list[int] = []
+    served: list[int] = []
+
+    def cpus() -> int:
+        asked.append(1)
+        return 1
+
+    monkeypatch.setattr(app, "available_cpus", cpus)
+    monkeypatch.setattr(app, "_serve_one", lambda settings, worker=0: served.append(worker))
+    monkeypatch.setattr(app, "disable_core_dumps", lambda: None)
+    config = tmp_path / "kb.toml"
+    config.write_text("[server]\nprocesses = 'auto'\n")
+    app.serve(settings_mod.load(config, environ={}))
+    assert (asked, served) == ([1], [0])
+    config.write_text("[server]\nprocesses = 1\n")
+    app.serve(settings_mod.load(config, environ={}))
+    assert (asked, served) == ([1], [0, 0])
