@@ -29,6 +29,7 @@ import io
 import os
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,9 +45,14 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 
 
+def _new_id(n: int) -> str:
+    """A recording id used once: the broker registers each id once (ALREADY_EXISTS after)."""
+    return f"bench-{n}-{uuid.uuid4().hex[:12]}"
+
+
 def _round_trip(kb: KeyBrokerClient, n: int, audio: bytes) -> None:
     sealed = io.BytesIO()
-    kb.encrypt_recording(io.BytesIO(audio), sealed, recording_id=f"bench-{n}", purposes=["support"])
+    kb.encrypt_recording(io.BytesIO(audio), sealed, recording_id=_new_id(n), purposes=["support"])
     out = io.BytesIO()
     kb.decrypt_recording(io.BytesIO(sealed.getvalue()), out, purpose="support")
     assert out.getvalue() == audio
@@ -55,7 +61,7 @@ def _round_trip(kb: KeyBrokerClient, n: int, audio: bytes) -> None:
 async def _round_trip_async(kb: AsyncKeyBrokerClient, n: int, audio: bytes) -> None:
     sealed = io.BytesIO()
     await kb.encrypt_recording(
-        io.BytesIO(audio), sealed, recording_id=f"bench-{n}", purposes=["support"]
+        io.BytesIO(audio), sealed, recording_id=_new_id(n), purposes=["support"]
     )
     out = io.BytesIO()
     await kb.decrypt_recording(io.BytesIO(sealed.getvalue()), out, purpose="support")

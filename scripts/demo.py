@@ -4,7 +4,9 @@
 2. encrypt it with `keybroker encrypt` for the purpose it was collected for (support);
 3. decrypt it for support and compare;
 4. try to decrypt it for marketing (a purpose the recording was not collected for): refused;
-5. print the decision spans of all of it from the broker's span file.
+5. a data-protection officer places a legal hold: erasing the recording is refused; the hold is
+   released, the recording erased, and decrypting it is refused from then on;
+6. print the decision spans of all of it from the broker's span file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -24,9 +27,10 @@ import wave
 from pathlib import Path
 
 from keybroker import settings
-from keybroker.devenv import DevEnv, mint_token
+from keybroker.devenv import DevEnv
 
 BIN = Path(sys.executable).parent
+SPANS = 8  # encrypt, decrypt, marketing refused, hold, erase refused, release, erase, refused
 
 
 def say(text: str) -> None:
@@ -53,7 +57,7 @@ def make_recording(path: Path) -> None:
 
 def run(*args: str, expect: int = 0, env: dict[str, str] | None = None) -> str:
     prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-    print(f"$ {prefix + ' ' if prefix else ''}keybroker " + " ".join(args), flush=True)
+    print(f"$ {prefix + ' ' if prefix else ''}keybroker " + shlex.join(args), flush=True)
     out = subprocess.run(
         [str(BIN / "keybroker"), *args],
         capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
@@ -83,29 +87,83 @@ def spans_for(
     return found
 
 
+def privacy_plane(cfg: list[str], dpo_token: Path, recording_id: str, sealed: Path) -> None:
+    """Legal hold, an erasure refused under it, release, erasure, and the unwrap refused."""
+    work = sealed.parent
+    dpo = [*cfg, "--token-file", str(dpo_token)]
+    say("A court case: the data-protection officer places a legal hold on the recording")
+    run("privacy", "hold", "--recording", recording_id, "--reason", "case 2026-17", *dpo)
+
+    say("An erasure request arrives while the hold is in place: refused")
+    held = run("privacy", "erase-recording", recording_id, "--reason", "art. 17 request 4711",
+               *dpo, expect=1)  # fmt: skip
+    if "legal" not in held:
+        raise SystemExit("demo: the erasure was not refused for the legal hold")
+
+    say("The case is closed: the hold is released and the recording erased")
+    run("privacy", "release", "--recording", recording_id, *dpo)
+    run("privacy", "erase-recording", recording_id, "--reason", "art. 17 request 4711", *dpo)
+
+    say("Support tries to play the recording again: refused, it is erased (crypto-shredded)")
+    after = work / f"{recording_id}.after-erasure.wav"
+    gone = run("decrypt", *cfg, "--purpose", "support", str(sealed), str(after), expect=1)
+    if "erased" not in gone:
+        raise SystemExit("demo: the refusal did not come from the erasure")
+    print(f"no plaintext left behind: {not after.exists()}")
+
+
+def _key(attributes: dict[str, object]) -> str:
+    name = attributes.get("keybroker.key.name")
+    return f"{name}/v{attributes.get('keybroker.key.version', '')}" if name else "-"
+
+
+def show_spans(span_file: Path, recording_id: str) -> int:
+    """Print the recording's decision spans; 1 if fewer than the demo made."""
+    say("The decision spans of all of it (from the broker's span file)")
+    spans = spans_for(span_file, recording_id, expected=SPANS)
+    print(
+        f"{'time (UTC)':<26} {'operation':<16} {'decision':<8} {'reason':<18} {'purposes':<10} {'who':<14} key"
+    )
+    for span in spans:
+        a = span["attributes"]
+        assert isinstance(a, dict)
+        print(
+            f"{str(span['start_time'])[:26]:<26} {a.get('rpc.method', ''):<16} {a.get('keybroker.decision', ''):<8} "
+            f"{a.get('keybroker.reason', ''):<18} {','.join(a.get('keybroker.purposes', [])):<10} "
+            f"{a.get('keybroker.principal.sub', ''):<14} {_key(a)}"
+        )
+    if len(spans) < SPANS:
+        print(f"demo: expected {SPANS} decision spans in {span_file}, found {len(spans)}")
+        return 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, default=Path(".keybroker"))
     args = parser.parse_args()
-    env = DevEnv(args.state_dir)
+    # Absolute once, here: paths handed to the broker's settings (KEYBROKER_CLIENT_TOKEN_FILE)
+    # would otherwise be resolved again against the TOML file's folder.
+    env = DevEnv(args.state_dir.resolve())
     if not env.config.exists():
         raise SystemExit("demo: no dev environment; run `make run` in another terminal first")
     config = settings.load(env.config)
-    work = args.state_dir / "demo"
+    work = env.root / "demo"
     work.mkdir(exist_ok=True)
     recording_id = f"call-{uuid.uuid4().hex[:8]}"
     cfg = ["--config", str(env.config)]
 
     say("A storage service gets a token for support work, and marketing gets one for marketing")
     token_file = config.client.token_file or env.root / "client.token"
-    token_file.write_text(
-        mint_token(env, scopes=["keys:generate", "keys:unwrap"], purposes=["support"]) + "\n"
-    )
+    dev = ["dev", "token", "--state-dir", str(env.root)]
+    run(*dev, "--scope", "keys:generate keys:unwrap", "--purpose", "support",
+        "--output", str(token_file))  # fmt: skip
     marketing_token = work / "marketing.token"
-    marketing_token.write_text(
-        mint_token(env, scopes=["keys:unwrap"], purposes=["marketing"], subject="marketing-app")
-        + "\n"
-    )
+    run(*dev, "--scope", "keys:unwrap", "--purpose", "marketing", "--subject", "marketing-app",
+        "--output", str(marketing_token))  # fmt: skip
+    dpo_token = work / "dpo.token"
+    run(*dev, "--scope", "privacy:erase privacy:hold", "--amr", "mfa", "--subject", "dpo",
+        "--output", str(dpo_token))  # fmt: skip
 
     say("Record a call")
     wav = work / f"{recording_id}.wav"
@@ -138,25 +196,9 @@ def main() -> int:
         raise SystemExit("demo: the refusal did not come from the purpose rule")
     print(f"no plaintext left behind: {not refused.exists()}")
 
-    say("The decision spans of all of it (from the broker's span file)")
-    span_file = config.telemetry.span_file or env.root / "spans.jsonl"
-    spans = spans_for(span_file, recording_id, expected=3)
-    print(
-        f"{'time (UTC)':<26} {'operation':<16} {'decision':<8} {'reason':<18} {'purposes':<10} {'who':<14} key"
-    )
-    for span in spans:
-        a = span["attributes"]
-        assert isinstance(a, dict)
-        print(
-            f"{str(span['start_time'])[:26]:<26} {a.get('rpc.method', ''):<16} {a.get('keybroker.decision', ''):<8} "
-            f"{a.get('keybroker.reason', ''):<18} {','.join(a.get('keybroker.purposes', [])):<10} "
-            f"{a.get('keybroker.principal.sub', ''):<14} {a.get('keybroker.key.name', '')}/v{a.get('keybroker.key.version', '')}"
-        )
-    if len(spans) < 3:
-        print(f"demo: expected 3 decision spans in {span_file}, found {len(spans)}")
-        return 1
-    print("\n(erasure will join this demo when the privacy controls exist — issue #4)")
-    return 0
+    privacy_plane(cfg, dpo_token, recording_id, sealed)
+
+    return show_spans(config.telemetry.span_file or env.root / "spans.jsonl", recording_id)
 
 
 if __name__ == "__main__":

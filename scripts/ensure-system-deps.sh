@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages keybroker needs, only when missing. Used by `make run` and `make test`.
+# Install the Debian packages keybroker needs, only when missing: `make run` (no argument) gets
+# what the broker needs; `make test` (--test) also what the test suite needs.
 set -euo pipefail
 
 # The PostgreSQL server binaries the tests start a throwaway cluster with (tests/support/postgres.py).
@@ -20,12 +21,15 @@ have_postgres_server() {
 }
 
 missing=()
+# What the broker needs (`make run`): SoftHSM2, the embedded HSM of the dev environment.
 command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
-command -v curl >/dev/null 2>&1 || missing+=(curl)  # the tests use it as a TLS 1.2 gRPC peer
-# PostgreSQL only for the test suite (`--test`): the embedded default (`make run`) uses SQLite.
+# Only for the test suite (`--test`): curl as a TLS 1.2 gRPC peer, and PostgreSQL (the embedded
+# default of `make run` uses SQLite).
 if [ "${1:-}" = "--test" ]; then
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   have_postgres_server || missing+=(postgresql)
   command -v node >/dev/null 2>&1 || missing+=(nodejs)  # interop/node: the recording format in Node.js
+  [ -x /usr/sbin/pkcsslotd ] || missing+=(opencryptoki)  # a second PKCS#11 implementation (tests/support/opencryptoki.py)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from keybroker.server.app import RunningBroker, create_server
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from tests.support.clients import channel, stub
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
+from tests.support.strict_pkcs11 import StrictModule
+from tests.support.strict_pkcs11 import build as build_strict_module
 
 
 class Clock:
@@ -50,7 +53,14 @@ def devenv(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
 
 
 def load_settings(env: DevEnv, **overrides: str) -> settings_mod.Settings:
-    environ = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2"}
+    environ = {
+        "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
+        "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2",
+        # the suite's brokers see hundreds of denials a minute from one certificate, and its
+        # tests look for each one's record: every denial on its own line (aggregation is
+        # tested with its own threshold, tests/server/test_limits.py)
+        "KEYBROKER_LIMITS_DENIALS_PER_MINUTE": "0",
+    }
     environ.update({f"KEYBROKER_{k.upper()}": v for k, v in overrides.items()})
     return settings_mod.load(env.config, environ=environ)
 
@@ -84,6 +94,53 @@ def broker(
     )
     yield running
     running.stop(1)
+
+
+@pytest.fixture(scope="session")
+def strict_settings(strict_module: StrictModule) -> dict[str, str]:
+    """Settings overrides that put the strict-HSM test module in front of the session's SoftHSM
+    token (same token, PIN and keys; the module reads its environment at C_Initialize)."""
+    os.environ.update(strict_module.environ(iv="generate", copy="refuse"))
+    return {"hsm_module": str(strict_module.library)}
+
+
+@pytest.fixture(scope="session")
+def strict_broker(
+    devenv: DevEnv,
+    span_exporter: InMemorySpanExporter,
+    clock: Clock,
+    strict_settings: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningBroker]:
+    """A second broker in this process on the same token through the strict-HSM test module
+    (HSM-chosen GCM IVs, no C_CopyObject), with its own metadata database and journal."""
+    state = tmp_path_factory.mktemp("strict-broker")
+    running = create_server(
+        load_settings(
+            devenv,
+            **strict_settings,
+            state_url=f"sqlite:{state / 'keybroker.db'}",
+            audit_dir=str(state / "journal"),
+        ),
+        clock=clock,
+        span_processor=SimpleSpanProcessor(span_exporter),
+    )
+    yield running
+    running.stop(1)
+
+
+@pytest.fixture
+def hsm_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings overrides choosing the PKCS#11 module: SoftHSM2 unless a test parametrises this
+    fixture indirectly with "strict" (see HSM_MODULES)."""
+    if getattr(request, "param", "softhsm") == "strict":
+        overrides: dict[str, str] = request.getfixturevalue("strict_settings")
+        return overrides
+    return {}
+
+
+#: The PKCS#11 modules data-plane and lifecycle tests run on (indirect params of hsm_settings).
+HSM_MODULES = ("softhsm", "strict")
 
 
 @pytest.fixture
@@ -132,3 +189,9 @@ def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 @pytest.fixture
 def root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def strict_module(tmp_path_factory: pytest.TempPathFactory) -> StrictModule:
+    """The strict-HSM test module (tests/support/strict_pkcs11), built once per session."""
+    return build_strict_module(tmp_path_factory.mktemp("strict-pkcs11"))

@@ -30,6 +30,10 @@ class AuthenticationError(KeybrokerError):
     default_message = "invalid or missing access token"
     default_reason = "token_invalid"
 
+    verified_claims: tuple[str | None, str | None, str | None] | None = None
+    """``(sub, jti, client_id)`` when the token's signature verified and a later check (time,
+    audience, issuer, lifetime) failed: who was refused, for the audit record. Never the token."""
+
 
 class PermissionDeniedError(KeybrokerError):
     """The caller is authenticated but not allowed to do this (scope, purpose, binding, TLS)."""
@@ -65,6 +69,13 @@ class NotFoundError(KeybrokerError):
     default_reason = "not_found"
 
 
+class AlreadyExistsError(KeybrokerError):
+    """What the request would create exists already (e.g. a recording id registered before)."""
+
+    default_message = "already exists"
+    default_reason = "already_exists"
+
+
 class FailedPreconditionError(KeybrokerError):
     """The request is well-formed and permitted but the system state refuses it."""
 
@@ -77,6 +88,13 @@ class RetentionExpiredError(FailedPreconditionError):
 
     default_message = "retention expired"
     default_reason = "retention_expired"
+
+
+class RateLimitedError(KeybrokerError):
+    """The caller made more calls than ``[limits]`` allows it; slow down and retry later."""
+
+    default_message = "too many calls; slow down"
+    default_reason = "rate_limited"
 
 
 class UnavailableError(KeybrokerError):
@@ -105,6 +123,15 @@ class StoreUnavailableError(UnavailableError):
 
     default_message = "key metadata store temporarily unavailable"
     default_reason = "store_unavailable"
+
+
+class KeyStateStaleError(UnavailableError):
+    """A wrapped key names a key version this replica cannot resolve yet (made a moment ago on
+    another replica or worker, not yet loaded here). Retrying shortly succeeds; it is never the
+    blob's fault, so it is not "wrapped key is invalid"."""
+
+    default_message = "key state not yet current on this replica; retry"
+    default_reason = "key_state_stale"
 
 
 class InternalError(KeybrokerError):

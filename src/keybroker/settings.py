@@ -53,11 +53,32 @@ class ServerSettings:
     one per CPU this process may use, i.e. its affinity mask and cgroup v2 CPU quota, at least 1
     (:func:`keybroker.server.cpus.available_cpus`)."""
     threads: int = 4
-    """Threads per process for calls off the data plane (admin, privacy, batch, streams); the
+    """Threads per process for calls off the data plane (admin, privacy, batch); the
     data-plane methods run on each process's server loop (keybroker.server.loop)."""
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Per-caller limits (keybroker.server.limits). The defaults never throttle a benchmark."""
+
+    certificate_rate: float = 0.0
+    """Data-plane calls per second per client-certificate identity (token bucket); 0: off."""
+    subject_rate: float = 0.0
+    """Data-plane calls per second per token ``sub`` (token bucket); 0: off."""
+    burst: float = 2.0
+    """Bucket size, in seconds' worth of calls at each rate."""
+    denials_per_minute: int = 100
+    """Denials per client certificate and per peer IP journaled one by one each minute; beyond,
+    one aggregate record per caller and minute. 0: every denial on its own line."""
+    stream_threads: int = 4
+    """Threads for streaming calls (health Watch, reflection), apart from every other call."""
+    streams_per_connection: int = 4
+    """Streaming calls one client connection may have open at once."""
+    stream_queue: int = 16
+    """Streaming calls waiting for a stream thread; beyond, RESOURCE_EXHAUSTED."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,13 @@ class HsmSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     """Environment set before the module loads (e.g. SOFTHSM2_CONF)."""
     health_interval: float = 1.0
+    sessions: int = 4
+    """PKCS#11 sessions per process, each used by one thread at a time (with OS locking)."""
+    locking: str = "os"
+    """"os": initialise the module with CKF_OS_LOCKING_OK and use the session pool (a module
+    that cannot lock falls back to "global"); "global": one PKCS#11 call at a time per process."""
+    iv_source: str = "auto"
+    """Who chooses AES-GCM IVs: "auto" (probe the module at start), "caller" or "hsm"."""
 
 
 #: No configuration may make a scheduled destruction happen sooner than this.
@@ -116,6 +144,8 @@ class KeysSettings:
     """``month`` (calendar months, UTC) or a duration such as ``30d`` (at least 1 day)."""
     retention_grace: int = 7 * 86400
     """Wait after an epoch ends before its key is destroyed."""
+    max_retention: int = 3650 * 86400
+    """Longest retention a caller may ask for (``retain_until`` at most this far ahead)."""
 
     def epoch_scheme(self) -> EpochScheme | None:
         if not self.retention_epochs:
@@ -269,7 +299,13 @@ class ClientSettings:
             if path is None:
                 raise ConfigurationError(f"[client] {key} is required to call the broker")
             if not path.is_file():
-                raise ConfigurationError(f"[client] {key}: {path} does not exist")
+                hint = (
+                    "; mint one with `keybroker dev token --scope … --purpose … --output FILE` "
+                    "(dev broker) or ask your identity provider"
+                    if key == "token_file"
+                    else ""
+                )
+                raise ConfigurationError(f"[client] {key}: {path} does not exist{hint}")
             paths.append(path)
         return (paths[0], paths[1], paths[2]), paths[3]
 
@@ -286,6 +322,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: AlertThresholds = field(default_factory=AlertThresholds)
     client: ClientSettings = field(default_factory=ClientSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     source: Path | None = None
 
     def read_pin(self) -> str:
@@ -318,6 +355,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "audit": AuditSettings,
     "alerts": AlertThresholds,
     "client": ClientSettings,
+    "limits": LimitsSettings,
 }
 _DURATION_KEYS = {
     "auth.max_token_lifetime",
@@ -328,6 +366,7 @@ _DURATION_KEYS = {
     "keys.destruction_window",
     "keys.min_destruction_window",
     "keys.retention_grace",
+    "keys.max_retention",
     "audit.max_file_age",
     "audit.checkpoint_interval",
     "audit.export_max_backoff",
@@ -383,63 +422,141 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     return value
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+#: Variables Kubernetes injects for a Service named ``keybroker`` (or ``keybroker-…``), e.g.
+#: ``KEYBROKER_SERVICE_HOST=10.96.0.12``, ``KEYBROKER_SERVICE_PORT_GRPC=50051``,
+#: ``KEYBROKER_PORT=tcp://10.96.0.12:50051``, ``KEYBROKER_PORT_50051_TCP_ADDR=10.96.0.12``: not
+#: settings, so they never stop start-up. Recognised by name and value together, so that a
+#: mistaken ``KEYBROKER_SERVER_PORT=50051`` is still refused as an unknown key.
+_SERVICE_LINKS = (
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_HOST"), re.compile(r".*")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?SERVICE_PORT(?:_\w+)?"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT"), re.compile(r"(tcp|udp|sctp)://\S+:\d+")),
+    (
+        re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)"),
+        re.compile(r"(tcp|udp|sctp)://\S+"),
+    ),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r"KEYBROKER_(?:\w+_)?PORT_\d+_(TCP|UDP|SCTP)_ADDR"), re.compile(r"\S+")),
+)
+
+
+def is_service_link(var: str, value: str) -> bool:
+    """True for a Kubernetes service-link variable that merely shares the ``KEYBROKER_`` prefix."""
+    return any(
+        name.fullmatch(var) is not None and shape.fullmatch(value) is not None
+        for name, shape in _SERVICE_LINKS
+    )
+
+
+def _env_overrides(
+    environ: Mapping[str, str],
+) -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str]]:
+    """``{section: {key: value}}`` from ``KEYBROKER_<SECTION>_<KEY>``, and each one's variable."""
     found: dict[str, dict[str, str]] = {}
+    names: dict[tuple[str, str], str] = {}
     for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var == f"{ENV_PREFIX}CONFIG"
+            or is_service_link(var, value)
+        ):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section not in _SECTIONS or not key:
             raise ConfigurationError(
-                f"{var}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> with a section among "
-                + ", ".join(_SECTIONS)
+                f"environment variable {var}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> "
+                "with a section among " + ", ".join(_SECTIONS)
             )
         found.setdefault(section, {})[key] = value
-    return found
+        names[(section, key)] = var
+    return found, names
+
+
+def _toml_line(text: str, section: str, key: str | None = None) -> int | None:
+    """The line of ``[section]`` (or of ``key`` inside it) in TOML ``text``: best effort, for
+    messages only."""
+    header = re.compile(rf"\s*\[\s*{re.escape(section)}\s*\]\s*(#.*)?")
+    inside = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.fullmatch(r"\s*\[.*", line):
+            inside = header.fullmatch(line) is not None
+            if inside and key is None:
+                return number
+            continue
+        if inside and key is not None and re.match(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=", line):
+            return number
+    return None
+
+
+class _Sources:
+    """Where each value came from (a TOML file and line, or an environment variable), so that an
+    error can say where to fix it."""
+
+    def __init__(self, path: Path | None, text: str, env: dict[tuple[str, str], str]) -> None:
+        self._path, self._text, self._env = path, text, env
+
+    def of(self, section: str, key: str | None = None) -> str:
+        if key is not None and (section, key) in self._env:
+            return f"environment variable {self._env[(section, key)]}"
+        line = _toml_line(self._text, section, key) if self._path else None
+        if self._path is None:
+            return "settings"
+        return f"{self._path}, line {line}" if line else str(self._path)
 
 
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load settings from ``path`` (TOML) and environment overrides, then validate."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
+    text = ""
     base = Path.cwd()
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text())
+            text = path.read_text()
+            raw = tomllib.loads(text)
         except OSError as exc:
             raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
         base = path.resolve().parent
+    overrides, env_names = _env_overrides(environ)
+    sources = _Sources(path, text, env_names)
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
+        section = sorted(unknown)[0]
         raise ConfigurationError(
-            f"unknown section [{sorted(unknown)[0]}]; known sections: " + ", ".join(_SECTIONS)
+            f"unknown section [{section}] ({sources.of(section)}); known sections: "
+            + ", ".join(_SECTIONS)
         )
-    for section, values in _env_overrides(environ).items():
+    for section, values in overrides.items():
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
-            raise ConfigurationError(f"[{section}] must be a table")
+            raise ConfigurationError(f"[{section}] must be a table ({sources.of(section)})")
         table.update(values)
     built: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values = raw.get(section, {})
         if not isinstance(values, dict):
-            raise ConfigurationError(f"[{section}] must be a table")
+            raise ConfigurationError(f"[{section}] must be a table ({sources.of(section)})")
         hints = get_type_hints(cls)
         names = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in names:
                 raise ConfigurationError(
-                    f"[{section}] {key}: unknown key; known keys: " + ", ".join(sorted(names))
+                    f"[{section}] {key}: unknown key ({sources.of(section, key)}); known keys: "
+                    + ", ".join(sorted(names))
                 )
-            kwargs[key] = _coerce(section, key, hints[key], value, base)
+            try:
+                kwargs[key] = _coerce(section, key, hints[key], value, base)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{exc.message} ({sources.of(section, key)})") from None
         try:
             built[section] = cls(**kwargs)
         except ValueError as exc:
-            raise ConfigurationError(f"[{section}] {exc}") from None
+            raise ConfigurationError(f"[{section}] {exc} ({sources.of(section)})") from None
     settings = Settings(**built, source=path)
     validate(settings)
     return settings
@@ -471,11 +588,47 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError(
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
         )
+    validate_listen(settings.server.listen)
     _validate_keys(settings.keys)
+    if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
+        raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
+    if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
+        raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
+    _validate_limits(settings.limits)
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(
             "[state] refresh_interval, usage_flush_interval and scheduler_interval must be > 0"
+        )
+
+
+_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9._-]+")
+
+
+def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` address (IPv6 in brackets, e.g. ``[::]:50051``), or
+    None for a ``unix:`` socket path; a ConfigurationError otherwise."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    host, sep, port = listen.rpartition(":")
+    hint = "expected HOST:PORT, e.g. 127.0.0.1:50051, 0.0.0.0:50051 or [::]:50051"
+    if not sep or not host or not _HOST_RE.fullmatch(host):
+        raise ConfigurationError(f"{key}: {listen!r} is not an address; {hint}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"{key}: {listen!r} has no valid port (0..65535); {hint}")
+    return host.strip("[]"), int(port)
+
+
+def _validate_limits(limits: LimitsSettings) -> None:
+    if min(limits.certificate_rate, limits.subject_rate, limits.denials_per_minute) < 0:
+        raise ConfigurationError(
+            "[limits] certificate_rate, subject_rate and denials_per_minute: 0 (off) or more"
+        )
+    if limits.burst <= 0:
+        raise ConfigurationError("[limits] burst: must be positive (seconds' worth of calls)")
+    if min(limits.stream_threads, limits.streams_per_connection, limits.stream_queue) < 1:
+        raise ConfigurationError(
+            "[limits] stream_threads, streams_per_connection and stream_queue: at least 1"
         )
 
 
@@ -493,11 +646,23 @@ def _validate_keys(keys: KeysSettings) -> None:
     keys.epoch_scheme()  # raises ConfigurationError for a bad [keys] retention_epoch
     if keys.retention_grace < 0:
         raise ConfigurationError("[keys] retention_grace: must be 0 or more, e.g. '7d'")
+    if keys.max_retention < keys.default_retention:
+        raise ConfigurationError(
+            "[keys] max_retention: must be at least [keys] default_retention, e.g. '3650d'"
+        )
+
+
+NO_CONFIGURATION = (
+    "no configuration given: pass --config FILE or set KEYBROKER_CONFIG=FILE "
+    "(`keybroker dev init` writes a development one to .keybroker/keybroker.toml)"
+)
 
 
 def validate_for_serving(settings: Settings) -> None:
     """Checks ``keybroker serve`` needs: TLS files, token verification, HSM."""
     tls = settings.tls
+    if settings.source is None and tls.cert_file is None:
+        raise ConfigurationError(NO_CONFIGURATION)
     for key in ("cert_file", "key_file", "client_ca_file"):
         path = getattr(tls, key)
         if path is None:

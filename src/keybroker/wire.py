@@ -20,11 +20,14 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.InvalidWrappedKeyError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.RetentionExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.HsmUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.JournalUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.KeyStateStaleError, grpc.StatusCode.UNAVAILABLE),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.RecordingIntegrityError, grpc.StatusCode.DATA_LOSS),  # client-side; for completeness
     (errors.InternalError, grpc.StatusCode.INTERNAL),
@@ -42,6 +45,8 @@ _REASON_CLASSES: dict[str, type[errors.KeybrokerError]] = {
     errors.HsmUnavailableError.default_reason: errors.HsmUnavailableError,
     errors.JournalUnavailableError.default_reason: errors.JournalUnavailableError,
     errors.StoreUnavailableError.default_reason: errors.StoreUnavailableError,
+    errors.KeyStateStaleError.default_reason: errors.KeyStateStaleError,
+    errors.RateLimitedError.default_reason: errors.RateLimitedError,
 }
 _CODE_CLASSES: dict[grpc.StatusCode, type[errors.KeybrokerError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
@@ -49,6 +54,7 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[errors.KeybrokerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.UnavailableError,

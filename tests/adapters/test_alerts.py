@@ -461,6 +461,17 @@ def test_alerts_carry_no_token_wrapped_key_or_recording_id(
             h.clock.advance(60)
             for _ in range(3):
                 h.detector.record(unwrap("alice"))
+            h.detector.record(
+                Decision(
+                    service="keybroker.v1.KeyAdmin",
+                    operation="Reconcile",
+                    outcome=Outcome.ERROR,
+                    reason="hsm_object_rejected",
+                    key_name="recordings",
+                    key_version=99,
+                    recording_id=SECRET_RECORDING,
+                )
+            )
         assert set(h.detectors()) == set(al.DETECTORS)
         spans = h.spans.get_finished_spans()
         assert len(spans) == len(al.DETECTORS)
@@ -534,3 +545,39 @@ def test_thresholds_are_validated(bad: dict[str, float]) -> None:
     """Nonsensical thresholds are rejected at construction."""
     with pytest.raises(ValueError, match="must"):
         AlertThresholds(**bad)  # type: ignore[arg-type]
+
+
+def test_a_rejected_hsm_object_alerts_once_per_key_version(h: Harness) -> None:
+    """The lifecycle's Reconcile event for an object that failed the adoption checks (an error
+    decision, reason hsm_object_rejected) fires foreign_kek_object, once per version."""
+
+    def rejected(version: int) -> Decision:
+        return Decision(
+            service="keybroker.v1.KeyAdmin",
+            operation="Reconcile",
+            outcome=Outcome.ERROR,
+            reason="hsm_object_rejected",
+            subject="keybroker:scheduler",
+            key_name="recordings",
+            key_version=version,
+        )
+
+    for _ in range(3):
+        h.detector.record(rejected(99))
+    h.detector.record(rejected(98))
+    assert [(a.detector, a.extra["keybroker.key.version"]) for a in h.fired] == [
+        (al.FOREIGN_KEK_OBJECT, 99),
+        (al.FOREIGN_KEK_OBJECT, 98),
+    ]
+    h.detector.record(
+        Decision(
+            service="keybroker.v1.KeyAdmin",
+            operation="Reconcile",
+            outcome=Outcome.ERROR,
+            reason="hsm_object_missing",
+            subject="keybroker:scheduler",
+            key_name="recordings",
+            key_version=97,
+        )
+    )
+    assert len(h.fired) == 2  # other errors alert nothing

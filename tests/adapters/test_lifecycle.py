@@ -375,14 +375,21 @@ def test_reconcile_finishes_an_interrupted_destruction(world: World) -> None:
 
 
 def test_full_reconcile_adopts_hsm_objects_without_metadata(world: World) -> None:
-    world.keks.create_version(KeyRef(world.name, 2))  # e.g. `kek create --offline`, or a crash
+    """Objects without metadata are adopted: a new version of a known key as enabled but never
+    current (that takes make_current); a key nobody knew (`kek create --offline` before the
+    first start) gets its version current."""
+    world.keks.create_version(KeyRef(world.name, 2))  # found on the token
     orphan = f"o-{uuid.uuid4().hex[:8]}"
     world.keks.create_version(KeyRef(orphan, 1))
     try:
         assert world.life.reconcile(full=True) >= 2
-        assert world.life.get(world.name).current_version == 2
+        key = world.life.get(world.name)
+        assert key.current_version == 1
+        assert {v.version: v.state for v in key.versions}[2] is S.ENABLED
         assert world.life.get(orphan).current_version == 1
-        assert "adopted_from_hsm" in {e.reason for e in world.events}
+        reasons = {e.reason for e in world.events}
+        assert {"adopted_from_hsm", "adopted_from_hsm_not_current"} <= reasons
         assert world.life.reconcile(full=True) == 0
+        assert world.life.make_current(world.name, 2).current_version == 2
     finally:
         world.keks.destroy_version(KeyRef(orphan, 1))

@@ -111,3 +111,52 @@ def test_a_schema_newer_than_the_code_is_refused(store_url: str, tmp_path: Path)
             older.migrate()
     finally:
         older.close()
+
+
+def test_registry_keys_move_to_the_append_only_table(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 5: each recording's wrapped key (and hold copy) moves from its registry row to
+    ``kb_recording_keys``, where the store reads them; the old columns are emptied."""
+    from keybroker.adapters.privacystore import SqlPrivacyStore
+
+    monkeypatch.setattr(sqldb, "MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr(sqldb, "SCHEMA_VERSION", 4)
+    old = open_db(store_url, tmp_path)
+    assert old.migrate() == 4
+
+    def add(cur: Any) -> None:
+        cur.executemany(
+            "INSERT INTO kb_recordings (recording_id, purposes, retain_until, key_name, "
+            "key_version, created_at, wrapped_key, held_wrapped_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("rec-old", '["support"]', 9e9, "recordings.e2030-01", 1, 1.0, b"blob", None),
+                ("rec-held", '["qa"]', 9e9, "recordings.e2030-01", 2, 2.0, b"b2", b"held-b2"),
+                ("rec-v2", '["qa"]', 9e9, "recordings", 1, 3.0, None, None),  # schema 2 row
+            ],
+        )
+
+    old.run(add, write=True)
+    old.close()
+    monkeypatch.undo()
+
+    db = open_db(store_url, tmp_path)
+    assert db.migrate() == SCHEMA_VERSION
+    store = SqlPrivacyStore(db)
+    assert store.wrapped_keys("rec-old") == [b"blob"]
+    assert store.wrapped_keys("rec-held") == [b"b2"]
+    assert store.hold_copies("rec-held") == [b"held-b2"]
+    assert store.wrapped_keys("rec-v2") == []
+    assert store.count_hold_copies("recordings.e2030-01") == 1
+    assert store.registered_ids(None, 10) == ["rec-held", "rec-old", "rec-v2"]
+
+    def leftovers(cur: Any) -> int:
+        cur.execute(
+            "SELECT COUNT(*) FROM kb_recordings "
+            "WHERE wrapped_key IS NOT NULL OR held_wrapped_key IS NOT NULL"
+        )
+        return int(cur.fetchone()[0])
+
+    assert db.run(leftovers, write=False) == 0
+    store.close()

@@ -115,11 +115,22 @@ def test_refusals_leave_no_output_and_exit_1(live: DevEnv, tmp_path: Path) -> No
 
 
 def test_demo_script_runs_end_to_end(live: DevEnv) -> None:
-    """scripts/demo.py (make demo) succeeds against a running broker: round trip, refusal, spans."""
+    """scripts/demo.py (make demo) succeeds against a running broker, run as make runs it: a
+    relative --state-dir from the folder above it (this once resolved the marketing token's path
+    twice). Round trip, purpose refusal, then the privacy plane: erasure refused under a legal
+    hold, hold released, erased, unwrap refused; the tokens it writes are mode 600."""
     demo = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--state-dir", str(live.root)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--state-dir", live.root.name],
+        capture_output=True, text=True, timeout=180, check=False, cwd=live.root.parent,
     )  # fmt: skip
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "identical to the original" in demo.stdout
     assert "purpose_not_bound" in demo.stdout
+    out = demo.stdout
+    held = out.index("EraseRecording   deny     legal_hold")
+    released = out.index("ReleaseLegalHold allow")
+    erased = out.index("EraseRecording   allow")
+    assert held < released < erased < out.index("UnwrapDataKey    deny     erased")
+    assert "will join this demo" not in out
+    for token in (live.root / "client.token", live.root / "demo" / "dpo.token"):
+        assert token.stat().st_mode & 0o777 == 0o600

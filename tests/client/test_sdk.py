@@ -14,6 +14,7 @@ import threading
 import time
 import tracemalloc
 import typing
+import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,21 @@ from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker
 from tests.conftest import Clock, TokenFactory
 from tests.support.process import BrokerProcess, free_port
+
+_SUFFIX = ""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recording_ids() -> None:
+    """The broker registers a recording id once: every test (and flavour) gets its own ids."""
+    global _SUFFIX  # noqa: PLW0603 - read by R() in this module's tests
+    _SUFFIX = uuid.uuid4().hex[:8]
+
+
+def R(name: str) -> str:
+    """This test's recording id ``name``."""
+    return f"{name}-{_SUFFIX}"
+
 
 Spans = Callable[[], Sequence[ReadableSpan]]
 FLAVOURS = ["blocking", "asyncio"]
@@ -155,53 +171,58 @@ def test_both_clients_have_the_same_methods_and_signatures() -> None:
 def test_round_trip_and_rewrap(client: Client) -> None:
     """generate -> unwrap -> rewrap -> unwrap gives the same key; reprs hide key material."""
     key = client.generate_data_key(
-        "rec-sdk", purposes=["support"], subject_ids=["s1"], context={"t": "1"}
+        R("rec-sdk"), purposes=["support"], subject_ids=["s1"], context={"t": "1"}
     )
     assert key.plaintext.hex() not in repr(key)
-    again = client.unwrap_data_key("rec-sdk", key.wrapped, purpose="support", context={"t": "1"})
+    again = client.unwrap_data_key(R("rec-sdk"), key.wrapped, purpose="support", context={"t": "1"})
     assert again.plaintext == key.plaintext
-    moved = client.rewrap_data_key("rec-sdk", key.wrapped)
+    moved = client.rewrap_data_key(R("rec-sdk"), key.wrapped)
     assert (
         client.unwrap_data_key(
-            "rec-sdk", moved.wrapped, purpose="support", context={"t": "1"}
+            R("rec-sdk"), moved.wrapped, purpose="support", context={"t": "1"}
         ).plaintext
         == key.plaintext
     )
-    wrapped_only = client.generate_wrapped_data_key("rec-sdk2", purposes=["support"])
+    wrapped_only = client.generate_wrapped_data_key(R("rec-sdk2"), purposes=["support"])
     assert wrapped_only.key_ref.name.startswith("recordings.e")  # a retention epoch key
 
 
 def test_batch_rewrap_returns_a_result_or_an_error_per_item(client: Client) -> None:
     """rewrap_data_keys: one result per item, in order; a bad item is its domain error."""
-    a = client.generate_wrapped_data_key("rec-b1", purposes=["support"])
-    b = client.generate_wrapped_data_key("rec-b2", purposes=["support"])
+    a = client.generate_wrapped_data_key(R("rec-b1"), purposes=["support"])
+    b = client.generate_wrapped_data_key(R("rec-b2"), purposes=["support"])
     results = client.rewrap_data_keys(
-        [("rec-b1", a.wrapped), ("rec-b2", b.wrapped[:-1]), ("rec-b1", b.wrapped)]
+        [(R("rec-b1"), a.wrapped), (R("rec-b2"), b.wrapped[:-1]), (R("rec-b1"), b.wrapped)]
     )
     assert len(results) == 3
     assert results[0].key_ref == a.key_ref
     assert isinstance(results[1], errors.InvalidWrappedKeyError)
     assert isinstance(results[2], errors.PermissionDeniedError)
-    assert client.unwrap_data_key("rec-b1", results[0].wrapped, purpose="support").plaintext
+    assert client.unwrap_data_key(R("rec-b1"), results[0].wrapped, purpose="support").plaintext
 
 
 def test_errors_are_typed(client: Client, clock: Clock, spans: Spans) -> None:
     """Each refusal raises its domain class with the server's message and reason."""
     key = client.generate_data_key(
-        "rec-e", purposes=["support"], retain_until=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        R("rec-e"),
+        purposes=["support"],
+        retain_until=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
     )
     with pytest.raises(errors.PermissionDeniedError) as denied:
-        client.unwrap_data_key("rec-e", key.wrapped, purpose="marketing")
+        client.unwrap_data_key(R("rec-e"), key.wrapped, purpose="marketing")
     assert denied.value.reason == "purpose_not_granted"
     with pytest.raises(errors.InvalidWrappedKeyError):
-        client.unwrap_data_key("rec-e", key.wrapped[:-1], purpose="support")
+        client.unwrap_data_key(R("rec-e"), key.wrapped[:-1], purpose="support")
+    with pytest.raises(errors.AlreadyExistsError) as exists:
+        client.generate_data_key(R("rec-e"), purposes=["support"])
+    assert exists.value.reason == "recording_registered"
     with pytest.raises(errors.NotFoundError):
-        client.generate_data_key("rec-e", purposes=["support"], key_name="nope")
+        client.generate_data_key(R("rec-e-2"), purposes=["support"], key_name="nope")
     with pytest.raises(errors.InvalidRequestError):
         client.generate_data_key("", purposes=["support"])
     clock.offset = 7200
     with pytest.raises(errors.RetentionExpiredError):
-        client.unwrap_data_key("rec-e", key.wrapped, purpose="support")
+        client.unwrap_data_key(R("rec-e"), key.wrapped, purpose="support")
 
 
 def test_bad_token_is_authentication_error(
@@ -215,10 +236,10 @@ def test_bad_token_is_authentication_error(
 
 def test_denials_are_never_retried(client: Client, spans: Spans) -> None:
     """A PERMISSION_DENIED is raised after exactly one call, whatever the retry policy."""
-    key = client.generate_data_key("rec-r", purposes=["support"])
+    key = client.generate_data_key(R("rec-r"), purposes=["support"])
     before = len(spans())
     with pytest.raises(errors.PermissionDeniedError):
-        client.unwrap_data_key("rec-r", key.wrapped, purpose="ads")
+        client.unwrap_data_key(R("rec-r"), key.wrapped, purpose="ads")
     assert len(spans()) - before == 1
 
 
@@ -234,7 +255,7 @@ def test_unavailable_is_retried_until_the_broker_is_back(
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     retry = RetryPolicy(initial_backoff=0.05, max_backoff=0.3)
     kb = make_client(f"127.0.0.1:{port}", token=token, retry=retry, timeout=30)
-    key = kb.generate_data_key("rec-restart", purposes=["support"])
+    key = kb.generate_data_key(R("rec-restart"), purposes=["support"])
     assert first.stop() == 0
     second: list[BrokerProcess] = []
 
@@ -245,7 +266,7 @@ def test_unavailable_is_retried_until_the_broker_is_back(
     threading.Thread(target=restart).start()
     try:
         started = time.monotonic()
-        got = kb.unwrap_data_key("rec-restart", key.wrapped, purpose="support")
+        got = kb.unwrap_data_key(R("rec-restart"), key.wrapped, purpose="support")
         assert got.plaintext == key.plaintext
         assert time.monotonic() - started >= 1.0  # it did wait for the restart
     finally:
@@ -257,7 +278,7 @@ def test_unavailable_is_retried_until_the_broker_is_back(
     fail_fast = make_client(f"127.0.0.1:{port}", token=token, retry=NO_RETRY, timeout=10)
     started = time.monotonic()
     with pytest.raises(errors.UnavailableError):
-        fail_fast.generate_data_key("rec-x", purposes=["support"])
+        fail_fast.generate_data_key(R("rec-x"), purposes=["support"])
     assert time.monotonic() - started < 5
 
 
@@ -269,17 +290,17 @@ def test_token_file_is_reread_when_it_changes(
     path.write_text(token(scopes=["keys:unwrap"]) + "\n")
     kb = make_client(f"127.0.0.1:{broker.port}", token=TokenFile(path))
     with pytest.raises(errors.PermissionDeniedError):
-        kb.generate_data_key("rec-tf", purposes=["support"])
+        kb.generate_data_key(R("rec-tf"), purposes=["support"])
     path.write_text(token(scopes=["keys:generate"]) + "\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
-    assert len(kb.generate_data_key("rec-tf", purposes=["support"]).plaintext) == 32
+    assert len(kb.generate_data_key(R("rec-tf"), purposes=["support"]).plaintext) == 32
 
 
 def test_trace_context_is_propagated(client: Client, spans: Spans) -> None:
     """A call made inside a client span becomes the parent of the broker's decision span."""
     tracer = TracerProvider().get_tracer("storage-service")
     with tracer.start_as_current_span("store-recording") as parent:
-        client.generate_data_key("rec-trace", purposes=["support"])
+        client.generate_data_key(R("rec-trace"), purposes=["support"])
     decision = spans()[-1]
     assert decision.context.trace_id == parent.get_span_context().trace_id
     assert decision.parent is not None
@@ -295,16 +316,20 @@ def test_recording_round_trip_and_refusals(client: Client) -> None:
     audio = os.urandom(300_000)
     sealed = io.BytesIO()
     ref = client.encrypt_recording(
-        io.BytesIO(audio), sealed, recording_id="rec-file", purposes=["support"], segment_size=65536
+        io.BytesIO(audio),
+        sealed,
+        recording_id=R("rec-file"),
+        purposes=["support"],
+        segment_size=65536,
     )
     assert ref.name.startswith("recordings.e")
     out = io.BytesIO()
     header = client.decrypt_recording(io.BytesIO(sealed.getvalue()), out, purpose="support")
     assert out.getvalue() == audio
-    assert header.recording_id == "rec-file"
+    assert header.recording_id == R("rec-file")
     with pytest.raises(errors.PermissionDeniedError):
         client.decrypt_recording(io.BytesIO(sealed.getvalue()), io.BytesIO(), purpose="marketing")
-    forged = sealed.getvalue().replace(b"rec-file", b"rec-fake", 1)
+    forged = sealed.getvalue().replace(R("rec-file").encode(), R("rec-fake").encode(), 1)
     with pytest.raises(errors.PermissionDeniedError) as info:
         client.decrypt_recording(io.BytesIO(forged), io.BytesIO(), purpose="support")
     assert info.value.reason == "recording_mismatch"
@@ -314,7 +339,7 @@ def test_damaged_recordings_raise_integrity_errors(client: Client) -> None:
     """A truncated file and a file that is no recording raise RecordingIntegrityError."""
     sealed = io.BytesIO()
     client.encrypt_recording(
-        io.BytesIO(os.urandom(20_000)), sealed, recording_id="rec-d", purposes=["support"],
+        io.BytesIO(os.urandom(20_000)), sealed, recording_id=R("rec-d"), purposes=["support"],
         segment_size=4096,
     )  # fmt: skip
     with pytest.raises(errors.RecordingIntegrityError):
@@ -333,7 +358,7 @@ def test_bad_segment_size_is_refused_before_the_broker_is_asked(
     before = len(spans())
     with pytest.raises(ValueError, match="segment size"):
         client.encrypt_recording(
-            io.BytesIO(b"x"), io.BytesIO(), recording_id="rec-s", purposes=["support"],
+            io.BytesIO(b"x"), io.BytesIO(), recording_id=R("rec-s"), purposes=["support"],
             segment_size=10,
         )  # fmt: skip
     assert len(spans()) == before
@@ -380,7 +405,7 @@ def test_recording_encryption_memory_is_bounded_by_segments(client: Client) -> N
     try:
         with sealed_path.open("wb") as sealed:
             client.encrypt_recording(
-                _Zeros(size), sealed, recording_id="rec-mem", purposes=["support"],
+                _Zeros(size), sealed, recording_id=R("rec-mem"), purposes=["support"],
                 segment_size=segment,
             )  # fmt: skip
         _, peak_encrypt = tracemalloc.get_traced_memory()
@@ -403,16 +428,18 @@ def test_a_recording_decrypts_with_its_rewrapped_key_from_the_database(client: C
     with the new copy; a wrapped key of another recording is refused by the broker."""
     audio = os.urandom(10_000)
     sealed = io.BytesIO()
-    client.encrypt_recording(io.BytesIO(audio), sealed, recording_id="rec-rw", purposes=["support"])
+    client.encrypt_recording(
+        io.BytesIO(audio), sealed, recording_id=R("rec-rw"), purposes=["support"]
+    )
     header = RecordingHeader.read(io.BytesIO(sealed.getvalue()))
-    current = client.rewrap_data_key("rec-rw", header.wrapped_key).wrapped
+    current = client.rewrap_data_key(R("rec-rw"), header.wrapped_key).wrapped
     assert current != header.wrapped_key
     out = io.BytesIO()
     client.decrypt_recording(
         io.BytesIO(sealed.getvalue()), out, purpose="support", wrapped_key=current
     )
     assert out.getvalue() == audio
-    other = client.generate_wrapped_data_key("rec-other", purposes=["support"]).wrapped
+    other = client.generate_wrapped_data_key(R("rec-other"), purposes=["support"]).wrapped
     with pytest.raises(errors.PermissionDeniedError) as info:
         client.decrypt_recording(
             io.BytesIO(sealed.getvalue()), io.BytesIO(), purpose="support", wrapped_key=other
@@ -431,13 +458,13 @@ def test_an_unaccepted_certificate_ends_at_the_deadline_with_a_useful_message(
     waiting = make_client(target, tls=foreign, token=token(), timeout=1.0)
     started = time.monotonic()
     with pytest.raises(errors.UnavailableError) as info:
-        waiting.generate_data_key("rec-tls", purposes=["support"])
+        waiting.generate_data_key(R("rec-tls"), purposes=["support"])
     assert 0.9 < time.monotonic() - started < 5
     assert info.value.reason == "deadline_exceeded"
     assert "TLS handshake" in info.value.message
     at_once = make_client(target, tls=foreign, token=token(), timeout=10, retry=NO_RETRY)
     started = time.monotonic()
     with pytest.raises(errors.UnavailableError) as info:
-        at_once.generate_data_key("rec-tls", purposes=["support"])
+        at_once.generate_data_key(R("rec-tls"), purposes=["support"])
     assert time.monotonic() - started < 5
     assert "deadline" not in info.value.message

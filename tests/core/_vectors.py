@@ -1,4 +1,5 @@
-"""Typed access to tests/vectors/wrapped_key_v1.json (the wrapped-key known-answer vectors)."""
+"""Typed access to tests/vectors/wrapped_key_v1.json and wrapped_key_v2.json (the wrapped-key
+known-answer vectors)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from keybroker.core.wrapped_key import Bindings, KeyRef
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors"
 VECTOR_FILE = VECTOR_DIR / "wrapped_key_v1.json"
 GENERATOR = VECTOR_DIR / "generate_wrapped_key_v1.py"
+VECTOR_FILE_V2 = VECTOR_DIR / "wrapped_key_v2.json"
+GENERATOR_V2 = VECTOR_DIR / "generate_wrapped_key_v2.py"
 CIPHERTEXT_SIZE = 48
 
 
@@ -105,9 +108,12 @@ def _invalid(raw: dict[str, Any]) -> InvalidVector:
     )
 
 
-_RAW: dict[str, Any] = json.loads(VECTOR_FILE.read_text(encoding="utf-8"))
-VALID: list[ValidVector] = [_valid(v) for v in _RAW["valid"]]
-INVALID: list[InvalidVector] = [_invalid(v) for v in _RAW["invalid"]]
+def load(path: Path) -> tuple[list[ValidVector], list[InvalidVector]]:
+    raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return [_valid(v) for v in raw["valid"]], [_invalid(v) for v in raw["invalid"]]
+
+
+VALID, INVALID = load(VECTOR_FILE)
 PARSE_FAILURES = [v for v in INVALID if v.stage == "parse"]
 AUTH_FAILURES = [v for v in INVALID if v.stage == "authenticate"]
 

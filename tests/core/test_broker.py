@@ -18,6 +18,7 @@ from keybroker.core.wrapped_key import NONCE_SIZE, KeyRef, WrappedKey
 from keybroker.errors import (
     InvalidRequestError,
     InvalidWrappedKeyError,
+    KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
     RetentionExpiredError,
@@ -41,6 +42,8 @@ class FakeKeks:
     def __init__(self) -> None:
         self.keks: dict[KeyRef, bytes] = {}
         self.random_output: list[bytes] = []
+        self.nonces: list[bytes] = []
+        """The IVs this fake HSM chose itself, as a strict HSM does (never the caller's)."""
         self.decrypts = 0
         self.encrypts = 0
 
@@ -66,11 +69,13 @@ class FakeKeks:
         self.random_output.append(out)
         return out
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self.encrypts += 1
         if key not in self.keks:
             raise NotFoundError(reason="key_not_found")
-        return AESGCM(self.keks[key]).encrypt(nonce, plaintext, aad)
+        nonce = hashlib.sha256(f"fake hsm iv {len(self.nonces)}".encode()).digest()[:NONCE_SIZE]
+        self.nonces.append(nonce)
+        return nonce, AESGCM(self.keks[key]).encrypt(nonce, plaintext, aad)
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         self.decrypts += 1
@@ -94,6 +99,7 @@ class FakeCatalog:
         self.states: dict[KeyRef, VersionState] = {}
         self.min_version: dict[str, int] = {}
         self.uses: list[tuple[KeyRef, int, int]] = []
+        self.reloads = 0
 
     def snapshot(self) -> KeySnapshot:
         names = {ref.name for ref in self.keks.keks}
@@ -107,6 +113,10 @@ class FakeCatalog:
                 name, NOW, refs[-1].version, self.min_version.get(name, 1), versions=versions
             )
         return KeySnapshot.of(1, keys)
+
+    def fresh_snapshot(self) -> KeySnapshot:
+        self.reloads += 1
+        return self.snapshot()
 
     def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
         self.uses.append((key, wraps, unwraps))
@@ -222,13 +232,16 @@ def test_generate_then_unwrap_gives_the_same_data_key(world: World) -> None:
     assert world.unwrap(generated.wrapped_key) == data_key
 
 
-def test_generate_draws_data_key_and_nonce_from_the_hsm(world: World) -> None:
-    """Data key and nonce both come from the KEK port's random generator, never from elsewhere."""
+def test_generate_draws_data_key_from_the_hsm_and_stores_the_iv_it_used(world: World) -> None:
+    """The data key comes from the KEK port's random generator; the blob (format v2) carries
+    the nonce the KEK port reports having used, which the broker cannot predict."""
     generated = world.generate()
     drawn = b"".join(world.keks.random_output)
     parsed = WrappedKey.parse(generated.wrapped_key)
     assert generated.data_key.reveal() in drawn
-    assert parsed.nonce in drawn
+    assert parsed.format_version == 2
+    assert parsed.nonce == world.keks.nonces[-1]
+    assert parsed.nonce not in drawn
     assert len(parsed.nonce) == NONCE_SIZE
 
 
@@ -499,6 +512,32 @@ def test_unwrap_unknown_key_version_is_invalid_wrapped_key(world: World) -> None
     blob = other.generate().wrapped_key
     with pytest.raises(InvalidWrappedKeyError):
         world.unwrap(blob)
+
+
+def test_an_unknown_version_is_judged_on_a_fresh_reload_only(world: World) -> None:
+    """Unknown to the snapshot: the catalog reloads once before the verdict (issue 14 item 11);
+    a known version never costs a reload (the hot path stays a dict lookup)."""
+    other = World()
+    other.keks.add(DEFAULT_KEY, 5)
+    with pytest.raises(InvalidWrappedKeyError):
+        world.unwrap(other.generate().wrapped_key)
+    assert world.catalog.reloads == 1
+    world.unwrap(world.generate().wrapped_key)
+    assert world.catalog.reloads == 1
+
+
+def test_a_version_missing_from_the_hsm_is_retryable_not_invalid(world: World) -> None:
+    """The catalog lists the version but the HSM has no object: KeyStateStaleError after one
+    reload, never InvalidWrappedKeyError."""
+    blob = world.generate().wrapped_key
+
+    def missing(key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        raise KeyStateStaleError
+
+    world.keks.decrypt = missing  # type: ignore[method-assign]
+    with pytest.raises(KeyStateStaleError):
+        world.unwrap(blob)
+    assert world.catalog.reloads == 1
 
 
 # -- vectors through the broker ---------------------------------------------------------------

@@ -428,3 +428,14 @@ def test_settings_are_frozen() -> None:
 def test_settings_type_is_exported() -> None:
     """load() returns the public Settings type."""
     assert isinstance(load(None, environ={}), Settings)
+
+
+def test_max_retention_defaults_to_ten_years_and_bounds_the_default(tmp_path: Path) -> None:
+    """``[keys] max_retention``: 10 years unless set; never below ``default_retention``."""
+    assert load(None, environ={}).keys.max_retention == 3650 * 86400
+    assert load(None, environ={"KEYBROKER_KEYS_MAX_RETENTION": "400d"}).keys.max_retention == (
+        400 * 86400
+    )
+    err = config_error("[keys]\nmax_retention = '30d'\n", tmp_path)
+    assert "[keys] max_retention" in str(err)
+    assert "default_retention" in str(err)

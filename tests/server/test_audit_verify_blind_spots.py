@@ -249,7 +249,7 @@ def test_checkpoints_signed_in_the_hsm_verify(
         port = broker.wait_listening()
         token = mint_token(hsm_env, scopes=["keys:generate"], purposes=["support"])
         with channel(hsm_env, port) as ch:
-            stub(ch).GenerateDataKey(generate_request(recording_id="rec-hsm"), metadata=auth(token))
+            stub(ch).GenerateDataKey(generate_request(), metadata=auth(token))
     finally:
         assert broker.stop() == 0  # the final checkpoint is signed in the HSM
     for pinned in ([], ["--public-key", str(tmp_path / "pub.pem")]):

@@ -33,18 +33,18 @@ def test_eight_clients_thousand_mixed_calls_each(
         done = 0
         with channel(devenv, broker.port, own_connection=True) as ch:
             kb = stub(ch)
-            rid = f"rec-c{n}"
-            gen = kb.GenerateDataKey(generate_request(recording_id=rid), metadata=auth(t))
+            request = generate_request()  # each generate is for a new recording
+            rid = request.recording_id
+            gen = kb.GenerateDataKey(request, metadata=auth(t))
             wrapped, key = gen.wrapped_key, gen.data_key
             done += 1
             while done < CALLS_PER_CLIENT and time.monotonic() < deadline:
                 try:
                     kind = done % 10
                     if kind == 0:
-                        gen = kb.GenerateDataKey(
-                            generate_request(recording_id=rid), metadata=auth(t)
-                        )
-                        wrapped, key = gen.wrapped_key, gen.data_key
+                        request = generate_request()
+                        gen = kb.GenerateDataKey(request, metadata=auth(t))
+                        rid, wrapped, key = request.recording_id, gen.wrapped_key, gen.data_key
                     elif kind == 1:
                         wrapped = kb.RewrapDataKey(
                             pb.RewrapDataKeyRequest(recording_id=rid, wrapped_key=wrapped),

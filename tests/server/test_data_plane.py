@@ -1,9 +1,12 @@
-"""The KeyBroker service over real mTLS with a real SoftHSM token: every status code, every rule."""
+"""The KeyBroker service over real mTLS with a real SoftHSM token, directly and through the
+strict-HSM test module (HSM-chosen GCM IVs, no C_CopyObject): every status code, every rule."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -12,16 +15,46 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.sdk.trace import ReadableSpan
 
 from keybroker.core.retention import EpochScheme
+from keybroker.core.wrapped_key import Bindings, KeyRef, WrappedKey
+from keybroker.devenv import TOKEN_LABEL, DevEnv, softhsm_module
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from tests.conftest import Clock, TokenFactory, code_of
-from tests.support.clients import auth, generate_request
+from tests.conftest import HSM_MODULES, Clock, TokenFactory, code_of
+from tests.support.clients import auth, channel, generate_request, new_recording_id, stub
+from tests.support.process import run_fresh
 
 Spans = Callable[[], Sequence[ReadableSpan]]
 
 
+@pytest.fixture(params=HSM_MODULES)
+def data_broker(request: pytest.FixtureRequest) -> RunningBroker:
+    """The broker on SoftHSM, then the one on the strict module."""
+    running: RunningBroker = request.getfixturevalue(
+        "broker" if request.param == "softhsm" else "strict_broker"
+    )
+    return running
+
+
+@pytest.fixture
+def kb(data_broker: RunningBroker, devenv: DevEnv) -> Iterator[pb_grpc.KeyBrokerStub]:
+    """A KeyBroker stub to :func:`data_broker`."""
+    with channel(devenv, data_broker.port) as ch:
+        yield stub(ch)
+
+
+REC = "rec-1"
+"""This test's recording id (each test has its own: the broker registers an id once)."""
+
+
+@pytest.fixture(autouse=True)
+def _new_recording() -> None:
+    global REC  # noqa: PLW0603 - read by the tests and helpers of this module
+    REC = new_recording_id()
+
+
 def generate(kb: pb_grpc.KeyBrokerStub, token: str, **kwargs: Any) -> pb.GenerateDataKeyResponse:
+    kwargs.setdefault("recording_id", REC)
     resp: pb.GenerateDataKeyResponse = kb.GenerateDataKey(
         generate_request(**kwargs), metadata=auth(token)
     )
@@ -40,7 +73,7 @@ def test_generate_then_unwrap_returns_the_same_key(
     assert (gen.key_ref.key_name, gen.key_ref.version) == (f"recordings.e{epoch.label}", 1)
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1",
+            recording_id=REC,
             wrapped_key=gen.wrapped_key,
             purpose="support",
             context={"tenant": "acme"},
@@ -56,12 +89,10 @@ def test_generate_wrapped_returns_no_plaintext(
 ) -> None:
     """GenerateWrappedDataKey's response type has no data_key at all; the blob unwraps."""
     t = token()
-    resp = kb.GenerateWrappedDataKey(generate_request(), metadata=auth(t))
+    resp = kb.GenerateWrappedDataKey(generate_request(REC), metadata=auth(t))
     assert "data_key" not in pb.GenerateWrappedDataKeyResponse.DESCRIPTOR.fields_by_name
     out = kb.UnwrapDataKey(
-        pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=resp.wrapped_key, purpose="support"
-        ),
+        pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=resp.wrapped_key, purpose="support"),
         metadata=auth(t),
     )
     assert len(out.data_key) == 32
@@ -72,13 +103,13 @@ def test_rewrap_keeps_key_and_bindings(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     t = token(purposes=["support", "qa"])
     gen = generate(kb, t, purposes=["support", "qa"], context={"k": "v"})
     re = kb.RewrapDataKey(
-        pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key), metadata=auth(t)
+        pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=gen.wrapped_key), metadata=auth(t)
     )
     assert re.wrapped_key != gen.wrapped_key
     assert not hasattr(re, "data_key")
     out = kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}
+            recording_id=REC, wrapped_key=re.wrapped_key, purpose="support", context={"k": "v"}
         ),
         metadata=auth(t),
     )
@@ -86,7 +117,7 @@ def test_rewrap_keeps_key_and_bindings(kb: pb_grpc.KeyBrokerStub, token: TokenFa
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
             pb.UnwrapDataKeyRequest(
-                recording_id="rec-1",
+                recording_id=REC,
                 wrapped_key=re.wrapped_key,
                 purpose="marketing",
                 context={"k": "v"},
@@ -112,13 +143,13 @@ def test_missing_scope_is_permission_denied(
     wrapped = generate(kb, token()).wrapped_key
     t = token(scopes=scopes)
     calls = {
-        "generate": lambda: kb.GenerateDataKey(generate_request(), metadata=auth(t)),
+        "generate": lambda: kb.GenerateDataKey(generate_request(REC), metadata=auth(t)),
         "unwrap": lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose="support"),
             metadata=auth(t),
         ),
         "rewrap": lambda: kb.RewrapDataKey(
-            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+            pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped), metadata=auth(t)
         ),
     }
     code, message = code_of(calls[call])
@@ -158,9 +189,7 @@ def test_unwrap_purpose_must_be_granted_and_bound(
     t = token(purposes=token_purposes)
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(
-                recording_id="rec-1", wrapped_key=wrapped, purpose=request_purpose
-            ),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose=request_purpose),
             metadata=auth(t),
         )
     )
@@ -174,15 +203,15 @@ def test_unwrap_purpose_must_be_granted_and_bound(
     ("recording_id", "context", "reason"),
     [
         ("rec-2", {"tenant": "acme"}, "recording_mismatch"),
-        ("rec-1", {"tenant": "evil"}, "context_mismatch"),
-        ("rec-1", {}, "context_mismatch"),
+        (None, {"tenant": "evil"}, "context_mismatch"),  # None: the recording's own id
+        (None, {}, "context_mismatch"),
     ],
 )
 def test_unwrap_recording_and_context_must_match(
     kb: pb_grpc.KeyBrokerStub,
     token: TokenFactory,
     spans: Spans,
-    recording_id: str,
+    recording_id: str | None,
     context: dict[str, str],
     reason: str,
 ) -> None:
@@ -192,7 +221,10 @@ def test_unwrap_recording_and_context_must_match(
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
             pb.UnwrapDataKeyRequest(
-                recording_id=recording_id, wrapped_key=wrapped, purpose="support", context=context
+                recording_id=recording_id or REC,
+                wrapped_key=wrapped,
+                purpose="support",
+                context=context,
             ),
             metadata=auth(t),
         )
@@ -207,20 +239,20 @@ def test_unwrap_after_retention_is_failed_precondition(
     """Once retain_until has passed the key is refused, for unwrap and rewrap alike."""
     t = token()
     until = Timestamp(seconds=int(clock()) + 3600)
-    req = generate_request()
+    req = generate_request(REC)
     req.retain_until.CopyFrom(until)
     wrapped = kb.GenerateDataKey(req, metadata=auth(t)).wrapped_key
     clock.offset = 7200
     code, message = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped, purpose="support"),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped, purpose="support"),
             metadata=auth(t),
         )
     )
     assert (code, message) == (grpc.StatusCode.FAILED_PRECONDITION, "retention expired")
     code, _ = code_of(
         lambda: kb.RewrapDataKey(
-            pb.RewrapDataKeyRequest(recording_id="rec-1", wrapped_key=wrapped), metadata=auth(t)
+            pb.RewrapDataKeyRequest(recording_id=REC, wrapped_key=wrapped), metadata=auth(t)
         )
     )
     assert code is grpc.StatusCode.FAILED_PRECONDITION
@@ -230,7 +262,7 @@ def test_retain_until_in_the_past_is_invalid(
     kb: pb_grpc.KeyBrokerStub, token: TokenFactory
 ) -> None:
     """A key cannot be generated already expired."""
-    req = generate_request()
+    req = generate_request(REC)
     req.retain_until.CopyFrom(Timestamp(seconds=1))
     code, message = code_of(lambda: kb.GenerateDataKey(req, metadata=auth(token())))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
@@ -275,7 +307,7 @@ def test_garbage_wrapped_key_is_uniform_invalid_argument(
     for blob in (b"", b"garbage", b"KBW\x02" + bytes(100), bytes(40000)):
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
-                pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=blob, purpose="support"),
+                pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=blob, purpose="support"),
                 metadata=auth(token()),
             )
         )
@@ -297,7 +329,7 @@ def test_every_single_byte_change_and_truncation_is_refused(
         code, message = code_of(
             lambda blob=blob: kb.UnwrapDataKey(  # type: ignore[misc]
                 pb.UnwrapDataKeyRequest(
-                    recording_id="rec-1", wrapped_key=blob, purpose="support", context={"c": "v"}
+                    recording_id=REC, wrapped_key=blob, purpose="support", context={"c": "v"}
                 ),
                 metadata=auth(t),
             )
@@ -311,9 +343,7 @@ def test_oversized_request_is_resource_exhausted(
     """Requests over the message limit are refused before any handler runs."""
     code, _ = code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(
-                recording_id="rec-1", wrapped_key=bytes(70_000), purpose="support"
-            ),
+            pb.UnwrapDataKeyRequest(recording_id=REC, wrapped_key=bytes(70_000), purpose="support"),
             metadata=auth(token()),
         )
     )
@@ -323,7 +353,7 @@ def test_oversized_request_is_resource_exhausted(
 def test_unexpected_failure_is_internal_and_generic(
     kb: pb_grpc.KeyBrokerStub,
     token: TokenFactory,
-    broker: RunningBroker,
+    data_broker: RunningBroker,
     monkeypatch: pytest.MonkeyPatch,
     spans: Spans,
 ) -> None:
@@ -332,7 +362,7 @@ def test_unexpected_failure_is_internal_and_generic(
     def boom(size: int) -> bytes:
         raise RuntimeError("secret detail that must not leak")
 
-    monkeypatch.setattr(broker.keks, "random", boom)
+    monkeypatch.setattr(data_broker.keks, "random", boom)
     code, message = code_of(lambda: generate(kb, token()))
     assert (code, message) == (grpc.StatusCode.INTERNAL, "internal error")
     assert (spans()[-1].attributes or {})["keybroker.decision"] == "error"
@@ -342,5 +372,78 @@ def test_unexpected_failure_is_internal_and_generic(
 
 def test_missing_token_is_unauthenticated(kb: pb_grpc.KeyBrokerStub) -> None:
     """No authorization metadata: UNAUTHENTICATED."""
-    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request()))
+    code, _ = code_of(lambda: kb.GenerateDataKey(generate_request(REC)))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+
+
+_V1_SEAL = """
+import json, os, sys
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass
+job = json.loads(sys.argv[1])
+token = pkcs11.lib(job["module"]).get_token(token_label=job["token_label"])
+with token.open(user_pin=job["pin"]) as session:
+    key = session.get_key(label="kek:recordings:v1", object_class=ObjectClass.SECRET_KEY)
+    sealed = key.encrypt(
+        bytes.fromhex(job["data_key"]),
+        mechanism=Mechanism.AES_GCM,
+        mechanism_param=pkcs11.GCMParams(bytes.fromhex(job["nonce"]), bytes.fromhex(job["aad"]), 128),
+    )
+print(sealed.hex())
+"""
+
+
+def test_a_v1_wrapped_key_from_an_earlier_release_still_unwraps(
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, devenv: DevEnv
+) -> None:
+    """A format-v1 blob (nonce chosen by the caller and inside the AAD), sealed in SoftHSM as an
+    earlier release did, unwraps through SoftHSM and through the strict module."""
+    data_key, nonce = os.urandom(32), os.urandom(12)
+    bindings = Bindings.create(
+        recording_id="rec-v1",
+        purposes=["support"],
+        subject_ids=["subj-1"],
+        retain_until=int(time.time()) + 86400,
+        context={},
+    )
+    aad = WrappedKey.header(KeyRef("recordings", 1), nonce, bindings)
+    job = {
+        "module": softhsm_module(),
+        "token_label": TOKEN_LABEL,
+        "pin": devenv.pin_file.read_text().strip(),
+        "data_key": data_key.hex(),
+        "nonce": nonce.hex(),
+        "aad": aad.hex(),
+    }
+    env = {**os.environ, "SOFTHSM2_CONF": str(devenv.softhsm_conf.resolve())}
+    script = "import sys; sys.argv[1:] = " + repr([json.dumps(job)]) + "\n" + _V1_SEAL
+    blob = aad + bytes.fromhex(run_fresh(script, env).strip())
+    assert WrappedKey.parse(blob).format_version == 1
+    out = kb.UnwrapDataKey(
+        pb.UnwrapDataKeyRequest(recording_id="rec-v1", wrapped_key=blob, purpose="support"),
+        metadata=auth(token()),
+    )
+    assert out.data_key == data_key
+
+
+def test_new_wrapped_keys_are_v2_with_the_iv_the_module_used(
+    kb: pb_grpc.KeyBrokerStub,
+    token: TokenFactory,
+    data_broker: RunningBroker,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Every wrap writes format v2. On SoftHSM the broker drew the IV; on the strict module the
+    module chose it (the probe found it overwrites caller IVs) and it was read back."""
+    caps = data_broker.keks.capabilities
+    assert caps is not None
+    gen = generate(kb, token())
+    parsed = WrappedKey.parse(gen.wrapped_key)
+    assert parsed.format_version == 2
+    if request.node.callspec.params["data_broker"] == "softhsm":
+        assert (caps.iv_behaviour, caps.iv_source) == ("keeps", "caller")
+    else:
+        assert (caps.iv_behaviour, caps.iv_source, caps.session_copies) == (
+            "overwrites",
+            "hsm",
+            False,
+        )

@@ -120,3 +120,31 @@ def test_rotate_migrate_retire_destroy_with_the_cli(
     no_mfa = tmp_path / "no-mfa.token"
     no_mfa.write_text(mint_token(devenv, scopes=["keys:admin"]))
     assert "multi-factor" in kek("list", token=no_mfa, code=1)
+
+
+def test_kek_enable_make_current_adopts_a_version_found_on_the_token(
+    devenv: DevEnv, running: RunningBroker, tmp_path: Path
+) -> None:
+    """`kek enable NAME VERSION --make-current` makes a version found on the token (adopted,
+    enabled, not current) the current one, as README.md "Operations" shows it."""
+    from keybroker.core.wrapped_key import KeyRef
+
+    env = {"KEYBROKER_CLIENT_TARGET": f"127.0.0.1:{running.port}"}
+    admin_token = tmp_path / "admin.token"
+    admin_token.write_text(mint_token(devenv, scopes=["keys:admin"], amr=["mfa"]))
+    name = f"found-{uuid.uuid4().hex[:6]}"
+
+    def kek(*args: str) -> str:
+        out = run_cli(
+            "kek", *args, "--config", str(devenv.config), "--token-file", str(admin_token), env=env
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    kek("create", name)
+    running.keks.create_version(KeyRef(name, 2))  # appears on the token, no metadata
+    assert running.lifecycle is not None
+    running.lifecycle.reconcile(full=True)
+    assert json.loads(kek("show", name, "--json"))["current_version"] == 1
+    table = kek("enable", name, "2", "--make-current")
+    assert f"key {name}: current version 2" in table

@@ -23,12 +23,13 @@ from keybroker.adapters.journal import read_lines
 from keybroker.core.broker import GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
+from keybroker.core.wrapped_key import KeyRef, WrappedKey
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import admin_pb2 as apb
 from keybroker.v1 import admin_pb2_grpc as apb_grpc
 from keybroker.v1 import keybroker_pb2 as pb
-from tests.conftest import Clock, load_settings
+from tests.conftest import HSM_MODULES, Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
 from tests.support.process import BrokerProcess, stop_all
 
@@ -53,9 +54,11 @@ def clock() -> Clock:
 
 @pytest.fixture
 def admin_broker(
-    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock
+    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock, hsm_settings: dict[str, str]
 ) -> Iterator[RunningBroker]:
-    running = create_server(load_settings(devenv, **_overrides(store_url, tmp_path)), clock=clock)
+    running = create_server(
+        load_settings(devenv, **hsm_settings, **_overrides(store_url, tmp_path)), clock=clock
+    )
     yield running
     running.stop(1)
 
@@ -151,6 +154,7 @@ def test_admin_calls_need_the_admin_scope_and_mfa(
 # -- every RPC and refusal --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_key_admin_rpcs_and_their_refusals(
     devenv: DevEnv, admin_broker: RunningBroker, clock: Clock
 ) -> None:
@@ -211,6 +215,7 @@ def test_key_admin_rpcs_and_their_refusals(
     assert ("CancelKeyVersionDestruction", "deny") in ops
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_the_data_plane_follows_states_at_once(devenv: DevEnv, admin_broker: RunningBroker) -> None:
     admin = Admin(devenv, admin_broker.port)
     name = new_name()
@@ -423,8 +428,8 @@ CRASH_SCRIPT = textwrap.dedent(
     import os, signal, sys, time
     from pathlib import Path
     from keybroker import settings
-    from keybroker.core.wrapped_key import KeyRef
     from keybroker.server.app import connect_hsm, open_store
+    from keybroker.core.wrapped_key import KeyRef
 
     loaded = settings.load(Path(sys.argv[1]))
     store = open_store(loaded)
@@ -475,7 +480,10 @@ def test_a_process_killed_between_the_hsm_and_store_steps_is_reconciled_at_start
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _unwrap_request(blob: bytes, recording_id: str = "rec-1") -> pb.UnwrapDataKeyRequest:
+def _unwrap_request(blob: bytes, recording_id: str | None = None) -> pb.UnwrapDataKeyRequest:
+    """An unwrap of ``blob`` (by default for the recording it was generated for)."""
+    if recording_id is None:
+        recording_id = WrappedKey.parse(blob).bindings.recording_id
     return pb.UnwrapDataKeyRequest(recording_id=recording_id, wrapped_key=blob, purpose="support")
 
 
@@ -509,3 +517,42 @@ def time_until(condition: Callable[[], bool], timeout: float = 5.0) -> float:
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     time_until(condition, timeout)
+
+
+def test_a_version_found_on_the_token_becomes_current_only_by_an_admin_call(
+    devenv: DevEnv, admin_broker: RunningBroker, keks: Pkcs11Keks
+) -> None:
+    """A version that appears on the token without the broker (here v2 generated in the HSM,
+    as `pkcs11-tool --keygen` by someone with the PIN would) is adopted at the next full
+    reconcile as enabled but not current; only EnableKeyVersion with make_current (an MFA admin
+    call, journaled) makes it current, and only for a version newer than the current one."""
+    admin = Admin(devenv, admin_broker.port)
+    name = new_name()
+    admin("CreateKey", name=name)
+    keks.create_version(KeyRef(name, 2))
+    assert admin_broker.lifecycle is not None
+    assert admin_broker.lifecycle.reconcile(full=True) >= 1
+    key = admin("GetKey", name=name)
+    assert key.current_version == 1
+    assert [(v.version, v.state) for v in key.versions] == [(1, ENABLED), (2, ENABLED)]
+    no_mfa = Admin(devenv, admin_broker.port, admin_token(devenv, mfa=False))
+    assert no_mfa.refused("EnableKeyVersion", name=name, version=2, make_current=True) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "mfa_required",
+    )
+    no_mfa.close()
+    key = admin("EnableKeyVersion", name=name, version=2, make_current=True)
+    assert key.current_version == 2
+    assert admin.refused("EnableKeyVersion", name=name, version=1, make_current=True) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "key_version_not_newer",
+    )
+    admin.close()
+    records = journal_records(admin_broker.journal.directory)  # type: ignore[union-attr]
+    ops = [
+        (r["operation"], r["outcome"], r.get("reason"))
+        for r in records
+        if r.get("key_name") == name and r.get("key_version") == 2
+    ]
+    assert ("Reconcile", "allow", "adopted_from_hsm_not_current") in ops
+    assert ("EnableKeyVersion", "allow") in {(op, outcome) for op, outcome, _ in ops}

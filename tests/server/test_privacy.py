@@ -54,6 +54,7 @@ class Calls:
         self.dpo = mint_token(
             devenv,
             scopes=["privacy:erase", "privacy:hold", "privacy:amend", "audit:read"],
+            purposes=["support", "qa"],  # AmendPurposes adds only purposes the token grants
             amr=["mfa"],
             subject="dpo-1",
         )

@@ -108,6 +108,8 @@ def test_serve_sizes_workers_by_available_cpus(
     monkeypatch.setattr(app, "available_cpus", cpus)
     monkeypatch.setattr(app, "_serve_one", lambda settings, worker=0: served.append(worker))
     monkeypatch.setattr(app, "disable_core_dumps", lambda: None)
+    monkeypatch.setattr(app, "check_before_start", lambda settings: None)
+    monkeypatch.setattr(app, "_hold_journal", lambda settings, processes: None)
     config = tmp_path / "kb.toml"
     config.write_text("[server]\nprocesses = 'auto'\n")
     app.serve(settings_mod.load(config, environ={}))

@@ -26,7 +26,7 @@ from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import privacy_pb2 as ppb
 from keybroker.v1 import privacy_pb2_grpc as ppb_grpc
-from tests.conftest import Clock, load_settings
+from tests.conftest import HSM_MODULES, Clock, load_settings
 from tests.support.clients import auth, channel, generate_request, stub
 
 DAY = 86400
@@ -51,10 +51,16 @@ def clock() -> Clock:
 
 @pytest.fixture
 def running(
-    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock, base_key: str
+    devenv: DevEnv,
+    store_url: str,
+    tmp_path: Path,
+    clock: Clock,
+    base_key: str,
+    hsm_settings: dict[str, str],
 ) -> Iterator[RunningBroker]:
     settings = load_settings(
         devenv,
+        **hsm_settings,
         state_url=store_url,
         audit_dir=str(tmp_path / "journal"),
         keys_retention_epoch="1d",
@@ -66,6 +72,7 @@ def running(
     broker.stop(1)
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_epoch_keys_are_destroyed_and_held_recordings_survive(
     devenv: DevEnv, running: RunningBroker, clock: Clock, base_key: str
 ) -> None:
@@ -182,13 +189,20 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
     assert ("CreateKey", "retention_epoch_key", None) in events
 
 
+@pytest.mark.parametrize("hsm_settings", HSM_MODULES, indirect=True)
 def test_the_scheduler_shreds_an_epoch_key_on_its_own(
-    devenv: DevEnv, store_url: str, tmp_path: Path, clock: Clock, base_key: str
+    devenv: DevEnv,
+    store_url: str,
+    tmp_path: Path,
+    clock: Clock,
+    base_key: str,
+    hsm_settings: dict[str, str],
 ) -> None:
     """Nobody calls the shredder: the broker's own scheduler destroys the epoch key once the
     clock passes the end of its epoch and grace period, and its wrapped keys stop unwrapping."""
     settings = load_settings(
         devenv,
+        **hsm_settings,
         state_url=store_url,
         audit_dir=str(tmp_path / "journal"),
         keys_retention_epoch="1d",

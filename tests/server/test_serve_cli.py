@@ -31,10 +31,12 @@ from tests.support.process import BrokerProcess, free_port, run_cli
     ],
 )
 def test_bad_configuration_fails_fast_naming_the_key(
-    devenv: DevEnv, override: dict[str, str], expected: str
+    devenv: DevEnv, tmp_path: Path, override: dict[str, str], expected: str
 ) -> None:
     """The broker refuses to start, exit code 2, with a message naming the setting."""
-    env = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", **override}
+    # its own journal: the session's in-process broker holds the dev one (one writer per journal)
+    journal = str(tmp_path / "journal")
+    env = {"KEYBROKER_SERVER_LISTEN": "127.0.0.1:0", "KEYBROKER_AUDIT_DIR": journal, **override}
     if override.get("KEYBROKER_TLS_CLIENT_CA_FILE") == "":
         # An empty path is refused by the settings loader; prove the serve check with a config
         # that simply has no client CA.
@@ -54,7 +56,12 @@ def test_wrong_pin_fails_fast(devenv: DevEnv, tmp_path: Path) -> None:
     """A wrong PIN is a configuration error, not a crash."""
     pin = tmp_path / "wrong.pin"
     pin.write_text("0000\n")
-    out = run_cli("serve", "--config", str(devenv.config), env={"KEYBROKER_HSM_PIN_FILE": str(pin)})
+    out = run_cli(
+        "serve",
+        "--config",
+        str(devenv.config),
+        env={"KEYBROKER_HSM_PIN_FILE": str(pin), "KEYBROKER_AUDIT_DIR": str(tmp_path / "j")},
+    )
     assert out.returncode == 2
     assert "[hsm] pin_file" in out.stderr
 
@@ -119,10 +126,13 @@ def test_two_worker_processes_share_the_port(devenv: DevEnv, tmp_path: Path) -> 
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     for _ in range(12):
         with channel(devenv, port, own_connection=True) as ch:
-            gen = stub(ch).GenerateDataKey(generate_request(), metadata=auth(token))
+            request = generate_request()
+            gen = stub(ch).GenerateDataKey(request, metadata=auth(token))
             out = stub(ch).UnwrapDataKey(
                 pb.UnwrapDataKeyRequest(
-                    recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+                    recording_id=request.recording_id,
+                    wrapped_key=gen.wrapped_key,
+                    purpose="support",
                 ),
                 metadata=auth(token),
             )
@@ -137,7 +147,7 @@ def test_operator_token_script_then_kek_create(tmp_path: Path) -> None:
     hsm = tmp_path / "hsm"
     script = subprocess.run(
         [str(root / "softhsm" / "init-token.sh"), str(hsm), "ops-token"],
-        capture_output=True, text=True, timeout=60, check=False,
+        input="ops-so-pin\n", capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert script.returncode == 0, script.stderr
     assert (hsm / "user.pin").stat().st_mode & 0o077 == 0

@@ -99,23 +99,28 @@ def test_no_secret_in_spans_or_logs(
     """Data keys, wrapped keys and tokens appear in no span attribute, span event or log line."""
     caplog.set_level(logging.DEBUG)
     t = token()
-    gen = kb.GenerateDataKey(generate_request(), metadata=auth(t))
+    request = generate_request()
+    gen = kb.GenerateDataKey(request, metadata=auth(t))
     kb.UnwrapDataKey(
         pb.UnwrapDataKeyRequest(
-            recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="support"
+            recording_id=request.recording_id, wrapped_key=gen.wrapped_key, purpose="support"
         ),
         metadata=auth(t),
     )
     tampered = gen.wrapped_key[:-1] + bytes([gen.wrapped_key[-1] ^ 1])
     code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=tampered, purpose="support"),
+            pb.UnwrapDataKeyRequest(
+                recording_id=request.recording_id, wrapped_key=tampered, purpose="support"
+            ),
             metadata=auth(t),
         )
     )
     code_of(
         lambda: kb.UnwrapDataKey(
-            pb.UnwrapDataKeyRequest(recording_id="rec-1", wrapped_key=gen.wrapped_key, purpose="x"),
+            pb.UnwrapDataKeyRequest(
+                recording_id=request.recording_id, wrapped_key=gen.wrapped_key, purpose="x"
+            ),
             metadata=auth(t),
         )
     )

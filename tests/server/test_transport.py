@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from keybroker.devenv import DevEnv
 from keybroker.server.app import RunningBroker
 from tests.conftest import TokenFactory
-from tests.support.clients import channel, generate_request, stub
+from tests.support.clients import channel, generate_request, new_recording_id, stub
 
 Spans = Callable[[], Sequence[ReadableSpan]]
 GRPCURL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl"
@@ -129,8 +129,9 @@ def test_grpcurl_with_reflection_calls_every_method(
         "RewrapDataKeys",
     }
     header = ["-H", f"authorization: Bearer {token()}"]
+    rec = new_recording_id()
     request: dict[str, object] = {
-        "recording_id": "rec-g",
+        "recording_id": rec,
         "purposes": ["support"],
         "subject_ids": ["s-1"],
         "context": {"app": "cc"},
@@ -149,23 +150,23 @@ def test_grpcurl_with_reflection_calls_every_method(
 
     generated = call("GenerateDataKey", request)
     assert len(base64.b64decode(str(generated["data_key"]))) == 32
-    wrapped_only = call("GenerateWrappedDataKey", request)
+    wrapped_only = call("GenerateWrappedDataKey", {**request, "recording_id": new_recording_id()})
     assert "data_key" not in wrapped_only
     unwrap = {
-        "recording_id": "rec-g",
+        "recording_id": rec,
         "wrapped_key": generated["wrapped_key"],
         "purpose": "support",
         "context": {"app": "cc"},
     }
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
     rewrapped = call(
-        "RewrapDataKey", {"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}
+        "RewrapDataKey", {"recording_id": rec, "wrapped_key": generated["wrapped_key"]}
     )
     unwrap["wrapped_key"] = rewrapped["wrapped_key"]
     assert call("UnwrapDataKey", unwrap)["data_key"] == generated["data_key"]
     batch = call(
         "RewrapDataKeys",
-        {"items": [{"recording_id": "rec-g", "wrapped_key": generated["wrapped_key"]}]},
+        {"items": [{"recording_id": rec, "wrapped_key": generated["wrapped_key"]}]},
     )
     results: Any = batch["results"]
     assert len(results) == 1

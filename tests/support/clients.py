@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import grpc
@@ -32,15 +33,21 @@ def auth(token: str, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, s
     return [("authorization", f"Bearer {token}"), *extra]
 
 
+def new_recording_id(prefix: str = "rec") -> str:
+    """A recording id nobody registered yet (the broker registers each id once)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
 def generate_request(
-    recording_id: str = "rec-1",
+    recording_id: str | None = None,
     purposes: Sequence[str] = ("support",),
     subject_ids: Sequence[str] = ("subj-1",),
     context: dict[str, str] | None = None,
     key_name: str = "",
 ) -> pb.GenerateDataKeyRequest:
+    """A GenerateDataKey request; without ``recording_id``, for a new recording."""
     return pb.GenerateDataKeyRequest(
-        recording_id=recording_id,
+        recording_id=new_recording_id() if recording_id is None else recording_id,
         purposes=list(purposes),
         subject_ids=list(subject_ids),
         context=context or {},

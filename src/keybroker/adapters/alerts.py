@@ -19,6 +19,11 @@ detectors over them:
     a call that tried to use a key version scheduled for destruction: refused for that reason, or
     allowed while the injected ``is_scheduled_for_destruction(key_name, version)`` says so (a
     replica whose metadata was a moment behind).
+``foreign_kek_object``
+    an object under a ``kek:<name>:v<version>`` label on the HSM token fails the adoption checks
+    (not an AES-256 key generated in the HSM, never extractable: e.g. one planted with a known
+    value); the broker never uses it. Fed by the lifecycle's ``Reconcile`` event with reason
+    ``hsm_object_rejected`` at start-up; once per key version per ``cooldown_s``.
 
 Each alert fires at most once per (detector, subject) per ``cooldown_s``. An alert is a WARNING
 log line on the ``keybroker.alerts`` logger, a span ``keybroker.alert/<detector>`` and one count on
@@ -59,6 +64,9 @@ UNWRAP_VOLUME = "unwrap_volume"
 TAMPER_BURST_GLOBAL = "tamper_burst_global"
 TAMPER_BURST_PRINCIPAL = "tamper_burst_principal"
 SCHEDULED_KEY_USE = "scheduled_key_use"
+FOREIGN_KEK_OBJECT = "foreign_kek_object"
+#: The reason of the lifecycle event for an object under a KEK label that is never used.
+REJECTED_OBJECT_REASON = "hsm_object_rejected"
 #: The decision reason of a call refused because its key version is scheduled for destruction.
 SCHEDULED_VERSION_REFUSED = "key_version_scheduled_for_destruction"
 
@@ -69,6 +77,7 @@ DETECTORS = (
     TAMPER_BURST_GLOBAL,
     TAMPER_BURST_PRINCIPAL,
     SCHEDULED_KEY_USE,
+    FOREIGN_KEK_OBJECT,
 )
 
 #: ``(key_name, version) -> bool``: is this key version scheduled for destruction?
@@ -171,6 +180,8 @@ class AlertDetector:
         """Feed one final decision to every detector; emit any alert that fires."""
         outcome = decision.outcome
         if outcome is Outcome.ERROR:
+            if decision.reason == REJECTED_OBJECT_REASON:
+                self._on_foreign_object(decision)
             return
         subject = decision.subject
         scheduled = decision.key_name is not None and (
@@ -210,6 +221,19 @@ class AlertDetector:
         if fired:
             for alert in fired:
                 self._emit(alert)
+
+    def _on_foreign_object(self, decision: Decision) -> None:
+        """An object under a KEK label failed the adoption checks (e.g. a key planted with a
+        known value): one alert per key version and cooldown."""
+        key = f"{decision.key_name}/{decision.key_version}"
+        with self._lock:
+            fire = self._cooled(FOREIGN_KEK_OBJECT, key, self._clock())
+        if fire:
+            extra: dict[str, str | int] = {
+                "keybroker.key.name": str(decision.key_name),
+                "keybroker.key.version": int(decision.key_version or 0),
+            }
+            self._emit(Alert(FOREIGN_KEK_OBJECT, GLOBAL_SUBJECT, 1, 0.0, extra))
 
     def _is_scheduled(self, key_name: str, version: int) -> bool:
         try:

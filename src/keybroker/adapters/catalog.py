@@ -9,6 +9,15 @@ as soon as another replica commits a change, so the usual delay is milliseconds 
 ``refresh_interval`` (plus one reload) even if notifications are lost. If the store cannot be
 reached the last snapshot stays in force and the loop keeps retrying.
 
+Misses: a wrapped key may name a version this replica has not loaded yet (another replica or
+worker process made it a moment ago). :meth:`CachedCatalog.fresh_snapshot` then reloads at once,
+on the calling thread, so the verdict on that blob rests on a snapshot read *after* the blob
+existed. Forced reloads are rate-limited by a token bucket per process (a burst of
+``MISS_REFRESH_BURST``, then ``MISS_REFRESH_RATE`` a second; callers arriving while one runs
+share it), so a flood of blobs naming unknown keys costs the store a bounded number of cheap
+``generation`` reads. A caller that cannot have a fresh snapshot gets
+:class:`~keybroker.errors.KeyStateStaleError` (UNAVAILABLE, retryable), never "invalid".
+
 Usage: wraps and unwraps per version are summed in memory and added to the store every
 ``usage_flush_interval`` seconds and at shutdown (a failed flush is kept and retried).
 """
@@ -26,11 +35,17 @@ from keybroker.adapters.sqldb import NOTIFY_CHANNEL
 from keybroker.core.keys import KeySnapshot
 from keybroker.core.ports import Usage
 from keybroker.core.wrapped_key import KeyRef
-from keybroker.errors import KeybrokerError
+from keybroker.errors import KeybrokerError, KeyStateStaleError
 
 log = logging.getLogger(__name__)
 
 ChangeListener = Callable[[KeySnapshot, KeySnapshot], None]
+
+#: Forced reloads on a miss: a burst of this many, then this many a second, per process.
+MISS_REFRESH_BURST = 100
+MISS_REFRESH_RATE = 20.0
+#: Longest a caller waits for a reload another thread is running before it answers UNAVAILABLE.
+MISS_REFRESH_WAIT = 0.5
 
 
 class CachedCatalog:
@@ -45,6 +60,8 @@ class CachedCatalog:
         listen: Callable[[], Any] | None = None,
         tick: Callable[[], None] | None = None,
         tick_interval: float = 10.0,
+        miss_refresh_burst: int = MISS_REFRESH_BURST,
+        miss_refresh_rate: float = MISS_REFRESH_RATE,
     ) -> None:
         self._store = store
         self._refresh_interval = refresh_interval
@@ -53,6 +70,12 @@ class CachedCatalog:
         self._tick = tick
         self._tick_interval = tick_interval
         self._snapshot = KeySnapshot()
+        self._refresh_lock = threading.Lock()
+        self._read_at = float("-inf")  # monotonic time the last good reload began its read
+        self._miss_burst = float(miss_refresh_burst)
+        self._miss_rate = miss_refresh_rate
+        self._miss_tokens = float(miss_refresh_burst)
+        self._miss_filled = time.monotonic()
         self._usage: dict[KeyRef, Usage] = {}
         self._usage_lock = threading.Lock()
         self._listeners: list[ChangeListener] = []
@@ -86,15 +109,49 @@ class CachedCatalog:
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload if the store's generation moved; True if the snapshot changed."""
+        with self._refresh_lock:
+            return self._refresh(force)
+
+    def _refresh(self, force: bool) -> bool:
+        started = time.monotonic()
         generation = self._store.generation()
         if not force and generation == self._snapshot.generation:
+            self._read_at = started  # confirmed current as of ``started``
             return False
         keys = self._store.list_keys()
         old, new = self._snapshot, KeySnapshot.of(generation, {k.name: k for k in keys})
         self._snapshot = new
+        self._read_at = started
         for listener in self._listeners:
             listener(old, new)
         return True
+
+    def fresh_snapshot(self) -> KeySnapshot:
+        """A snapshot whose read began after this call: for a blob naming a version the current
+        snapshot does not know (see the module docstring). Raises KeyStateStaleError when none
+        can be had now (rate limit, store unreachable, a reload elsewhere taking too long)."""
+        asked = time.monotonic()
+        if not self._refresh_lock.acquire(timeout=MISS_REFRESH_WAIT):
+            raise KeyStateStaleError
+        try:
+            if self._read_at >= asked:  # a reload that began after we asked has finished
+                return self._snapshot
+            now = time.monotonic()
+            self._miss_tokens = min(
+                self._miss_burst, self._miss_tokens + (now - self._miss_filled) * self._miss_rate
+            )
+            self._miss_filled = now
+            if self._miss_tokens < 1:
+                raise KeyStateStaleError
+            self._miss_tokens -= 1
+            try:
+                self._refresh(False)
+            except Exception as exc:  # noqa: BLE001 - no fresh state: no verdict either
+                log.warning("key catalog reload on a miss failed: %s", type(exc).__name__)
+                raise KeyStateStaleError from None
+            return self._snapshot
+        finally:
+            self._refresh_lock.release()
 
     def flush_usage(self) -> None:
         with self._usage_lock:

@@ -100,6 +100,7 @@ def hsm_signer_config(settings: Settings) -> HsmSignerConfig:
         pin=settings.read_pin(),
         key_label=settings.audit.signing_key_label,
         env=dict(settings.hsm.env),
+        locking="global" if settings.hsm.locking == "global" else "os",
     )
 
 

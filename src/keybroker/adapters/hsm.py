@@ -1,19 +1,36 @@
 """PKCS#11 key-encryption keys (python-pkcs11), safe under concurrency and self-healing.
 
-Concurrency: python-pkcs11 initialises modules with ``C_Initialize(NULL)`` and releases the GIL
-around every call; SoftHSM then runs without internal locking and concurrent calls crash the
-process (see FACTS.md). Every PKCS#11 call in this process therefore runs under one process-wide
-lock, :data:`PKCS11_LOCK`. Use processes, not threads, for HSM throughput.
+Concurrency (:mod:`keybroker.adapters.hsm_sessions`): the module is initialised with OS locking
+(``CKF_OS_LOCKING_OK``) where it allows it, and calls run on a small pool of sessions
+(``[hsm] sessions``), one thread per session at a time. A module that cannot lock, or
+``[hsm] locking = "global"``, gets the old arrangement: every PKCS#11 call in the process runs
+under one lock (python-pkcs11's ``C_Initialize(NULL)`` lets SoftHSM crash under concurrent calls).
 
 KEKs are token objects labelled ``kek:<name>:v<version>`` (AES-256, private, sensitive, never
-extractable). For speed each version used is copied once into an in-memory session object
-(``CKA_TOKEN=false``; it stays sensitive and non-extractable) and its handle cached.
+extractable, not modifiable, AES-GCM only where the module allows; see
+:mod:`keybroker.adapters.kek_objects`). An object under such a label that was not generated in
+the HSM as a never-extractable AES-256 key is reported and never used. Where the module supports
+``C_CopyObject`` (probed at start), each version used is copied once per session into an
+in-memory session object (``CKA_TOKEN=false``; it stays sensitive and non-extractable) for speed;
+elsewhere the token object's handle is used directly. Handles are cached either way.
+
+GCM IVs: :func:`~keybroker.adapters.kek_objects.probe_module` finds at start whether the module
+keeps a caller's IV, overwrites it or refuses it (``[hsm] iv_source`` overrides), and every
+encryption reads back the IV the module actually used. Every KEK version is checked with a
+wrap -> unwrap self-test before it is used for new wraps (:meth:`Pkcs11Keks.self_test`).
+
+Errors: every PKCS#11 exception goes through one table,
+:mod:`keybroker.adapters.pkcs11_errors`, which says what it means (token lost, stale handle,
+busy, refused, ...) and which domain error the caller gets.
 
 Failure and recovery: a background probe (:meth:`Pkcs11Keks.check`) looks the default key up on the
-token; if the token, session or login is gone, the store drops every handle and calls fail with
-HsmUnavailableError until a reconnect (library re-initialise, login, rescan) succeeds. A failed GCM
-tag check raises the same PKCS#11 error class as a broken token, so a decrypt failure is classified
-by probing the token right after it: token fine means the wrapped key is bad.
+token; if the token, session or login is gone, the store drops every session and calls fail with
+HsmUnavailableError until a reconnect succeeds. Every reconnect attempt after a failure
+re-initialises the module (finalize + initialize): only that makes a module see a token that came
+back (e.g. SoftHSM after its token directory was emptied and refilled). A failed GCM tag check
+raises the same PKCS#11 error class as a broken token (SoftHSM), so a decrypt failure is
+classified by retrying once and probing the token: the token fine and the failure repeated means
+the wrapped key is bad; anything else is the HSM's (UNAVAILABLE, retried by clients).
 """
 
 from __future__ import annotations
@@ -22,35 +39,39 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import (
-    NoSuchKey,
-    NoSuchToken,
-    ObjectHandleInvalid,
-    PinIncorrect,
-    PKCS11Error,
-    UserAlreadyLoggedIn,
-)
+from pkcs11 import Attribute, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.exceptions import NoSuchKey, PKCS11Error
 
-from keybroker.core.wrapped_key import KeyRef, validate_key_name
+from keybroker.adapters import hsm_sessions
+from keybroker.adapters.hsm_sessions import Locking, SessionPool
+from keybroker.adapters.kek_objects import (
+    ModuleCapabilities,
+    gcm_encrypt,
+    generate_kek,
+    is_session_copy,
+    probe_module,
+    rejection,
+    session_copy,
+)
+from keybroker.adapters.pkcs11_errors import Fault, domain_error, fault_of
+from keybroker.core.wrapped_key import DATA_KEY_SIZE, KeyRef, validate_key_name
 from keybroker.errors import (
     ConfigurationError,
     FailedPreconditionError,
     HsmUnavailableError,
     InvalidWrappedKeyError,
+    KeybrokerError,
+    KeyStateStaleError,
     NotFoundError,
 )
 
 log = logging.getLogger(__name__)
-
-#: Serialises every PKCS#11 call in this process (see module docstring).
-PKCS11_LOCK = threading.RLock()
 
 _LABEL_RE = re.compile(r"kek:(?P<name>[a-z0-9][a-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,9})")
 _RECONNECT_BACKOFF = 0.5
@@ -66,14 +87,14 @@ def parse_kek_label(label: str) -> KeyRef | None:
     return KeyRef(m["name"], int(m["version"])) if m else None
 
 
-# Module loading and re-initialisation are process-wide: one generation counter per module path
-# lets every store in the process notice that its sessions died with a re-initialise.
-_generations: dict[str, int] = {}
+# Module loading and re-initialisation are process-wide (hsm_sessions.Module): its generation
+# counter lets every store in the process notice that its sessions died with a re-initialise.
+_locking: dict[str, Locking] = {}
 
 
-def _load(module: str) -> Any:
+def _module(module: str) -> hsm_sessions.Module:
     try:
-        return pkcs11.lib(module)
+        return hsm_sessions.load(module, _locking.get(module, "os"))
     except PKCS11Error as exc:
         raise ConfigurationError(
             f"[hsm] module: cannot load PKCS#11 module {module} ({type(exc).__name__}); "
@@ -81,14 +102,27 @@ def _load(module: str) -> Any:
         ) from None
 
 
+def _load(module: str) -> Any:
+    """The python-pkcs11 ``lib`` of ``module`` (tests wrap this to inject faults)."""
+    return _module(module).lib
+
+
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
     module: str
     token_label: str
     pin: str
+    iv_source: str = "auto"
+    """``auto`` (probe the module), ``caller`` or ``hsm`` (see kek_objects)."""
+    sessions: int = 4
+    """Sessions in the pool (one when the module is serialised)."""
+    locking: Locking = "os"
 
     def __repr__(self) -> str:
-        return f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, pin=***)"
+        return (
+            f"HsmConfig(module={self.module!r}, token_label={self.token_label!r}, pin=***, "
+            f"sessions={self.sessions}, locking={self.locking!r}, iv_source={self.iv_source!r})"
+        )
 
 
 class Pkcs11Keks:
@@ -97,19 +131,39 @@ class Pkcs11Keks:
     def __init__(self, config: HsmConfig, *, probe_key: str | None = None) -> None:
         self._config = config
         self._probe_key = probe_key
-        self._session: Any = None
+        _locking.setdefault(config.module, config.locking)
+        self._pool: SessionPool | None = None
+        self._login: Any = None
+        self._mod: hsm_sessions.Module | None = None
         self._generation = -1
-        self._handles: dict[KeyRef, Any] = {}
+        self._handles: dict[tuple[int, KeyRef], Any] = {}
         self._current: dict[str, KeyRef] = {}
         self._next_attempt = 0.0
         self._listeners: list[Callable[[bool], None]] = []
         self._observer: Callable[[float, str], None] | None = None
+        self._caps: ModuleCapabilities | None = None
+        self._rejected: dict[str, str] = {}
+        self._tested: dict[KeyRef, str | None] = {}
+        """Self-test results: None passed, else why it failed (never used for wraps)."""
+        self._test_listeners: list[Callable[[bool], None]] = []
+        self._test_lock = threading.Lock()
 
     def observe(self, observer: Callable[[float, str], None]) -> None:
         """Call ``observer(seconds, operation)`` after every encrypt and decrypt (metrics)."""
         self._observer = observer
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def _module(self) -> hsm_sessions.Module:
+        mod = self._mod
+        if mod is None:
+            mod = self._mod = _module(self._config.module)
+        return mod
+
+    @property
+    def os_locking(self) -> bool:
+        """True when the module runs with OS locking and calls share a pool of sessions."""
+        return self._module().os_locking
 
     def connect(self, attempts: int = 5) -> None:
         """Log in and scan the token. Raises ConfigurationError for a wrong PIN or unknown token
@@ -121,81 +175,122 @@ class Pkcs11Keks:
         token now and then, or to get CKR_GENERAL_ERROR from C_GetTokenInfo and from
         C_OpenSession/C_Login (each once in a clean-clone test run).
         """
+        module = self._module()
         for attempt in range(1, attempts + 1):
-            with PKCS11_LOCK:
+            with module.gate.exclusive():
                 try:
-                    self._connect()
+                    self._connect(starting=True)
                 except (ConfigurationError, HsmUnavailableError) as exc:
                     transient = isinstance(exc, HsmUnavailableError) or (
                         exc.reason == "token_not_found"
                     )
                     if not transient or attempt == attempts:
                         raise
-                    _load(self._config.module).reinitialize()
-                    _generations[self._config.module] = _generations.get(self._config.module, 0) + 1
                     why = exc.reason
                 else:
                     return
             log.warning("hsm: %s, retrying (%d/%d)", why, attempt, attempts)
             time.sleep(0.2 * attempt)
 
+    def require_mechanisms(self) -> None:
+        """Fail the start if the token lacks a mechanism the broker needs (CKM_AES_GCM for both
+        encrypt and decrypt): ConfigurationError naming it, before health says SERVING.
+        (openCryptoki 3.8's software token, for one, has no AES-GCM.)"""
+        with self._calls() as session:
+            mechanisms = set(session.token.slot.get_mechanisms())
+            if Mechanism.AES_GCM in mechanisms:
+                info = session.token.slot.get_mechanism_info(Mechanism.AES_GCM)
+                if MechanismFlag.ENCRYPT in info.flags and MechanismFlag.DECRYPT in info.flags:
+                    return
+        raise ConfigurationError(
+            f"[hsm] module: token {self._config.token_label!r} does not offer CKM_AES_GCM "
+            "encrypt/decrypt, which every wrapped key needs; use a module and token that do "
+            "(see docs/HSM.md)",
+            reason="hsm_mechanism_missing",
+        )
+
     def on_health_change(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
 
     @property
     def healthy(self) -> bool:
-        return self._session is not None and self._generation == _generations.get(
-            self._config.module, 0
+        return (
+            self._pool is not None
+            and self._mod is not None
+            and self._generation == self._mod.generation
         )
 
-    def _connect(self) -> None:
-        module = self._config.module
-        lib = _load(module)
-        generation = _generations.setdefault(module, 0)
-        if self._generation == generation:
-            # We were connected in this generation and broke: only a re-initialise of the whole
-            # library recovers (e.g. a vanished token directory). Every other store in the
-            # process sees the generation move on and reconnects by itself.
-            lib.reinitialize()
-            generation = _generations[module] = generation + 1
+    def _connect(self, *, starting: bool = False) -> None:
+        """Open the pool and scan the token. Hold the module's gate exclusively."""
+        module = self._module()
+        lib = _load(self._config.module)
+        if self._generation == module.generation:
+            # We were connected in this generation and broke, or an attempt in it failed: only a
+            # re-initialise of the whole library recovers (a vanished token directory; a token
+            # that came back, which SoftHSM only sees after C_Initialize). Every other store in
+            # the process sees the generation move on and reconnects by itself.
+            try:
+                lib.reinitialize()
+            except PKCS11Error as exc:  # e.g. SoftHSM while its token directory is missing
+                log.warning("hsm: re-initialising the module failed: %s", type(exc).__name__)
+                raise domain_error(exc, reason="module_init_failed") from None
+            finally:
+                module.generation += 1  # every session of the process is gone either way
+                self._generation = module.generation
         self._drop()
+        # From here this generation is ours: if anything below fails, the next attempt
+        # re-initialises again (it once did not, and a token that came back was never seen).
+        self._generation = module.generation
+        label = self._config.token_label if starting else None
         try:
             token = lib.get_token(token_label=self._config.token_label)
-        except NoSuchToken:
-            raise ConfigurationError(
-                f"[hsm] token_label: no token labelled {self._config.token_label!r}; "
-                "initialise it (softhsm/init-token.sh) or fix the label",
-                reason="token_not_found",
-            ) from None
         except PKCS11Error as exc:
             log.warning("hsm: looking up the token failed: %s", type(exc).__name__)
-            raise HsmUnavailableError(reason="token_lookup_failed") from None
+            raise domain_error(exc, starting_label=label, reason="token_lookup_failed") from None
+        size = self._config.sessions if module.os_locking else 1
+        sessions: list[Any] = []
         try:
             try:
-                session = token.open(rw=True, user_pin=self._config.pin)
-            except UserAlreadyLoggedIn:
+                login = token.open(rw=True, user_pin=self._config.pin)
+            except PKCS11Error as exc:
+                if fault_of(exc) is not Fault.LOGGED_IN:
+                    raise
                 # Login is per process; another store in this process already logged in.
-                session = token.open(rw=True)
-        except PinIncorrect:
-            raise ConfigurationError(
-                "[hsm] pin_file: the PIN is incorrect for this token"
-            ) from None
+                login = token.open(rw=True)
+            while len(sessions) < size:
+                sessions.append(token.open(rw=True))
         except PKCS11Error as exc:
             log.warning("hsm: opening a session failed: %s", type(exc).__name__)
-            raise HsmUnavailableError(reason="session_open_failed") from None
-        self._session = session
-        self._generation = generation
+            raise domain_error(exc, starting_label=label, reason="session_open_failed") from None
+        # The session that logged in is kept out of the pool: closing it logs every session out.
+        self._login = login
+        self._pool = SessionPool(
+            sessions,
+            opener=lambda: token.open(rw=True),
+            on_empty=lambda: self._mark_broken("no session left"),
+        )
         try:
-            self._scan()
+            self._scan(login)
+            if self._caps is None:
+                self._caps = probe_module(login, self._config.iv_source)
+                log.info("hsm module: %s", self._caps.describe())
         except PKCS11Error as exc:
             self._drop()
             log.warning("hsm: listing the token's keys failed: %s", type(exc).__name__)
-            raise HsmUnavailableError(reason="token_scan_failed") from None
-        log.info("hsm connected", extra={"token_label": self._config.token_label})
+            raise domain_error(exc, reason="token_scan_failed") from None
+        log.info(
+            "hsm connected",
+            extra={
+                "token_label": self._config.token_label,
+                "sessions": len(sessions),
+                "os_locking": module.os_locking,
+            },
+        )
         self._notify(True)
 
     def _drop(self) -> None:
-        self._session = None
+        self._pool = None
+        self._login = None
         self._handles.clear()
         self._current.clear()
 
@@ -204,29 +299,86 @@ class Pkcs11Keks:
             listener(healthy)
 
     def _mark_broken(self, why: str) -> None:
-        if self._session is not None:
+        if self._pool is not None:
             log.warning("hsm unavailable: %s", why)
-            self._session = None
+            self._pool = None
             self._handles.clear()
             self._next_attempt = 0.0
             self._notify(False)
 
+    def _reconnect(self) -> None:
+        """Reconnect (rate-limited) unless another thread already did."""
+        module = self._module()
+        with module.gate.exclusive():
+            if self.healthy:
+                return
+            now = time.monotonic()
+            if now < self._next_attempt:
+                raise HsmUnavailableError
+            self._next_attempt = now + _RECONNECT_BACKOFF
+            try:
+                self._connect()
+            except KeybrokerError as exc:
+                self._pool = None
+                log.warning("hsm reconnect failed: %s (%s)", type(exc).__name__, exc.reason)
+                raise HsmUnavailableError from None
+
     @contextmanager
     def _ready(self) -> Iterator[Any]:
-        """Hold the lock with a usable session, reconnecting (rate-limited) if needed."""
-        with PKCS11_LOCK:
-            if not self.healthy:
-                now = time.monotonic()
-                if now < self._next_attempt:
-                    raise HsmUnavailableError
-                self._next_attempt = now + _RECONNECT_BACKOFF
-                try:
-                    self._connect()
-                except (PKCS11Error, ConfigurationError, HsmUnavailableError) as exc:
-                    self._session = None
-                    log.warning("hsm reconnect failed: %s", type(exc).__name__)
-                    raise HsmUnavailableError from None
-            yield self._session
+        """A usable session, lent to this thread, with the module's gate held shared;
+        reconnects (rate-limited) first if needed."""
+        module = self._mod
+        if module is None or self._pool is None or self._generation != module.generation:
+            module = self._module()
+            if not module.gate.holds_shared():
+                self._reconnect()
+        with module.gate.shared():
+            pool = self._pool
+            if pool is None or self._generation != module.generation:
+                raise HsmUnavailableError
+            with pool.borrow() as session:
+                yield session
+
+    @contextmanager
+    def _calls(self) -> Iterator[Any]:
+        """:meth:`_ready`, and every PKCS#11 error inside goes through :meth:`_failure`."""
+        with self._ready() as session:
+            try:
+                yield session
+            except PKCS11Error as exc:
+                raise self._failure(session, exc) from None
+
+    def _failure(self, session: Any, exc: PKCS11Error) -> KeybrokerError:
+        """Act on ``exc`` as the error table says and return the caller's domain error."""
+        fault = fault_of(exc)
+        if fault is Fault.LOST:
+            self._mark_broken(type(exc).__name__)
+        elif fault in (Fault.AMBIGUOUS, Fault.BAD_DATA, Fault.MODULE):
+            if self._probe_or_mark_broken(session, exc):
+                self._retire(session)
+        elif fault in (Fault.BUSY, Fault.REFUSED):
+            if fault is Fault.REFUSED:
+                log.error("hsm: the module refused a call: %s", type(exc).__name__)
+            self._retire(session)
+        return domain_error(exc)
+
+    def _retire(self, session: Any) -> None:
+        """A call failed mid-operation: the module may keep the operation active on this
+        session (the next C_*Init would answer CKR_OPERATION_ACTIVE), so replace it."""
+        pool = self._pool
+        if pool is not None:
+            pool.retire(session)
+        for cached in [k for k in self._handles if k[0] == id(session)]:
+            self._handles.pop(cached, None)
+
+    def _probe_or_mark_broken(self, session: Any, exc: PKCS11Error) -> bool:
+        """Probe the token after ``exc``; False (and marked broken) if the probe fails too."""
+        try:
+            self._probe(session)
+        except PKCS11Error:
+            self._mark_broken(type(exc).__name__)
+            return False
+        return True
 
     def check(self) -> None:
         """Probe the token (used by the health monitor). Raises HsmUnavailableError."""
@@ -255,21 +407,47 @@ class Pkcs11Keks:
     # -- key inventory ----------------------------------------------------------------------
 
     def _token_keys(self, session: Any) -> Iterator[tuple[KeyRef, Any]]:
+        """Every usable KEK object on the token (see :meth:`_usable`)."""
         attrs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
         for obj in session.get_objects(attrs):
-            ref = parse_kek_label(obj.label or "")
-            if ref is not None:
+            label = obj.label or ""
+            ref = parse_kek_label(label)
+            if ref is not None and self._usable(label, obj):
                 yield ref, obj
+            elif ref is None and label.startswith("kek:"):
+                self._reject(label, "label is not kek:<name>:v<version>")
 
-    def _scan(self) -> None:
+    def _usable(self, label: str, obj: Any) -> bool:
+        """False (and reported once) for an object under a KEK label that fails the checks of
+        :func:`~keybroker.adapters.kek_objects.rejection`: it is never used."""
+        why = rejection(obj)
+        if why is not None:
+            self._reject(label, why)
+        return why is None
+
+    def _reject(self, label: str, why: str) -> None:
+        if self._rejected.get(label) != why:
+            self._rejected[label] = why
+            log.error("hsm: object %r on the token is not used: %s", label, why)
+
+    def rejected_objects(self) -> dict[str, str]:
+        """Objects under ``kek:`` labels that are never used, and why (found by the scans)."""
+        return dict(self._rejected)
+
+    @property
+    def capabilities(self) -> ModuleCapabilities | None:
+        """What the start-up probe found (None before the first connection)."""
+        return self._caps
+
+    def _scan(self, session: Any) -> None:
         current: dict[str, KeyRef] = {}
-        for ref, _ in self._token_keys(self._session):
+        for ref, _ in self._token_keys(session):
             if ref.version > current.get(ref.name, KeyRef(ref.name, 0)).version:
                 current[ref.name] = ref
         self._current = current
 
     def versions(self, name: str) -> list[KeyRef]:
-        with self._ready() as session:
+        with self._calls() as session:
             return sorted(ref for ref, _ in self._token_keys(session) if ref.name == name)
 
     def current(self, name: str) -> KeyRef:
@@ -280,13 +458,16 @@ class Pkcs11Keks:
         return ref
 
     def _handle(self, session: Any, key: KeyRef) -> Any:
-        handle = self._handles.get(key)
+        """The cached handle of ``key`` for ``session`` (a key object belongs to one session)."""
+        handle = self._handles.get((id(session), key))
         if handle is None:
             found = self._find(session, key)
             if len(found) != 1:
                 return None
-            handle = found[0].copy({Attribute.TOKEN: False})
-            self._handles[key] = handle
+            handle = found[0]
+            if self._caps is not None and self._caps.session_copies:
+                handle = session_copy(handle) or handle
+            self._handles[(id(session), key)] = handle
         return handle
 
     # -- crypto -----------------------------------------------------------------------------
@@ -296,24 +477,27 @@ class Pkcs11Keks:
             try:
                 data: bytes = session.generate_random(size * 8)
             except PKCS11Error as exc:
-                self._mark_broken(type(exc).__name__)
-                raise HsmUnavailableError from None
+                raise self._failure(session, exc) from None
             return data
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        params = pkcs11.GCMParams(nonce, aad, 128)
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM under ``key``: (the IV the module used, ciphertext || tag). A version
+        that failed its self-test is never used."""
+        failed_test = self._tested.get(key)
+        if failed_test is not None:
+            raise HsmUnavailableError(reason="kek_self_test_failed")
+        caps = self._caps
+        iv_source = caps.iv_source if caps is not None else self._config.iv_source
 
-        def op(handle: Any) -> bytes:
-            out: bytes = handle.encrypt(
-                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params
-            )
-            return out
+        def op(handle: Any) -> tuple[bytes, bytes]:
+            return gcm_encrypt(handle, plaintext, aad, iv_source)
 
-        result = self._timed("encrypt", key, op, lambda: NotFoundError(reason="key_not_found"))
-        if isinstance(result, _Failed):
-            self._classify_failure(result.exc)
-            raise HsmUnavailableError
-        return result
+        def failed(session: Any, _handle: Any, exc: PKCS11Error) -> tuple[bytes, bytes]:
+            raise self._failure(session, exc)
+
+        return self._timed(
+            "encrypt", key, op, lambda: NotFoundError(reason="key_not_found"), failed
+        )
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         params = pkcs11.GCMParams(nonce, aad, 128)
@@ -324,125 +508,208 @@ class Pkcs11Keks:
             )
             return out
 
-        result = self._timed("decrypt", key, op, InvalidWrappedKeyError)
-        if isinstance(result, _Failed):
-            self._classify_failure(result.exc)
-            raise InvalidWrappedKeyError from None
-        return result
+        def failed(session: Any, handle: Any, exc: PKCS11Error) -> bytes:
+            return self._decrypt_failed(session, exc, None if handle is None else (op, handle))
+
+        # No object for a version the catalog has let through: the token and the catalog
+        # disagree for now (made or destroyed a moment ago elsewhere). Never the blob's fault.
+        return self._timed("decrypt", key, op, KeyStateStaleError, failed)
+
+    def _decrypt_failed(
+        self, session: Any, exc: PKCS11Error, again: tuple[Callable[[Any], bytes], Any] | None
+    ) -> bytes:
+        """Tell a wrapped key that fails its tag check from an HSM that failed.
+
+        Only a BAD_DATA or AMBIGUOUS fault can be the wrapped key's. ``CKR_GENERAL_ERROR`` is
+        also what a hiccup of the module looks like, so that one is retried once: a tag failure
+        fails again. Then the token is probed: broken means UNAVAILABLE; healthy means the
+        wrapped key is invalid. Every other fault is the HSM's (UNAVAILABLE, never blamed on
+        the blob, never counted as tampering).
+        """
+        fault = fault_of(exc)
+        # Module quirk (SoftHSM): a failed tag check is CKR_GENERAL_ERROR, like a hiccup.
+        if fault is Fault.AMBIGUOUS and again is not None:
+            op, handle = again
+            try:
+                return op(handle)
+            except PKCS11Error as second:
+                exc, fault = second, fault_of(second)
+        if fault not in (Fault.AMBIGUOUS, Fault.BAD_DATA):
+            raise self._failure(session, exc)
+        if not self._probe_or_mark_broken(session, exc):
+            raise HsmUnavailableError
+        raise domain_error(exc, tag_failure=True)
 
     def _timed(
-        self, name: str, key: KeyRef, op: Callable[[Any], T], missing: Callable[[], Exception]
-    ) -> T | _Failed:
+        self,
+        name: str,
+        key: KeyRef,
+        op: Callable[[Any], T],
+        missing: Callable[[], Exception],
+        failed: Callable[[Any, Any, PKCS11Error], T],
+    ) -> T:
         if self._observer is None:
-            return self._with_key(key, op, missing=missing)
+            return self._with_key(key, op, missing, failed)
         started = time.perf_counter()
         try:
-            return self._with_key(key, op, missing=missing)
+            return self._with_key(key, op, missing, failed)
         finally:
             self._observer(time.perf_counter() - started, name)
 
     def _with_key(
-        self, key: KeyRef, op: Callable[[Any], T], *, missing: Callable[[], Exception]
-    ) -> T | _Failed:
+        self,
+        key: KeyRef,
+        op: Callable[[Any], T],
+        missing: Callable[[], Exception],
+        failed: Callable[[Any, Any, PKCS11Error], T],
+    ) -> T:
+        """``op(handle)`` on a session; a stale handle is looked up once more, any other
+        PKCS#11 error goes to ``failed(session, handle or None, exc)``."""
         with self._ready() as session:
-            for _attempt in range(2):
+            handle = None
+            for attempt in range(2):
                 try:
                     handle = self._handle(session, key)
                     if handle is None:
                         raise missing()
                     return op(handle)
-                except ObjectHandleInvalid:
-                    self._handles.pop(key, None)  # destroyed or re-created: look it up again
                 except PKCS11Error as exc:
-                    return _Failed(exc)
-            return _Failed(ObjectHandleInvalid())
-
-    def _classify_failure(self, exc: PKCS11Error) -> None:
-        """Raise HsmUnavailableError if the token is broken; return if it is healthy."""
-        with PKCS11_LOCK:
-            try:
-                if self._session is None:
-                    raise HsmUnavailableError
-                self._probe(self._session)
-            except PKCS11Error:
-                self._mark_broken(type(exc).__name__)
-                raise HsmUnavailableError from None
+                    if fault_of(exc) is Fault.STALE_HANDLE and attempt == 0:
+                        # destroyed or re-created: look it up again
+                        self._handles.pop((id(session), key), None)
+                        continue
+                    return failed(session, handle, exc)
+            raise AssertionError("unreachable")  # pragma: no cover
 
     # -- administration (implements keybroker.core.ports.KekAdministration) -----------------
 
     def versions_on_token(self) -> set[KeyRef]:
-        with self._ready() as session:
+        with self._calls() as session:
             return {ref for ref, _ in self._token_keys(session)}
 
     def create_version(self, key: KeyRef) -> bool:
         """Generate ``key`` as a token object; False if an object with its label exists."""
-        with self._ready() as session:
+        with self._calls() as session:
             if self._find(session, key):
                 return False
-            session.generate_key(
-                KeyType.AES,
-                256,
-                label=kek_label(key),
-                store=True,
-                template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.ENCRYPT: True,
-                    Attribute.DECRYPT: True,
-                    Attribute.WRAP: False,
-                    Attribute.UNWRAP: False,
-                    Attribute.SIGN: False,
-                    Attribute.VERIFY: False,
-                    Attribute.DERIVE: False,
-                },
+            limited = generate_kek(session, kek_label(key))
+            self._scan(session)
+            log.info("hsm: created %s%s", kek_label(key), "" if limited else " (all mechanisms)")
+        if self.self_test(key) is not None:
+            self.destroy_version(key)  # ours, just made, never used: it must not linger
+            raise HsmUnavailableError(reason="kek_self_test_failed")
+        return True
+
+    # -- self-test ----------------------------------------------------------------------------
+
+    def on_self_test_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(all_passed)`` whenever a self-test result changes."""
+        self._test_listeners.append(listener)
+
+    @property
+    def self_tests_passed(self) -> bool:
+        return all(why is None for why in list(self._tested.values()))
+
+    def self_test_failures(self) -> dict[KeyRef, str]:
+        return {ref: why for ref, why in list(self._tested.items()) if why is not None}
+
+    def self_test(self, key: KeyRef) -> str | None:
+        """Wrap a random key under ``key`` and unwrap it again, as a real wrap would. Returns
+        None if that worked, else why not (and ``key`` is never used for new wraps, and
+        :attr:`self_tests_passed` is False). An unavailable HSM is not a verdict: it raises
+        HsmUnavailableError and the version stays untested."""
+        aad = b"keybroker self-test " + kek_label(key).encode()
+        with self._test_lock:
+            self._tested.pop(key, None)
+        why: str | None = None
+        try:
+            plaintext = self.random(DATA_KEY_SIZE)
+            nonce, sealed = self.encrypt(key, plaintext, aad)
+            if self.decrypt(key, nonce, sealed, aad) != plaintext:
+                why = "unwrap gave another key"
+        except HsmUnavailableError as exc:
+            if exc.reason != "hsm_no_iv":
+                raise
+            why = "the module returned no GCM IV"
+        except InvalidWrappedKeyError:
+            why = "unwrapping a fresh wrap failed (the module used another IV than it reported)"
+        except NotFoundError:
+            why = "no usable object on the token"
+        with self._test_lock:
+            was = self.self_tests_passed
+            self._tested[key] = why
+            now = self.self_tests_passed
+        if why is not None:
+            log.error(
+                "hsm: KEK %s failed its self-test and is not used for new wraps: %s", key, why
             )
-            self._scan()
-            log.info("hsm: created %s", kek_label(key))
-            return True
+        if was != now:
+            for listener in self._test_listeners:
+                listener(now)
+        return why
+
+    def ensure_self_tested(self, keys: Iterable[KeyRef]) -> None:
+        """Self-test each of ``keys`` (every version new wraps may use) not tested yet in this
+        process: at start-up and after each rotation. Results for versions no longer among
+        ``keys`` are dropped (they are not used for wraps any more)."""
+        wanted = set(keys)
+        with self._test_lock:
+            was = self.self_tests_passed
+            for gone in [ref for ref in self._tested if ref not in wanted]:
+                del self._tested[gone]
+            now = self.self_tests_passed
+        if was != now:
+            for listener in self._test_listeners:
+                listener(now)
+        for key in sorted(wanted):
+            if key not in self._tested:
+                try:
+                    self.self_test(key)
+                except HsmUnavailableError:
+                    log.warning("hsm: self-test of %s postponed: HSM unavailable", key)
 
     def destroy_version(self, key: KeyRef) -> bool:
-        """Destroy the token object of ``key`` and this process's session copy."""
-        with self._ready() as session:
-            self.forget(key)
+        """Destroy the token object of ``key`` and this process's session copies."""
+        self.forget(key)
+        with self._calls() as session:
             found = self._find(session, key)
             for obj in found:
                 obj.destroy()
-            self._scan()
+            self._scan(session)
             if found:
                 log.info("hsm: destroyed %s", kek_label(key))
             return bool(found)
 
     def forget(self, key: KeyRef) -> None:
-        """Drop this process's in-memory session copy of ``key`` (e.g. once it is destroyed)."""
-        with PKCS11_LOCK:
-            handle = self._handles.pop(key, None)
-            if handle is not None and self.healthy:
-                try:
-                    handle.destroy()
-                except PKCS11Error:
-                    log.debug("hsm: session copy of %s already gone", kek_label(key))
+        """Drop this process's cached handles of ``key`` (e.g. once it is destroyed), destroying
+        only in-memory session copies: without C_CopyObject a cached handle is the token object
+        itself, which must survive. Takes the module's gate exclusively: a copy belongs to a
+        session another thread may be using."""
+        with self._module().gate.exclusive():
+            for cached in [k for k in self._handles if k[1] == key]:
+                handle = self._handles.pop(cached, None)
+                if handle is not None and self.healthy and is_session_copy(handle):
+                    try:
+                        handle.destroy()
+                    except PKCS11Error:
+                        log.debug("hsm: session copy of %s already gone", kek_label(key))
 
     def _find(self, session: Any, key: KeyRef) -> list[Any]:
+        """The usable token objects labelled as ``key`` (rejected ones are left out)."""
+        label = kek_label(key)
         attrs = {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.TOKEN: True,
-            Attribute.LABEL: kek_label(key),
+            Attribute.LABEL: label,
         }
-        return list(session.get_objects(attrs))
+        return [obj for obj in session.get_objects(attrs) if self._usable(label, obj)]
 
     def create(self, name: str) -> KeyRef:
         """Create version 1 of KEK ``name`` directly on the token (offline bootstrap)."""
         validate_key_name(name)
-        with self._ready() as session:
+        with self._calls() as session:
             if any(ref.name == name for ref, _ in self._token_keys(session)):
                 raise FailedPreconditionError(f"key {name!r} already exists", reason="key_exists")
             ref = KeyRef(name, 1)
             self.create_version(ref)
             return ref
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    exc: PKCS11Error

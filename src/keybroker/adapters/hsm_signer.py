@@ -5,24 +5,26 @@ over a SHA-256 digest computed here, so modules without ``CKM_ECDSA_SHA256`` wor
 private key is sensitive and never extractable: checkpoints and archive records are signed inside
 the HSM and the key cannot be copied off the journal's host. SoftHSM 2.6 supports both.
 
-Conventions of :mod:`keybroker.adapters.hsm`: every PKCS#11 call holds the process-wide
-:data:`~keybroker.adapters.hsm.PKCS11_LOCK` (concurrent calls crash SoftHSM and many HSM modules);
-login is per process, so when the broker's key store has already logged in, this opens its own
-session without logging in again (``UserAlreadyLoggedIn``); its session is never closed (closing
-the session that logged in would log the whole process out). A session that stops working (the
-module was re-initialised, the token went away) is reopened once per signature; if that fails
-the signature fails with :class:`~keybroker.errors.HsmUnavailableError`.
+Conventions of :mod:`keybroker.adapters.hsm`: the module is the process's one
+:class:`~keybroker.adapters.hsm_sessions.Module` (initialised once, with OS locking where the
+module allows it), every PKCS#11 call holds its gate shared, and the signer's one session is used
+by one thread at a time. Login is per process, so when the broker's key store has already logged
+in, this opens its own session without logging in again (``UserAlreadyLoggedIn``); its session is
+never closed (closing the session that logged in would log the whole process out). A session that
+stops working (the module was re-initialised after an outage, the token went away) is reopened
+once per signature; if that fails the signature fails with
+:class:`~keybroker.errors.HsmUnavailableError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import pkcs11
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -36,8 +38,8 @@ from pkcs11.exceptions import (
 )
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from keybroker.adapters import hsm_sessions
 from keybroker.adapters.checkpoint_keys import PublicKey, checked_public_key
-from keybroker.adapters.hsm import PKCS11_LOCK
 from keybroker.errors import ConfigurationError, HsmUnavailableError
 
 ALGORITHMS = ("ed25519", "ecdsa-p256")
@@ -51,6 +53,7 @@ class HsmSignerConfig:
     pin: str
     key_label: str
     env: Mapping[str, str] = field(default_factory=dict)
+    locking: hsm_sessions.Locking = "os"
 
     def __repr__(self) -> str:
         return (
@@ -59,11 +62,21 @@ class HsmSignerConfig:
         )
 
 
-def _open_session(config: HsmSignerConfig, *, rw: bool = False) -> Any:
-    """A session on the configured token, logged in (or sharing this process's login)."""
+def _load(config: HsmSignerConfig) -> hsm_sessions.Module:
+    """The process's module (the broker's key store shares it: one initialise per process)."""
     os.environ.update(config.env)
     try:
-        token = pkcs11.lib(config.module).get_token(token_label=config.token_label)
+        return hsm_sessions.load(config.module, config.locking)
+    except PKCS11Error as exc:
+        raise ConfigurationError(
+            f"[hsm] module: cannot load PKCS#11 module {config.module} ({type(exc).__name__})"
+        ) from None
+
+
+def _open_session(config: HsmSignerConfig, module: Any, *, rw: bool = False) -> Any:
+    """A session on the configured token, logged in (or sharing this process's login)."""
+    try:
+        token = module.lib.get_token(token_label=config.token_label)
     except NoSuchToken:
         raise ConfigurationError(
             f"[hsm] token_label: no token labelled {config.token_label!r}"
@@ -109,7 +122,10 @@ class HsmSigner:
         self._session: Any = None
         self._key: Any = None
         self._key_type: KeyType | None = None
-        with PKCS11_LOCK:
+        self._lock = threading.Lock()
+        self._module = _load(config)
+        self._generation = self._module.generation
+        with self._lock, self._module.gate.shared():
             # fail fast at start-up: wrong label, wrong PIN, no such token
             self._public: PublicKey = self._connect()
 
@@ -117,7 +133,8 @@ class HsmSigner:
         return f"HsmSigner({self._config!r})"
 
     def _connect(self) -> PublicKey:
-        session = _open_session(self._config)
+        self._generation = self._module.generation
+        session = _open_session(self._config, self._module)
         key = _find(session, ObjectClass.PRIVATE_KEY, self._config.key_label)
         key_type = key.key_type
         if key_type not in (KeyType.EC, KeyType.EC_EDWARDS):
@@ -138,10 +155,10 @@ class HsmSigner:
 
     def sign(self, data: bytes) -> bytes:
         """A raw signature (64 bytes) of ``data``, made inside the HSM."""
-        with PKCS11_LOCK:
+        with self._lock, self._module.gate.shared():
             for attempt in (1, 2):
                 try:
-                    if self._key is None:
+                    if self._key is None or self._generation != self._module.generation:
                         self._connect()
                     if self._key_type == KeyType.EC_EDWARDS:
                         return bytes(self._key.sign(data, mechanism=Mechanism.EDDSA))
@@ -159,8 +176,9 @@ def create_signing_key(config: HsmSignerConfig, algorithm: str = "ed25519") -> P
     public key. The private key is sensitive, never extractable, and may only sign."""
     if algorithm not in ALGORITHMS:
         raise ConfigurationError(f"algorithm must be one of {', '.join(ALGORITHMS)}")
-    with PKCS11_LOCK:
-        session = _open_session(config, rw=True)
+    module = _load(config)
+    with module.gate.shared():
+        session = _open_session(config, module, rw=True)
         for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
             if list(
                 session.get_objects(

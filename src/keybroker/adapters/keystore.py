@@ -338,10 +338,35 @@ class SqlKeyStore:
             )
             if cur.rowcount != 1:
                 return False
+            # Never displaces a current version: only a key nobody knew gets one (the first
+            # start after `kek create --offline`); otherwise it takes KeyAdmin make_current.
             cur.execute(
-                "UPDATE kb_keys SET current_version = ? WHERE name = ? AND current_version < ?",
-                (key.version, key.name, key.version),
+                "UPDATE kb_keys SET current_version = ? WHERE name = ? AND current_version = 0",
+                (key.version, key.name),
             )
+            self._changed(cur)
+            return True
+
+        result: bool = self._run(write, write=True)
+        return result
+
+    def make_current(self, name: str, version: int, now: float) -> bool:
+        def write(cur: Cursor) -> bool:
+            self._d.lock_key(cur, name)
+            live = (
+                VersionState.ENABLED.value,
+                VersionState.DECRYPT_ONLY.value,
+                VersionState.DISABLED.value,
+            )
+            cur.execute(
+                "UPDATE kb_key_versions SET state = ?, updated_at = ? "
+                "WHERE name = ? AND version = ? AND state IN (?, ?, ?) AND version > "
+                "(SELECT current_version FROM kb_keys WHERE name = ?)",
+                (VersionState.ENABLED.value, now, name, version, *live, name),
+            )
+            if cur.rowcount != 1:
+                return False
+            cur.execute("UPDATE kb_keys SET current_version = ? WHERE name = ?", (version, name))
             self._changed(cur)
             return True
 

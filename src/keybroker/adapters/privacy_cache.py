@@ -24,17 +24,18 @@ import socket
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.core.privacy import Erasure, RecordingEntry, Target
-from keybroker.errors import UnavailableError
+from keybroker.errors import AlreadyExistsError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 _MAX_LOAD = 0.7
 _LOAD_BATCH = 200_000
 _MAX_BUFFER = 1_000_000
+_GROW_AT = 0.5  # the refresh grows the registered-id table past this, off the data plane
 _HEARTBEAT = 1.0  # seconds between acknowledgements when nothing changed (liveness)
 _CLOCK_SKEW = 1.0  # margin for wall clocks of replicas on different hosts (their acks' times)
 
@@ -93,6 +94,15 @@ class DigestSet:
     def memory_bytes(self) -> int:
         return self._table.itemsize * len(self._table)
 
+    @property
+    def load(self) -> float:
+        """How full the table is (it doubles itself past ``_MAX_LOAD``)."""
+        return self._count / len(self._table)
+
+    def values(self) -> Iterator[int]:
+        """The members (safe while another thread adds: a concurrent add may be missed)."""
+        return (value for value in self._table if value)
+
 
 class PrivacyCache:
     """Implements :class:`keybroker.core.privacy.PrivacyView`."""
@@ -104,7 +114,11 @@ class PrivacyCache:
         max_staleness: float = 5.0,
         refresh_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        on_conflict: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_conflict(recording_id)``: records a registration the registry refused because
+        another replica registered the same id a moment before (the audit journal)."""
+        self._on_conflict = on_conflict
         self._store = store
         self._max_staleness = max_staleness
         self._refresh_interval = refresh_interval
@@ -112,6 +126,9 @@ class PrivacyCache:
         self._key = os.urandom(16)
         self._recordings = DigestSet()
         self._subjects = DigestSet()
+        self._registered = DigestSet()
+        self._registered_meanwhile: list[int] | None = None  # adds during a background regrow
+        self._key_seq = -1  # registry keys loaded (kb_recording_keys.seq); -1: not yet
         self._held: frozenset[int] = frozenset()
         self._withdrawn: frozenset[int] = frozenset()
         # purpose changes this replica made, by the generation they committed: merged into any
@@ -227,11 +244,22 @@ class PrivacyCache:
             current |= added
         return frozenset(current)
 
-    def hold_copy(self, recording_id: str) -> bytes | None:
-        return self._store.hold_copy(recording_id)
+    def hold_copies(self, recording_id: str) -> Sequence[bytes]:
+        return self._store.hold_copies(recording_id)
+
+    def require_unregistered(self, recording_id: str) -> None:
+        if self._digest(b"g\0", recording_id) in self._registered:
+            raise _already_registered()
 
     def register(self, entry: RecordingEntry) -> None:
+        digest = self._digest(b"g\0", entry.recording_id)
         with self._lock:
+            if not entry.amendment:
+                if digest in self._registered:
+                    raise _already_registered()
+                self._registered.add(digest)
+                if self._registered_meanwhile is not None:
+                    self._registered_meanwhile.append(digest)
             if len(self._buffer) >= _MAX_BUFFER:
                 log.error("recording registry buffer full: the store is unreachable")
                 return
@@ -301,6 +329,7 @@ class PrivacyCache:
                     c for c in self._local_purpose_changes if c[0] > generation
                 ]
                 self._withdrawn = self._with_local_changes(loaded)
+        self._load_registrations()
         self.flush_registry()
         now = time.monotonic()
         if generation != self._generation or now - self._last_ack >= _HEARTBEAT:
@@ -327,15 +356,76 @@ class PrivacyCache:
             if len(batch) < _LOAD_BATCH:
                 return
 
+    def _load_registrations(self) -> None:
+        """Recording ids registered (by any replica) since the last refresh, into the set
+        GenerateDataKey checks; the first time, every id in the registry."""
+        store, key, registered = self._store, self._key, self._registered
+        digest = hashlib.blake2b
+        if self._key_seq < 0:
+            last = store.last_key_seq()  # first: what later loads start from, then the ids
+            after: str | None = None
+            while True:
+                ids = store.registered_ids(after, _LOAD_BATCH)
+                with self._lock:
+                    for recording_id in ids:
+                        raw = digest(b"g\0" + recording_id.encode(), digest_size=8, key=key)
+                        registered.add(int.from_bytes(raw.digest(), "big") or 1)
+                if len(ids) < _LOAD_BATCH:
+                    break
+                after = ids[-1]
+            self._key_seq = last
+        while True:
+            batch = store.registrations_since(self._key_seq, _LOAD_BATCH)
+            with self._lock:
+                for seq, recording_id in batch:
+                    raw = digest(b"g\0" + recording_id.encode(), digest_size=8, key=key)
+                    registered.add(int.from_bytes(raw.digest(), "big") or 1)
+                    self._key_seq = seq
+            if len(batch) < _LOAD_BATCH:
+                break
+        self._grow_registered()
+
+    def _grow_registered(self) -> None:
+        """Double the registered-id table here, on the refresh thread, before it fills up: if
+        GenerateDataKey's own add had to grow it, the data-plane loop would rehash every
+        registered id (seconds at millions) while holding the cache lock."""
+        if self._registered.load < _GROW_AT:
+            return
+        with self._lock:
+            current, self._registered_meanwhile = self._registered, []
+        grown = DigestSet(2 * len(current))
+        for value in current.values():
+            grown.add(value)
+        with self._lock:
+            for value in self._registered_meanwhile or ():
+                grown.add(value)
+            self._registered, self._registered_meanwhile = grown, None
+
     def flush_registry(self) -> None:
         with self._lock:
             pending, self._buffer = self._buffer, []
         try:
-            self._store.register(pending)
+            conflicts = self._store.register(pending)
         except Exception:  # keep the entries for the next attempt, then re-raise
             with self._lock:
                 self._buffer[:0] = pending
             raise
+        if conflicts:
+            log.warning(
+                "recording registry: %d registration(s) of an id another replica registered "
+                "at the same moment; the first registration stands, every wrapped key is kept",
+                len(conflicts),
+            )
+        if self._on_conflict is not None:
+            for recording_id in conflicts:
+                self._report_conflict(self._on_conflict, recording_id)
+
+    @staticmethod
+    def _report_conflict(report: Callable[[str], object], recording_id: str) -> None:
+        try:
+            report(recording_id)
+        except Exception as exc:  # noqa: BLE001 - committed already; the log line stays
+            log.error("registry conflict not recorded: %s", type(exc).__name__)  # noqa: TRY400
 
     def close(self) -> None:
         try:
@@ -347,5 +437,16 @@ class PrivacyCache:
             self._store.close()
 
     @property
+    def registered_count(self) -> int:
+        return len(self._registered)
+
+    @property
     def erased_count(self) -> int:
         return len(self._recordings) + len(self._subjects)
+
+
+def _already_registered() -> AlreadyExistsError:
+    return AlreadyExistsError(
+        "recording id is already registered; use a new id (AmendPurposes changes purposes)",
+        reason="recording_registered",
+    )

@@ -13,11 +13,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from keybroker.adapters.sqldb import Cursor, Database
+from keybroker.core.keys import VersionState
 from keybroker.core.privacy import Erasure, Hold, RecordingEntry, Target
+from keybroker.core.retention import HOLD_SUFFIX
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import FailedPreconditionError
 
 _PRIVACY_LOCK_ID = 7_274_512
+_LIVE = (
+    VersionState.ENABLED.value,
+    VersionState.DECRYPT_ONLY.value,
+    VersionState.DISABLED.value,
+    VersionState.SCHEDULED_FOR_DESTRUCTION.value,
+)
 
 
 def _entry(row: Sequence[Any], subjects: tuple[str, ...]) -> RecordingEntry:
@@ -54,6 +62,7 @@ _HELD = (  # SQL: recording r is under legal hold, directly or through one of it
 _RECORDING_COLUMNS = (
     "recording_id, purposes, retain_until, key_name, key_version, created_at, erased_at"
 )
+_R_COLUMNS = ", ".join(f"r.{c}" for c in _RECORDING_COLUMNS.split(", "))
 
 
 class SqlPrivacyStore:
@@ -74,42 +83,140 @@ class SqlPrivacyStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    def register(self, entries: Sequence[RecordingEntry]) -> None:
-        """Add or update recordings (the latest wrapped key of a recording id wins)."""
+    def register(self, entries: Sequence[RecordingEntry]) -> list[str]:
+        """Register recordings and append their wrapped keys; returns the ids of new
+        registrations refused because the id was registered already.
+
+        A recording id is registered once: its first registration sets its subjects, purposes
+        and retention for good (a second GenerateDataKey with the same id, which two replicas
+        can only race within their refresh interval, changes none of them). Every wrapped key
+        handed out is appended to ``kb_recording_keys`` and never changed, so a legal hold keeps
+        all of them. An amendment (AmendPurposes, the audited path) appends its key and updates
+        the recording's purposes and current key."""
         if not entries:
-            return
+            return []
 
-        recordings = [
-            (
-                e.recording_id,
-                json.dumps(list(e.purposes)),
-                e.retain_until,
-                e.key.name,
-                e.key.version,
-                e.created_at,
-                e.wrapped_key or None,
-            )
-            for e in entries
-        ]
-        subjects = [(s, e.recording_id) for e in entries for s in e.subject_ids]
-
-        def write(cur: Cursor) -> None:
-            cur.executemany(
-                f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}, wrapped_key) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (recording_id) DO UPDATE SET "
-                "purposes = excluded.purposes, retain_until = excluded.retain_until, "
-                "key_name = excluded.key_name, key_version = excluded.key_version, "
-                "wrapped_key = excluded.wrapped_key",
-                recordings,
-            )
-            if subjects:
-                cur.executemany(
-                    "INSERT INTO kb_recording_subjects (subject_id, recording_id) "
-                    "VALUES (?, ?) ON CONFLICT DO NOTHING",
-                    subjects,
+        def write(cur: Cursor) -> list[str]:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)  # key rows commit in seq order
+            ids = list(dict.fromkeys(e.recording_id for e in entries))
+            known: set[str] = set()
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    f"SELECT recording_id FROM kb_recordings WHERE recording_id IN ({marks})",  # noqa: S608
+                    chunk,
                 )
+                known.update(r[0] for r in cur.fetchall())
+            fresh: list[RecordingEntry] = []
+            amended: dict[str, RecordingEntry] = {}
+            conflicts: list[str] = []
+            for e in entries:
+                if e.recording_id not in known:
+                    known.add(e.recording_id)
+                    fresh.append(e)
+                elif e.amendment:
+                    amended[e.recording_id] = e  # the latest amendment wins
+                else:
+                    conflicts.append(e.recording_id)
+            if fresh:
+                cur.executemany(
+                    f"INSERT INTO kb_recordings ({_RECORDING_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                    [
+                        (
+                            e.recording_id,
+                            json.dumps(list(e.purposes)),
+                            e.retain_until,
+                            e.key.name,
+                            e.key.version,
+                            e.created_at,
+                        )
+                        for e in fresh
+                    ],
+                )
+                subjects = [(s, e.recording_id) for e in fresh for s in e.subject_ids]
+                if subjects:
+                    cur.executemany(
+                        "INSERT INTO kb_recording_subjects (subject_id, recording_id) "
+                        "VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        subjects,
+                    )
+            if amended:
+                cur.executemany(
+                    "UPDATE kb_recordings SET purposes = ?, key_name = ?, key_version = ? "
+                    "WHERE recording_id = ?",
+                    [
+                        (json.dumps(list(e.purposes)), e.key.name, e.key.version, e.recording_id)
+                        for e in amended.values()
+                    ],
+                )
+            keys = [
+                (e.recording_id, e.key.name, e.key.version, e.wrapped_key, e.created_at)
+                for e in entries
+                if e.wrapped_key
+            ]
+            if keys:
+                cur.executemany(
+                    "INSERT INTO kb_recording_keys (recording_id, key_name, key_version, "
+                    "wrapped_key, registered_at) VALUES (?, ?, ?, ?, ?)",
+                    keys,
+                )
+            return conflicts
 
-        self._run(write, write=True)
+        result: list[str] = self._run(write, write=True)
+        return result
+
+    def is_registered(self, recording_id: str) -> bool:
+        def read(cur: Cursor) -> bool:
+            cur.execute("SELECT 1 FROM kb_recordings WHERE recording_id = ?", (recording_id,))
+            return cur.fetchone() is not None
+
+        result: bool = self._run(read, write=False)
+        return result
+
+    def registered_ids(self, after: str | None, limit: int) -> list[str]:
+        """Registered recording ids in id order after ``after`` (the first load of the cache)."""
+
+        def read(cur: Cursor) -> list[str]:
+            if after is None:
+                cur.execute(
+                    "SELECT recording_id FROM kb_recordings ORDER BY recording_id LIMIT ?",
+                    (limit,),
+                )
+            else:
+                cur.execute(
+                    "SELECT recording_id FROM kb_recordings WHERE recording_id > ? "
+                    "ORDER BY recording_id LIMIT ?",
+                    (after, limit),
+                )
+            return [str(r[0]) for r in cur.fetchall()]
+
+        result: list[str] = self._run(read, write=False)
+        return result
+
+    def last_key_seq(self) -> int:
+        def read(cur: Cursor) -> int:
+            cur.execute("SELECT MAX(seq) FROM kb_recording_keys")
+            row = cur.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        result: int = self._run(read, write=False)
+        return result
+
+    def registrations_since(self, seq: int, limit: int) -> list[tuple[int, str]]:
+        """``(seq, recording id)`` of the wrapped keys registered after ``seq``."""
+
+        def read(cur: Cursor) -> list[tuple[int, str]]:
+            cur.execute(
+                "SELECT seq, recording_id FROM kb_recording_keys WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+            return [(int(r[0]), str(r[1])) for r in cur.fetchall()]
+
+        result: list[tuple[int, str]] = self._run(read, write=False)
+        return result
 
     def recordings_of(self, subject_id: str) -> list[RecordingEntry]:
         def read(cur: Cursor) -> list[RecordingEntry]:
@@ -137,15 +244,30 @@ class SqlPrivacyStore:
         result: RecordingEntry | None = self._run(read, write=False)
         return result
 
+    def wrapped_keys(self, recording_id: str) -> list[bytes]:
+        """Every wrapped key registered for the recording, oldest first."""
+
+        def read(cur: Cursor) -> list[bytes]:
+            cur.execute(
+                "SELECT wrapped_key FROM kb_recording_keys WHERE recording_id = ? ORDER BY seq",
+                (recording_id,),
+            )
+            return [bytes(r[0]) for r in cur.fetchall()]
+
+        result: list[bytes] = self._run(read, write=False)
+        return result
+
     def held_recordings(self, key_name: str) -> list[RecordingEntry]:
-        """Recordings wrapped under ``key_name`` that are under legal hold (directly or by a
-        subject), not erased, and not yet copied to the hold key; with their wrapped keys."""
+        """Every wrapped key under ``key_name`` of a recording under legal hold (directly or by
+        a subject), not erased, and not yet copied to the hold key; one entry per key."""
 
         def read(cur: Cursor) -> list[RecordingEntry]:
             cur.execute(
-                f"SELECT {_RECORDING_COLUMNS}, wrapped_key FROM kb_recordings r "  # noqa: S608
-                "WHERE key_name = ? AND erased_at IS NULL AND held_wrapped_key IS NULL "
-                f"AND wrapped_key IS NOT NULL AND {_HELD} ORDER BY recording_id",
+                f"SELECT {_R_COLUMNS}, k.wrapped_key, k.seq, k.key_name, k.key_version "  # noqa: S608
+                "FROM kb_recording_keys k JOIN kb_recordings r "
+                "ON r.recording_id = k.recording_id WHERE k.key_name = ? "
+                f"AND r.erased_at IS NULL AND k.held_wrapped_key IS NULL AND {_HELD} "
+                "ORDER BY k.seq",
                 (key_name,),
             )
             rows = cur.fetchall()
@@ -158,10 +280,11 @@ class SqlPrivacyStore:
                         entry.subject_ids,
                         entry.purposes,
                         entry.retain_until,
-                        entry.key,
+                        KeyRef(row[9], int(row[10])),
                         entry.created_at,
                         entry.erased_at,
                         bytes(row[7]),
+                        seq=int(row[8]),
                     )
                 )
             return out
@@ -169,11 +292,72 @@ class SqlPrivacyStore:
         result: list[RecordingEntry] = self._run(read, write=False)
         return result
 
-    def store_hold_copy(self, recording_id: str, wrapped_key: bytes) -> None:
+    def held_under(self, key_name: str, version: int | None) -> int:
+        """Wrapped keys under ``key_name`` (``version``, or any) of recordings under legal hold,
+        not erased; for a hold key, the hold copies it keeps for recordings still held."""
+        base = key_name.removesuffix(HOLD_SUFFIX)
+        hold = base != key_name
+
+        def read(cur: Cursor) -> int:
+            sql = (
+                "SELECT COUNT(*) FROM kb_recording_keys k JOIN kb_recordings r "  # noqa: S608
+                f"ON r.recording_id = k.recording_id WHERE k.key_name = ? AND {_HELD} "
+                "AND r.erased_at IS NULL"
+            )
+            params: list[Any] = [base]
+            if hold:
+                sql += " AND k.held_wrapped_key IS NOT NULL"
+            elif version is not None:
+                sql += " AND k.key_version = ?"
+                params.append(version)
+            cur.execute(sql, params)
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+        result: int = self._run(read, write=False)
+        return result
+
+    def claim_shred_unless_held(self, key_name: str, now: float) -> list[int] | None:
+        """Every live version of the epoch key ``key_name`` -> DESTROYING, in one transaction
+        with the check that no held recording under it still lacks its hold copy (None then:
+        a hold came in after the copies were made; move it first). Holds are placed under the
+        same lock, so a hold either is seen here or comes after the key is claimed."""
+
+        def write(cur: Cursor) -> list[int] | None:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT COUNT(*) FROM kb_recording_keys k JOIN kb_recordings r "  # noqa: S608
+                "ON r.recording_id = k.recording_id WHERE k.key_name = ? "
+                f"AND r.erased_at IS NULL AND k.held_wrapped_key IS NULL AND {_HELD}",
+                (key_name,),
+            )
+            if int(cur.fetchone()[0]):
+                return None
+            self._db.dialect.lock_key(cur, key_name)
+            cur.execute(
+                "SELECT version FROM kb_key_versions WHERE name = ? AND state IN (?, ?, ?, ?) "
+                "ORDER BY version",
+                (key_name, *_LIVE),
+            )
+            versions = [int(r[0]) for r in cur.fetchall()]
+            if versions:
+                cur.execute(
+                    "UPDATE kb_key_versions SET state = ?, updated_at = ? "
+                    "WHERE name = ? AND state IN (?, ?, ?, ?)",
+                    (VersionState.DESTROYING.value, now, key_name, *_LIVE),
+                )
+                cur.execute("UPDATE kb_meta SET generation = generation + 1 WHERE id = 1")
+                self._db.dialect.notify(cur)
+            return versions
+
+        result: list[int] | None = self._run(write, write=True)
+        return result
+
+    def store_hold_copy(self, seq: int, wrapped_key: bytes) -> None:
         def write(cur: Cursor) -> None:
             cur.execute(
-                "UPDATE kb_recordings SET held_wrapped_key = ? WHERE recording_id = ?",
-                (wrapped_key, recording_id),
+                "UPDATE kb_recording_keys SET held_wrapped_key = ? WHERE seq = ?",
+                (wrapped_key, seq),
             )
 
         self._run(write, write=True)
@@ -181,9 +365,10 @@ class SqlPrivacyStore:
     def drop_released_hold_copies(self, key_name: str) -> int:
         def write(cur: Cursor) -> int:
             cur.execute(
-                "UPDATE kb_recordings AS r SET held_wrapped_key = NULL "  # noqa: S608 - constants
-                "WHERE key_name = ? AND held_wrapped_key IS NOT NULL AND (erased_at IS NOT NULL "
-                f"OR NOT ({_HELD}))",
+                "UPDATE kb_recording_keys SET held_wrapped_key = NULL "  # noqa: S608 - constants
+                "WHERE key_name = ? AND held_wrapped_key IS NOT NULL AND EXISTS (SELECT 1 "
+                "FROM kb_recordings r WHERE r.recording_id = kb_recording_keys.recording_id "
+                f"AND (r.erased_at IS NOT NULL OR NOT ({_HELD})))",
                 (key_name,),
             )
             return int(cur.rowcount or 0)
@@ -194,7 +379,7 @@ class SqlPrivacyStore:
     def count_hold_copies(self, key_name: str) -> int:
         def read(cur: Cursor) -> int:
             cur.execute(
-                "SELECT COUNT(*) FROM kb_recordings "
+                "SELECT COUNT(*) FROM kb_recording_keys "
                 "WHERE key_name = ? AND held_wrapped_key IS NOT NULL",
                 (key_name,),
             )
@@ -204,18 +389,18 @@ class SqlPrivacyStore:
         count: int = self._run(read, write=False)
         return count
 
-    def hold_copy(self, recording_id: str) -> bytes | None:
-        """The recording's wrapped key under the hold key, if it was moved there."""
+    def hold_copies(self, recording_id: str) -> list[bytes]:
+        """The recording's wrapped keys moved to the hold key, if any were."""
 
-        def read(cur: Cursor) -> bytes | None:
+        def read(cur: Cursor) -> list[bytes]:
             cur.execute(
-                "SELECT held_wrapped_key FROM kb_recordings WHERE recording_id = ?",
+                "SELECT held_wrapped_key FROM kb_recording_keys "
+                "WHERE recording_id = ? AND held_wrapped_key IS NOT NULL ORDER BY seq",
                 (recording_id,),
             )
-            row = cur.fetchone()
-            return None if row is None or row[0] is None else bytes(row[0])
+            return [bytes(r[0]) for r in cur.fetchall()]
 
-        result: bytes | None = self._run(read, write=False)
+        result: list[bytes] = self._run(read, write=False)
         return result
 
     @staticmethod
@@ -348,6 +533,8 @@ class SqlPrivacyStore:
                 raise FailedPreconditionError(
                     f"{hold.kind.value} is erased; there is nothing left to hold", reason="erased"
                 )
+            if hold.kind is Target.RECORDING:
+                self._refuse_if_shredded(cur, hold.target)
             cur.execute(
                 "INSERT INTO kb_holds (kind, target, reason, placed_by, placed_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -356,6 +543,26 @@ class SqlPrivacyStore:
             self._changed(cur)
 
         self._run(write, write=True)
+
+    @staticmethod
+    def _refuse_if_shredded(cur: Cursor, recording_id: str) -> None:
+        """A hold must protect something: refuse it when every registered key of the recording
+        is under a version being destroyed or destroyed, with no hold copy (its retention and
+        grace period are over and the shredder claimed its epoch key first: the claim and this
+        check run under the same lock, so a hold is either honoured or refused, never lost)."""
+        cur.execute(
+            "SELECT COUNT(*), SUM(CASE WHEN v.state IN (?, ?) AND k.held_wrapped_key IS NULL "
+            "THEN 1 ELSE 0 END) FROM kb_recording_keys k LEFT JOIN kb_key_versions v "
+            "ON v.name = k.key_name AND v.version = k.key_version WHERE k.recording_id = ?",
+            (VersionState.DESTROYING.value, VersionState.DESTROYED.value, recording_id),
+        )
+        total, dead = cur.fetchone()
+        if total and int(dead or 0) == int(total):
+            raise FailedPreconditionError(
+                "recording is crypto-shredded (its retention is over and its keys are "
+                "destroyed); there is nothing left to hold",
+                reason="shredded",
+            )
 
     def release_hold(self, kind: Target, target: str) -> Hold:
         def write(cur: Cursor) -> Hold:

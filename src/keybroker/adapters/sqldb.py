@@ -126,6 +126,29 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 PRIMARY KEY (recording_id, purpose))""",
         ),
     ),
+    (
+        5,
+        (
+            # every wrapped key of a recording, append-only (registration, then each purpose
+            # amendment): a later GenerateDataKey can no longer overwrite the one a legal hold
+            # must keep. A hold copy (the key rewrapped to the hold key) belongs to one row.
+            """CREATE TABLE kb_recording_keys (
+                seq {serial},
+                recording_id TEXT NOT NULL,
+                key_name TEXT NOT NULL,
+                key_version INTEGER NOT NULL,
+                wrapped_key {blob} NOT NULL,
+                registered_at DOUBLE PRECISION NOT NULL,
+                held_wrapped_key {blob})""",
+            "CREATE INDEX kb_recording_keys_by_recording ON kb_recording_keys (recording_id)",
+            "CREATE INDEX kb_recording_keys_by_key ON kb_recording_keys (key_name, key_version)",
+            "INSERT INTO kb_recording_keys (recording_id, key_name, key_version, wrapped_key, "
+            "registered_at, held_wrapped_key) SELECT recording_id, key_name, key_version, "
+            "wrapped_key, created_at, held_wrapped_key FROM kb_recordings "
+            "WHERE wrapped_key IS NOT NULL ORDER BY created_at, recording_id",
+            "UPDATE kb_recordings SET wrapped_key = NULL, held_wrapped_key = NULL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -258,9 +258,14 @@ class TokenVerifier:
                 leeway=self._s.leeway,
                 options={"require": _REQUIRED_CLAIMS, "verify_sub": True, "verify_jti": True},
             )
+        except _AFTER_SIGNATURE as exc:  # signature good, a claim check failed: say whose
+            raise _naming(map_pyjwt_error(exc), _unverified_claims(token)) from None
         except Exception as exc:  # noqa: BLE001 - mapped in one table; never UNKNOWN
             raise map_pyjwt_error(exc) from None
-        return self._principal(claims)
+        try:
+            return self._principal(claims)
+        except AuthenticationError as exc:
+            raise _naming(exc, claims) from None
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         exp, iat = claims["exp"], claims["iat"]
@@ -296,6 +301,38 @@ class TokenVerifier:
             cnf_thumbprint=thumbprint,
             amr=frozenset(amr),
         )
+
+
+#: PyJWT errors raised only after the signature verified (``decode`` checks it first).
+_AFTER_SIGNATURE = (
+    jwt.ExpiredSignatureError,
+    jwt.ImmatureSignatureError,
+    jwt.InvalidAudienceError,
+    jwt.InvalidIssuerError,
+    jwt.InvalidIssuedAtError,
+    jwt.MissingRequiredClaimError,
+)
+_MAX_CLAIM = 256  # longest sub/jti/client_id copied into a denial record
+
+
+def _unverified_claims(token: str) -> Mapping[str, Any]:
+    """The payload of a token whose signature was just verified (so reading it is safe)."""
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except Exception:  # noqa: BLE001 - cannot happen after a verified decode; name nobody
+        return {}
+    return claims
+
+
+def _naming(exc: AuthenticationError, claims: Mapping[str, Any]) -> AuthenticationError:
+    """``exc`` carrying the refused token's sub, jti and client_id (bounded strings only)."""
+
+    def text(name: str) -> str | None:
+        value = claims.get(name)
+        return value[:_MAX_CLAIM] if isinstance(value, str) else None
+
+    exc.verified_claims = (text("sub"), text("jti"), text("client_id"))
+    return exc
 
 
 def _strings(value: object) -> bool:

@@ -471,6 +471,17 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONFIG_HELP = "settings file with an [audit] section (default: $KEYBROKER_CONFIG)"
+QUERY_FILTERS = {
+    "recording": "recording id",
+    "subject": "data subject id",
+    "principal": "token subject (sub) of the caller",
+    "cert": "client certificate identity or SHA-256 thumbprint",
+    "key": "key name, or name/vN for one version",
+    "operation": "method name, e.g. UnwrapDataKey",
+}
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="verify and query the audit journal").add_subparsers(
         dest="audit_command", required=True
@@ -478,7 +489,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = audit.add_parser(
         "verify", help="check the hash chains, archive records, signatures and anchors"
     )
-    p.add_argument("--config")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
     p.add_argument(
         "--anchors",
@@ -497,7 +508,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="move (or delete) old journal files, recording it first in the chain's signed "
         "archive records",
     )
-    p.add_argument("--config")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
     p.add_argument("--before", help="archive whole files whose last record is older (ISO 8601)")
     where = p.add_mutually_exclusive_group(required=True)
@@ -511,7 +522,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reason", help="why (kept in the archive record)")
     p.set_defaults(func=cmd_archive)
     p = audit.add_parser("public-key", help="the checkpoint signing key's public key (PEM)")
-    p.add_argument("--config")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--output", type=Path, help="write it to this file (mode 600)")
     p.set_defaults(func=cmd_public_key)
     signing = audit.add_parser(
@@ -520,30 +531,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = signing.add_parser(
         "create", help="make the key pair [audit] signing_key_label on the [hsm] token"
     )
-    p.add_argument("--config")
-    p.add_argument("--algorithm", choices=["ed25519", "ecdsa-p256"], default="ed25519")
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument(
+        "--algorithm",
+        choices=["ed25519", "ecdsa-p256"],
+        default="ed25519",
+        help="key type (default ed25519)",
+    )
     p.add_argument("--output", type=Path, help="also write the public key PEM here")
     p.set_defaults(func=cmd_signing_key_create)
     p = audit.add_parser("query", help="decisions matching all given filters")
-    p.add_argument("--config")
-    p.add_argument("--dir", type=Path)
-    for flag in ("recording", "subject", "principal", "cert", "key", "operation"):
-        p.add_argument(f"--{flag}")
-    p.add_argument("--decision", choices=["allow", "deny", "error"])
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
+    for flag, text in QUERY_FILTERS.items():
+        p.add_argument(f"--{flag}", help=text)
+    p.add_argument("--decision", choices=["allow", "deny", "error", "intent"], help="the outcome")
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
-    p.add_argument("--until")
+    p.add_argument("--until", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.set_defaults(func=reading_journal(cmd_query))
     from keybroker.cli import audit_report
 
     audit_report.register(audit)
     p = audit.add_parser("pseudonym", help="the pseudonym an identifier has in exported spans")
-    p.add_argument("identifier")
+    p.add_argument("identifier", help="a recording or subject id, or a justification")
     p.add_argument(
         "--kind",
         choices=["recording", "subject", "justification"],
         default="recording",
         help="what the identifier is (a justification: the exact text given, spaces trimmed)",
     )
-    p.add_argument("--config")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=cmd_pseudonym)

@@ -23,7 +23,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from keybroker.core.decision import Decision, Outcome
 
-OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
+OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome if o is not Outcome.INTENT)
 UNWRAP = "UnwrapDataKey"
 NO_PRINCIPAL = "(none)"
 NO_PURPOSE = "(none)"
@@ -131,6 +131,8 @@ def summarize(
     errors: Counter[str] = Counter()
     for ts, d in decisions:
         if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+            continue
+        if d.outcome is Outcome.INTENT:  # announces a change; its decision is counted
             continue
         kept.append((ts, d.outcome))
         out.totals.add(d.outcome)
@@ -391,7 +393,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(audit: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = audit.add_parser("report", help="summarise decisions over a period (tables, JSON, SVG)")
-    p.add_argument("--config")
+    p.add_argument(
+        "--config", help="settings file with an [audit] section (default: $KEYBROKER_CONFIG)"
+    )
     p.add_argument("--dir", type=Path, help="journal directory (default [audit] dir)")
     p.add_argument("--since", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--until", help="ISO 8601 time (UTC if no zone)")

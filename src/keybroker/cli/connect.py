@@ -13,6 +13,13 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from keybroker.client import TlsFiles, TokenFile
+from keybroker.errors import ConfigurationError
+
+NO_CLIENT_CONFIGURATION = (
+    "no configuration given: pass --config FILE or set KEYBROKER_CONFIG=FILE, a settings file "
+    "whose [client] section names the broker, the TLS files and the token file "
+    "(for the dev broker: --config .keybroker/keybroker.toml)"
+)
 
 
 def client_settings(args: argparse.Namespace) -> tuple[str, TlsFiles, TokenFile, float]:
@@ -20,8 +27,14 @@ def client_settings(args: argparse.Namespace) -> tuple[str, TlsFiles, TokenFile,
     from keybroker import settings
     from keybroker.cli.main import config_path
 
-    client = settings.load(config_path(args.config)).client
-    tls, token_file = client.require(args.token_file)
+    path = config_path(args.config)
+    client = settings.load(path).client
+    try:
+        tls, token_file = client.require(getattr(args, "token_file", None))
+    except ConfigurationError as exc:
+        if path is None and client.ca_file is None:
+            raise ConfigurationError(NO_CLIENT_CONFIGURATION) from None
+        raise exc from None
     return client.target, TlsFiles(*tls), TokenFile(token_file), client.timeout
 
 

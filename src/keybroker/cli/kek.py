@@ -194,9 +194,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def add(name: str, help_text: str, func: Any, *, version: bool = False) -> Any:
         p = kek.add_parser(name, help=help_text)
         if name not in ("list", "rewrap"):
-            p.add_argument("name")
+            p.add_argument("name", help="key name, e.g. recordings")
         if version:
-            p.add_argument("version", type=int)
+            p.add_argument("version", type=int, help="version number, e.g. 1")
         add_connection_options(p)
         p.set_defaults(func=func)
         return p
@@ -226,8 +226,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("--rotation-period", type=_duration, help="e.g. 90d; 0 turns it off")
-    p.add_argument("--rotate-after-wraps", type=int)
-    p.add_argument("--min-decryption-version", type=int)
+    p.add_argument(
+        "--rotate-after-wraps", type=int, help="rotate after this many wraps (default 2^28)"
+    )
+    p.add_argument("--min-decryption-version", type=int, help="refuse every version below this one")
     p = add(
         "disable",
         "refuse every use of a version",
@@ -237,11 +239,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--decrypt-only", action="store_true", help="retire instead: unwrap keeps working"
     )
-    add(
+    p = add(
         "enable",
         "enable a disabled or decrypt-only version",
-        _admin_call(lambda a, n: a.enable_version(n.name, n.version)),
+        _admin_call(lambda a, n: a.enable_version(n.name, n.version, make_current=n.make_current)),
         version=True,
+    )
+    p.add_argument(
+        "--make-current",
+        action="store_true",
+        help="also make it the current version (a newer one, e.g. found on the HSM token)",
     )
     p = add(
         "schedule-destruction",
@@ -260,5 +267,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--input", type=Path, required=True, help="lines of {recording_id, wrapped_key}")
     p.add_argument("--output", type=Path, required=True, help="same lines, rewrapped")
     p.add_argument(
-        "--batch", type=int, default=100, choices=range(1, MAX_REWRAP_BATCH + 1), metavar="N"
+        "--batch",
+        type=int,
+        default=100,
+        choices=range(1, MAX_REWRAP_BATCH + 1),
+        metavar="N",
+        help=f"keys per RewrapDataKeys call, 1..{MAX_REWRAP_BATCH} (default 100)",
     )

@@ -1,5 +1,6 @@
 """``keybroker`` subcommands.
 
+Every command and argument carries a help text, shown without markup by ``keybroker … --help``.
 Exit codes: 0 success; 1 runtime failure (HSM unavailable, refused; for ``audit verify``: the
 journal fails verification); 2 usage or configuration error.
 """
@@ -94,17 +95,37 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
         print(token)
     else:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
+        print(
+            f"token written to {args.output} (mode 600, valid {args.lifetime} s)", file=sys.stderr
+        )
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keybroker", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"keybroker {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = (
+    "keybroker: a gRPC key broker for recordings. `serve` runs the broker; the other commands "
+    "call a running broker (kek, privacy, encrypt, decrypt), read files (inspect, audit) or set "
+    "up a development environment (dev). Exit codes: 0 success, 1 failure or refusal, "
+    "2 usage or configuration error."
+)
+SERVE_DESCRIPTION = (
+    "Run the broker: check the settings and TLS files, take the audit journal (one writer per "
+    "journal), log in to the HSM, open the state store and listen on [server] listen over mutual "
+    "TLS until SIGTERM or SIGINT. A configuration problem exits with code 2 and a message "
+    "naming the setting (docs/TROUBLESHOOTING.md)."
+)
 
-    p = sub.add_parser("serve", help="run the broker")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keybroker", description=DESCRIPTION)
+    parser.add_argument(
+        "--version", action="version", version=f"keybroker {__version__}", help="show the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the broker", description=SERVE_DESCRIPTION)
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.set_defaults(func=_cmd_serve)
 
@@ -120,16 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dev_command", required=True
     )
     p = dev.add_parser("init", help="provision SoftHSM token, KEK, dev PKI and token issuer")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=STATE_DIR_HELP)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        help="address the broker will listen on (default 127.0.0.1:50051)",
+    )
     p.set_defaults(func=_cmd_dev_init)
-    p = dev.add_parser("token", help="mint a dev access token")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p = dev.add_parser(
+        "token",
+        help="mint a dev access token",
+        description="Mint an access token signed by the dev issuer of `keybroker dev init`. "
+        "Write it to a file with --output (mode 600) and point [client] token_file or "
+        "--token-file at it; without --output it is printed.",
+    )
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=STATE_DIR_HELP)
     p.add_argument(
         "--scope", action="append", default=[], help="scope(s); repeat or space-separate"
     )
-    p.add_argument("--purpose", action="append", default=[])
-    p.add_argument("--subject", default="dev-storage")
+    p.add_argument(
+        "--purpose", action="append", default=[], help="purpose granted, e.g. support; repeat"
+    )
+    p.add_argument("--subject", default="dev-storage", help="the token's sub (dev-storage)")
     p.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
     p.add_argument("--amr", action="append", default=[], help="e.g. --amr mfa")
     p.add_argument(
@@ -137,7 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", type=Path, help="write the token to this file (mode 600)")
     p.set_defaults(func=_cmd_dev_token)
+    _describe(parser)
     return parser
+
+
+STATE_DIR_HELP = "the dev environment's folder (default .keybroker)"
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its help line as one, so that
+    ``keybroker COMMAND --help`` always says what the command does."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                if not child.description and helps.get(name):
+                    text = str(helps[name])
+                    child.description = text[0].upper() + text[1:] + "."
+                _describe(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,23 +14,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from keybroker.client import KeyBrokerClient, TlsFiles, TokenFile
+from keybroker.client import KeyBrokerClient
 from keybroker.client.recording import Progress, RecordingHeader
 from keybroker.core.wrapped_key import WrappedKey
 from keybroker.errors import InvalidRequestError, InvalidWrappedKeyError
 
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
+EXIT_USAGE = 2
 
 
 def _client(args: argparse.Namespace) -> KeyBrokerClient:
-    from keybroker import settings
-    from keybroker.cli.main import config_path
+    from keybroker.cli.connect import client_settings
 
-    client = settings.load(config_path(args.config)).client
-    tls, token_file = client.require()
-    return KeyBrokerClient(
-        client.target, tls=TlsFiles(*tls), token=TokenFile(token_file), timeout=client.timeout
-    )
+    target, tls, token, timeout = client_settings(args)
+    return KeyBrokerClient(target, tls=tls, token=token, timeout=timeout)
+
+
+def refuse_overwrite(args: argparse.Namespace) -> str | None:
+    """Why writing ``args.output`` needs ``--force`` (it exists, or it is the input), or None."""
+    if args.force:
+        return None
+    if args.output.exists() and args.output.resolve() == args.input.resolve():
+        return f"{args.output} is the input file; write to another file (or pass --force)"
+    if args.output.exists() or args.output.is_symlink():
+        return f"{args.output} exists; choose another output file or pass --force to replace it"
+    return None
 
 
 def _context(pairs: list[str]) -> dict[str, str]:
@@ -88,6 +96,9 @@ def _size(path: Path) -> int | None:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
+    if why := refuse_overwrite(args):
+        print(f"keybroker: {why}", file=sys.stderr)
+        return EXIT_USAGE
     retain = (
         dt.datetime.now(dt.UTC) + dt.timedelta(days=args.retain_days) if args.retain_days else None
     )
@@ -107,6 +118,9 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    if why := refuse_overwrite(args):
+        print(f"keybroker: {why}", file=sys.stderr)
+        return EXIT_USAGE
     with _client(args) as kb, args.input.open("rb") as src, _atomic_output(args.output) as dst:
         header = kb.decrypt_recording(
             src,
@@ -159,20 +173,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the encrypt, decrypt and inspect subcommands."""
     common: list[tuple[tuple[str, ...], dict[str, object]]] = [
         (("--config",), {"help": "TOML with a [client] section (default: $KEYBROKER_CONFIG)"}),
-        (("--context",), {"action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        (
+            ("--context",),
+            {
+                "action": "append",
+                "default": [],
+                "metavar": "KEY=VALUE",
+                "help": "caller context bound to the key (must match on decrypt); repeat",
+            },
+        ),
+        (
+            ("--force",),
+            {"action": "store_true", "help": "replace the output file if it exists"},
+        ),
     ]
     p = sub.add_parser("encrypt", help="encrypt a recording under a fresh data key")
-    p.add_argument("--recording-id", required=True)
+    p.add_argument("--recording-id", required=True, help="the recording's id, bound to its key")
     p.add_argument("--purpose", action="append", required=True, help="repeat for several")
     p.add_argument("--subject", action="append", default=[], help="data subject id; repeat")
     p.add_argument("--retain-days", type=int, help="default: the broker's default retention")
-    _add(p, common, cmd_encrypt)
+    _add(p, common, cmd_encrypt, ("the recording to encrypt", "the encrypted file to write"))
     p = sub.add_parser("decrypt", help="decrypt a recording for one purpose")
-    p.add_argument("--purpose", required=True)
-    _add(p, common, cmd_decrypt)
+    p.add_argument("--purpose", required=True, help="why it is used, e.g. support")
+    _add(p, common, cmd_decrypt, ("the encrypted recording", "the decrypted file to write"))
     p = sub.add_parser("inspect", help="show a recording's header and bindings (no secrets)")
-    p.add_argument("input", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("input", type=Path, help="an encrypted recording")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -180,9 +206,10 @@ def _add(
     p: argparse.ArgumentParser,
     common: list[tuple[tuple[str, ...], dict[str, object]]],
     func: Callable[[argparse.Namespace], int],
+    files: tuple[str, str],
 ) -> None:
     for names, kwargs in common:
         p.add_argument(*names, **kwargs)  # type: ignore[arg-type]
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p.add_argument("input", type=Path, help=files[0])
+    p.add_argument("output", type=Path, help=files[1] + " (refused if it exists, unless --force)")
     p.set_defaults(func=func)

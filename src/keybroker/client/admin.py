@@ -61,10 +61,11 @@ class KeyAdminClient(UnaryClient):
         key: pb.Key = self._call_method("DisableKeyVersion", request)
         return key
 
-    def enable_version(self, name: str, version: int) -> pb.Key:
-        key: pb.Key = self._call_method(
-            "EnableKeyVersion", pb.KeyVersionRequest(name=name, version=version)
-        )
+    def enable_version(self, name: str, version: int, *, make_current: bool = False) -> pb.Key:
+        """Enable a version; ``make_current`` also makes it current (a newer version, e.g. one
+        found on the HSM token: the only way such a version becomes current)."""
+        request = pb.KeyVersionRequest(name=name, version=version, make_current=make_current)
+        key: pb.Key = self._call_method("EnableKeyVersion", request)
         return key
 
     def schedule_destruction(self, name: str, version: int, *, window: int = 0) -> pb.Key:

@@ -7,16 +7,29 @@ each call names the key and version it touched. The work itself is :class:`KeyLi
 from __future__ import annotations
 
 from keybroker.core import policy
-from keybroker.core.decision import Decision
+from keybroker.core.decision import Decision, IntentRecorder, record_intent
 from keybroker.core.identity import Principal
 from keybroker.core.keys import KeyInfo, VersionState
 from keybroker.core.lifecycle import KeyLifecycle
+from keybroker.core.retention import is_retention_key
 
 
 class KeyAdmin:
-    def __init__(self, lifecycle: KeyLifecycle, *, mfa_required: bool) -> None:
+    def __init__(
+        self,
+        lifecycle: KeyLifecycle,
+        *,
+        mfa_required: bool,
+        intent: IntentRecorder | None = None,
+    ) -> None:
+        """``intent``: makes the intent of each change durable before it is applied (the audit
+        journal); if it raises, nothing changes."""
         self._life = lifecycle
         self._mfa = mfa_required
+        self._intent = intent
+
+    def _about_to_change(self, decision: Decision) -> None:
+        record_intent(self._intent, decision)
 
     def _authorize(
         self, principal: Principal, decision: Decision, name: str = "", version: int = 0
@@ -35,6 +48,7 @@ class KeyAdmin:
         rotate_after_wraps: int | None,
     ) -> KeyInfo:
         self._authorize(principal, decision, name)
+        self._about_to_change(decision)
         key = self._life.create(
             name, rotation_period=rotation_period, rotate_after_wraps=rotate_after_wraps
         )
@@ -51,6 +65,9 @@ class KeyAdmin:
 
     def rotate_key(self, principal: Principal, decision: Decision, name: str) -> KeyInfo:
         self._authorize(principal, decision, name)
+        if is_retention_key(name):  # its old versions go with the epoch: not while held
+            self._life.require_not_held(name, None, "rotated")
+        self._about_to_change(decision)
         ref = self._life.rotate(name)
         decision.key_version = ref.version if ref else None
         return self._life.get(name)
@@ -66,6 +83,7 @@ class KeyAdmin:
         min_decryption_version: int | None,
     ) -> KeyInfo:
         self._authorize(principal, decision, name)
+        self._about_to_change(decision)
         return self._life.set_policy(
             name,
             rotation_period=rotation_period,
@@ -82,7 +100,16 @@ class KeyAdmin:
         state: VersionState,
     ) -> KeyInfo:
         self._authorize(principal, decision, name, version)
+        self._about_to_change(decision)
         return self._life.set_state(name, version, state)
+
+    def make_current(
+        self, principal: Principal, decision: Decision, name: str, version: int
+    ) -> KeyInfo:
+        """Make a newer version current (e.g. one adopted from the HSM token): always this
+        explicit, audited call, never by itself."""
+        self._authorize(principal, decision, name, version)
+        return self._life.make_current(name, version)
 
     def schedule_destruction(
         self,
@@ -93,6 +120,8 @@ class KeyAdmin:
         window: int | None,
     ) -> KeyInfo:
         self._authorize(principal, decision, name, version)
+        self._life.require_not_held(name, version, "scheduled for destruction")
+        self._about_to_change(decision)
         self._life.schedule_destruction(name, version, window)
         return self._life.get(name)
 
@@ -100,4 +129,5 @@ class KeyAdmin:
         self, principal: Principal, decision: Decision, name: str, version: int
     ) -> KeyInfo:
         self._authorize(principal, decision, name, version)
+        self._about_to_change(decision)
         return self._life.cancel_destruction(name, version)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from keybroker.core import policy
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
+from keybroker.core.keys import KeySnapshot, VersionState
 from keybroker.core.ports import Clock, KeyCatalog, KeyEncryptionKeys
 from keybroker.core.privacy import (
     SCOPE_AMEND,
@@ -21,10 +22,9 @@ from keybroker.core.privacy import (
     require_not_erased,
     validate_reason,
 )
-from keybroker.core.retention import EpochScheme
+from keybroker.core.retention import EpochKeyBudget, EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
-    NONCE_SIZE,
     Bindings,
     KeyRef,
     WrappedKey,
@@ -33,6 +33,7 @@ from keybroker.core.wrapped_key import (
 from keybroker.errors import (
     FailedPreconditionError,
     InvalidRequestError,
+    KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
     RetentionExpiredError,
@@ -41,6 +42,13 @@ from keybroker.errors import (
 #: Most items one RewrapDataKeys call may carry (the request must also fit
 #: ``[server] max_message_bytes``).
 MAX_REWRAP_BATCH = 256
+
+
+def _loaded(snapshot: KeySnapshot, ref: KeyRef) -> bool:
+    """Does ``snapshot`` know ``ref`` past its creation? (PENDING: a rotation still under way
+    when it was read; a blob under it can only come from a newer state.)"""
+    found = snapshot.index.get(ref)
+    return found is not None and found[1].state is not VersionState.PENDING
 
 
 class SecretBytes:
@@ -116,12 +124,18 @@ class KeyBroker:
         privacy: PrivacyView | None = None,
         epochs: EpochScheme | None = None,
         ensure_key: Callable[[str], None] | None = None,
+        max_retention_seconds: int | None = None,
+        epoch_key_budget: EpochKeyBudget | None = None,
     ) -> None:
         """``epochs``: wrap under retention-epoch keys of the requested key, made on first use
-        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`)."""
+        by ``ensure_key(name)`` (see :mod:`keybroker.core.retention`), at most as often as
+        ``epoch_key_budget`` allows. ``max_retention_seconds``: the furthest ``retain_until``
+        may lie ahead."""
         self._privacy = privacy
         self._epochs = epochs
         self._ensure_key = ensure_key
+        self._max_retention = max_retention_seconds
+        self._epoch_budget = epoch_key_budget or EpochKeyBudget(clock=clock)
         self._keks = keks
         self._catalog = catalog
         self._clock = clock
@@ -143,6 +157,12 @@ class KeyBroker:
             raise InvalidRequestError(
                 "retain_until must be in the future", reason="bad_retain_until"
             )
+        if self._max_retention is not None and retain_until > now + self._max_retention:
+            raise InvalidRequestError(
+                f"retain_until must be at most {self._max_retention // 86400} days ahead "
+                "([keys] max_retention)",
+                reason="bad_retain_until",
+            )
         bindings = Bindings.create(
             recording_id=request.recording_id,
             purposes=request.purposes,
@@ -158,11 +178,10 @@ class KeyBroker:
         key = self._current_for(name, retain_until)
         decision.key_name = key.name
         decision.key_version = key.version
-        material = self._keks.random(DATA_KEY_SIZE + NONCE_SIZE)
-        data_key, nonce = material[:DATA_KEY_SIZE], material[DATA_KEY_SIZE:]
-        wrapped = self._wrap(key, nonce, bindings, data_key)
-        self._catalog.count(key, wraps=1)
-        if self._privacy is not None:
+        data_key = self._keks.random(DATA_KEY_SIZE)
+        wrapped = self._wrap(key, bindings, data_key)
+        self._catalog.count(key, wraps=1)  # every encryption under the version counts
+        if self._privacy is not None:  # claims the id (AlreadyExistsError if registered)
             self._privacy.register(
                 RecordingEntry(
                     bindings.recording_id,
@@ -179,6 +198,8 @@ class KeyBroker:
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
         """The key version new wraps use: ``name``'s, or its retention epoch key's."""
         snapshot = self._catalog.snapshot()
+        if name not in snapshot.keys:  # made a moment ago elsewhere? decide on fresh state
+            snapshot = self._catalog.fresh_snapshot()
         snapshot.current(name)  # the requested key must exist either way
         if self._epochs is None:
             return snapshot.current(name)
@@ -188,6 +209,7 @@ class KeyBroker:
         except NotFoundError:
             if self._ensure_key is None:
                 raise
+        self._epoch_budget.take(epoch_key)
         self._ensure_key(epoch_key)
         return self._catalog.snapshot().current(epoch_key)
 
@@ -257,8 +279,7 @@ class KeyBroker:
         self._require_not_erased(parsed.bindings)
         policy.require_retention(parsed.bindings, self._clock())
         current = self._catalog.snapshot().current(parsed.key.name)
-        nonce = self._keks.random(NONCE_SIZE)
-        wrapped = self._wrap(current, nonce, parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -303,7 +324,7 @@ class KeyBroker:
         )
         decision.purposes = bindings.purposes
         current = self._catalog.snapshot().current(parsed.key.name)
-        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), bindings, data_key)
+        wrapped = self._wrap(current, bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -326,6 +347,7 @@ class KeyBroker:
                     current,
                     self._clock(),
                     wrapped_key=wrapped,
+                    amendment=True,
                 )
             )
         return RewrappedKey(wrapped, current)
@@ -335,20 +357,19 @@ class KeyBroker:
         recording was under legal hold then. It must carry exactly the same bindings."""
         if self._privacy is None:
             return None
-        raw = self._privacy.hold_copy(parsed.bindings.recording_id)
-        if raw is None:
-            return None
-        held = WrappedKey.parse(raw)
-        if held.bindings.encode() != parsed.bindings.encode():
-            return None
-        return held
+        bound = parsed.bindings.encode()
+        for raw in self._privacy.hold_copies(parsed.bindings.recording_id):
+            held = WrappedKey.parse(raw)
+            if held.bindings.encode() == bound:
+                return held
+        return None
 
     def move_to_hold(self, wrapped_key: bytes, hold_key_name: str) -> bytes:
         """Rewrap a registry copy to the hold key (retention shredding; no caller involved)."""
         parsed = WrappedKey.parse(wrapped_key)
         data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         current = self._catalog.snapshot().current(hold_key_name)
-        wrapped = self._wrap(current, self._keks.random(NONCE_SIZE), parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         return wrapped
@@ -364,25 +385,49 @@ class KeyBroker:
         same InvalidWrappedKeyError: the error is no oracle. The KEK version's state is checked
         around it: an unknown version is just a bad blob; a destroyed one cannot be tried; a
         disabled one (or one below the key's minimum) is refused only once the blob is genuine.
+
+        "Unknown" is decided on fresh state only: a version this replica has not loaded (made a
+        moment ago by another replica or worker), or one the HSM has no object for, first makes
+        the catalog reload (:meth:`KeyCatalog.fresh_snapshot`); if it cannot, the answer is
+        KeyStateStaleError (UNAVAILABLE, retryable), never "invalid".
         """
         parsed = WrappedKey.parse(wrapped_key)
         decision.key_name = parsed.key.name
         decision.key_version = parsed.key.version
         snapshot = self._catalog.snapshot()
+        if not _loaded(snapshot, parsed.key):
+            snapshot = self._catalog.fresh_snapshot()
+        parsed = self._with_material(snapshot, parsed, decision)
+        try:
+            data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        except KeyStateStaleError:
+            # The catalog let the version through but the HSM has no object for it: one of the
+            # two is behind. Reload; a version destroyed meanwhile is now said to be destroyed.
+            snapshot = self._catalog.fresh_snapshot()
+            parsed = self._with_material(snapshot, parsed, decision)
+            data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
+        decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
+        snapshot.require_usable(parsed.key)
+        return parsed, data_key
+
+    def _with_material(
+        self, snapshot: KeySnapshot, parsed: WrappedKey, decision: Decision
+    ) -> WrappedKey:
+        """``parsed``, or its legal-hold copy when its own version is destroyed."""
         try:
             snapshot.require_material(parsed.key)
         except FailedPreconditionError as exc:
             held = self._hold_copy(parsed) if exc.reason == "key_version_destroyed" else None
             if held is None:
                 raise
-            parsed = held
-            decision.key_name, decision.key_version = parsed.key.name, parsed.key.version
-            snapshot.require_material(parsed.key)
-        data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
-        decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
-        snapshot.require_usable(parsed.key)
-        return parsed, data_key
+            decision.key_name, decision.key_version = held.key.name, held.key.version
+            snapshot.require_material(held.key)
+            return held
+        return parsed
 
-    def _wrap(self, key: KeyRef, nonce: bytes, bindings: Bindings, data_key: bytes) -> bytes:
-        aad = WrappedKey.header(key, nonce, bindings)
-        return aad + self._keks.encrypt(key, nonce, data_key, aad)
+    def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
+        """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's
+        encryption gives the nonce it used, and the blob is built from both."""
+        aad = WrappedKey.aad_v2(key, bindings)
+        nonce, ciphertext = self._keks.encrypt(key, data_key, aad)
+        return WrappedKey.join_v2(aad, nonce, ciphertext)

@@ -6,6 +6,9 @@ blobs or tokens: only identifiers.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -15,6 +18,9 @@ class Outcome(StrEnum):
     DENY = "deny"
     ERROR = "error"
     """The broker could not decide (HSM down, internal error)."""
+    INTENT = "intent"
+    """Not a verdict: an authorized change about to be applied (admin and privacy planes). Made
+    durable before the change; the call's decision follows it."""
 
 
 @dataclass(slots=True)
@@ -45,3 +51,27 @@ class Decision:
     """The reason a caller gave for a privacy operation (erasure, hold, purpose amendment)."""
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C ``traceparent``/``tracestate`` of the caller, to join its trace."""
+    aggregated: dict[str, int] = field(default_factory=dict)
+    """Only on an aggregate record (reason ``denials_aggregated``): the denials it stands for,
+    counted by ``<operation>/<reason>`` (see keybroker.server.limits)."""
+
+
+#: Makes a record durable, or raises (UnavailableError) if it cannot.
+IntentRecorder = Callable[[Decision], object]
+
+
+def record_intent(recorder: IntentRecorder | None, decision: Decision) -> None:
+    """Durable intent before effect: record what an authorized change is about to do (who,
+    what, why) before it is applied. If this raises, the caller must change nothing."""
+    if recorder is None:
+        return
+    recorder(
+        dataclasses.replace(
+            decision,
+            outcome=Outcome.INTENT,
+            reason="intent",
+            status_code="",
+            ended_ns=time.time_ns(),
+            trace_context=dict(decision.trace_context),
+        )
+    )

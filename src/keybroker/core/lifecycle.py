@@ -8,8 +8,11 @@ two steps leaves a state :meth:`KeyLifecycle.reconcile` can finish:
   activated if its HSM object exists, dropped otherwise.
 - destruction: claim (SCHEDULED -> DESTROYING, one replica wins) -> record -> destroy the HSM
   object -> DESTROYED. A DESTROYING row older than ``reconcile_after`` is finished.
-- an HSM object without metadata is adopted as ENABLED (e.g. a key made with ``kek create
-  --offline`` before the first start).
+- an HSM object without metadata (and passing the adoption checks of the HSM adapter) is
+  adopted as ENABLED but never made current for a key that has a current version: that takes
+  :meth:`KeyLifecycle.make_current` (KeyAdmin ``EnableKeyVersion`` with ``make_current``). Only a
+  key nobody knew gets its highest version current (the first start after ``kek create
+  --offline``).
 
 Events no caller asked for (scheduled rotations and destructions, reconciliation) are recorded
 as decisions of service ``keybroker.v1.KeyAdmin`` with subject ``keybroker:scheduler``.
@@ -21,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.keys import (
@@ -31,6 +35,7 @@ from keybroker.core.keys import (
     require_transition,
 )
 from keybroker.core.ports import Clock, KekAdministration, KeyStore
+from keybroker.core.retention import is_retention_key
 from keybroker.core.wrapped_key import KeyRef, validate_key_name
 from keybroker.errors import (
     FailedPreconditionError,
@@ -42,9 +47,13 @@ from keybroker.errors import (
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "keybroker.v1.KeyAdmin"
+#: Reason of the event recorded for an object under a KEK label that is never used.
+REJECTED_OBJECT = "hsm_object_rejected"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
 S = VersionState
+#: Claims every live version of a key for destruction: the versions won, or None for "not now".
+ShredClaim = Callable[[str, float], "list[int] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +78,11 @@ class KeyLifecycle:
         config: LifecycleConfig,
         record_event: Callable[[Decision], object],
         after_change: Callable[[], object] | None = None,
+        held_under: Callable[[str, int | None], int] | None = None,
     ) -> None:
+        """``held_under(name, version)``: how many held recordings a version (None: any
+        version) of a key still wraps (see :meth:`require_not_held`)."""
+        self._held_under = held_under
         self._after_change = after_change
         self._store = store
         self._hsm = hsm
@@ -96,6 +109,27 @@ class KeyLifecycle:
 
     def list(self) -> list[KeyInfo]:
         return self._store.list_keys()
+
+    def require_not_held(self, name: str, version: int | None, change: str) -> None:
+        """Refuse (FAILED_PRECONDITION ``legal_hold``) a change that would destroy, or start
+        the destruction of, a version that still wraps recordings under legal hold. For a
+        retention-epoch or hold key every version counts while any of its recordings is held
+        (a held recording's blob may have been rewrapped to any of them)."""
+        if self._held_under is None:
+            return
+        held = self._holds_on(validate_key_name(name), version)
+        if held:
+            what = f"version {version} of {name!r}" if version else f"key {name!r}"
+            raise FailedPreconditionError(
+                f"{what} still wraps {held} key(s) of recordings under legal hold; "
+                f"it cannot be {change} until the holds are released",
+                reason="legal_hold",
+            )
+
+    def _holds_on(self, name: str, version: int | None) -> int:
+        if self._held_under is None:
+            return 0
+        return self._held_under(name, None if is_retention_key(name) else version)
 
     # -- creation and rotation ---------------------------------------------------------------
 
@@ -147,6 +181,39 @@ class KeyLifecycle:
         if on_created is not None:
             on_created()  # if this fails the PENDING row stays: reconcile() activates it
         self._store.activate_version(ref.name, ref.version, self._clock())
+
+    def make_current(self, name: str, version: int) -> KeyInfo:
+        """Make a newer version (e.g. one adopted from the HSM token) current, after checking
+        that its HSM object is usable and passes a wrap/unwrap self-test."""
+        key = self.get(name)
+        found = key.version(version)
+        if found is None or found.state not in (S.ENABLED, S.DECRYPT_ONLY, S.DISABLED):
+            raise NotFoundError(
+                f"key {name!r} has no live version {version}", reason="key_version_not_found"
+            )
+        if version <= key.current_version:
+            raise FailedPreconditionError(
+                f"only a version newer than the current version {key.current_version} can be "
+                "made current; rotate the key instead",
+                reason="key_version_not_newer",
+            )
+        ref = KeyRef(name, version)
+        if ref not in self._hsm.versions_on_token():
+            raise FailedPreconditionError(
+                f"version {version} has no usable HSM object", reason="hsm_object_missing"
+            )
+        why = self._hsm.self_test(ref)
+        if why is not None:
+            raise FailedPreconditionError(
+                f"version {version} failed its self-test: {why}", reason="kek_self_test_failed"
+            )
+        if not self._store.make_current(name, version, self._clock()):
+            raise FailedPreconditionError(
+                f"version {version} of {name!r} changed concurrently; read it again",
+                reason="concurrent_change",
+            )
+        self._changed()
+        return self.get(name)
 
     # -- policy and states -------------------------------------------------------------------
 
@@ -266,6 +333,9 @@ class KeyLifecycle:
             if reason is not None:
                 done += self._scheduled_rotation(key, reason)
         for ref in self._store.due_destructions(now):
+            if self._holds_on(ref.name, ref.version):
+                log.warning("destruction of %s postponed: it wraps held recordings", ref)
+                continue
             if self._store.claim_destruction(ref.name, ref.version, now):
                 self._event("ScheduledDestruction", ref, "destruction_window_elapsed")
                 self._destroy(ref)
@@ -293,10 +363,27 @@ class KeyLifecycle:
             time.sleep(0.02)
         raise FailedPreconditionError(f"key {name!r} is still being created", reason="key_pending")
 
-    def shred(self, name: str, reason: str) -> int:
+    @overload
+    def shred(self, name: str, reason: str) -> int: ...
+
+    @overload
+    def shred(self, name: str, reason: str, *, claim: ShredClaim) -> int | None: ...
+
+    def shred(
+        self,
+        name: str,
+        reason: str,
+        *,
+        claim: ShredClaim | None = None,
+    ) -> int | None:
         """Destroy every version of ``name`` (retention epoch over). Exactly one replica wins
-        each version; each destruction is recorded before the HSM object goes."""
-        versions = self._store.claim_shred(name, self._clock())
+        each version; each destruction is recorded before the HSM object goes. ``claim``
+        replaces the store's claim (e.g. one that refuses, with None, while a hold is
+        unprotected); None is passed on."""
+        claimed = (claim or self._store.claim_shred)(name, self._clock())
+        if claimed is None:
+            return None
+        versions = claimed
         for version in versions:
             ref = KeyRef(name, version)
             self._event("RetentionShred", ref, reason)
@@ -355,12 +442,27 @@ class KeyLifecycle:
             state = known.get(ref)
             if state is None:
                 if self._store.adopt_version(ref, self._clock()):
-                    self._event("Reconcile", ref, "adopted_from_hsm")
+                    current = self._store.key(ref.name)
+                    made_current = current is not None and current.current_version == ref.version
+                    reason = "adopted_from_hsm" if made_current else "adopted_from_hsm_not_current"
+                    if not made_current:
+                        log.warning(
+                            "key version %s found on the HSM token was adopted but is not "
+                            "current: make it current with KeyAdmin EnableKeyVersion "
+                            "(make_current) if it should be",
+                            ref,
+                        )
+                    self._event("Reconcile", ref, reason)
                     repairs += 1
             elif state is S.DESTROYED:
                 self._event("Reconcile", ref, "destruction_completed")
                 self._hsm.destroy_version(ref)
                 repairs += 1
+        for label, why in sorted(self._hsm.rejected_objects().items()):
+            log.error("HSM object %r is never used: %s", label, why)
+            named = _label_ref(label)
+            if named is not None:  # journaled (and alerted on: foreign_kek_object)
+                self._event("Reconcile", named, REJECTED_OBJECT, Outcome.ERROR)
         for ref, state in sorted(known.items()):
             live = state not in (S.PENDING, S.DESTROYING, S.DESTROYED)
             if live and ref not in token:
@@ -407,6 +509,17 @@ def _check_policy(rotation_period: int | None, rotate_after_wraps: int | None) -
             f"rotate_after_wraps must be 1..{MAX_ROTATE_AFTER_WRAPS}",
             reason="bad_rotate_after_wraps",
         )
+
+
+def _label_ref(label: str) -> KeyRef | None:
+    """The key version a ``kek:<name>:v<version>`` label names, if it is well formed."""
+    parts = label.split(":")
+    if len(parts) != 3 or parts[0] != "kek" or not parts[2].startswith("v"):
+        return None
+    try:
+        return KeyRef(validate_key_name(parts[1]), int(parts[2][1:]))
+    except (InvalidRequestError, ValueError):
+        return None
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -25,14 +25,17 @@ class KeyEncryptionKeys(Protocol):
         """``size`` random bytes from the HSM's generator."""
         ...
 
-    def encrypt(self, key: KeyRef, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag."""
+    def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM inside the HSM under a fresh 96-bit nonce; returns the nonce actually
+        used and ciphertext || 16-byte tag. Who draws the nonce (the broker, from the HSM's
+        generator, or the HSM itself) is the adapter's business: the result is what counts."""
         ...
 
     def decrypt(self, key: KeyRef, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         """Inverse of :meth:`encrypt`.
 
-        Raises InvalidWrappedKeyError when the key version is unknown or authentication fails, and
+        Raises InvalidWrappedKeyError when authentication fails, KeyStateStaleError when the
+        HSM holds no object for the version (not there yet, or destroyed meanwhile), and
         HsmUnavailableError when the HSM cannot be used.
         """
         ...
@@ -68,6 +71,11 @@ class KeyCatalog(Protocol):
 
     def snapshot(self) -> KeySnapshot: ...
 
+    def fresh_snapshot(self) -> KeySnapshot:
+        """A snapshot read after this call began, for a blob naming a version :meth:`snapshot`
+        does not know. Rate-limited; raises KeyStateStaleError (retryable) when it cannot."""
+        ...
+
     def count(self, key: KeyRef, *, wraps: int = 0, unwraps: int = 0) -> None:
         """Count uses in memory; flushed to the store in aggregate, never per call."""
         ...
@@ -84,7 +92,17 @@ class KekAdministration(Protocol):
         """Destroy the HSM object (and in-process copies); False if there was none."""
         ...
 
-    def versions_on_token(self) -> set[KeyRef]: ...
+    def versions_on_token(self) -> set[KeyRef]:
+        """Versions whose HSM object passes the adoption checks (others are never used)."""
+        ...
+
+    def self_test(self, key: KeyRef) -> str | None:
+        """Wrap and unwrap with ``key``; None if that worked, else why not."""
+        ...
+
+    def rejected_objects(self) -> dict[str, str]:
+        """Labels of objects under ``kek:`` labels that fail the adoption checks, and why."""
+        ...
 
 
 class KeyStore(Protocol):
@@ -161,7 +179,12 @@ class KeyStore(Protocol):
         ...
 
     def adopt_version(self, key: KeyRef, now: float) -> bool:
-        """Record an HSM object that has no metadata as ENABLED (creating the key if needed)."""
+        """Record an HSM object that has no metadata as ENABLED, never as the current version
+        of a key that has one (a key unknown until now gets it as its first current version)."""
+        ...
+
+    def make_current(self, name: str, version: int, now: float) -> bool:
+        """ENABLED and current, if ``version`` exists, is live and is newer than the current."""
         ...
 
     def add_usage(self, usage: Mapping[KeyRef, Usage]) -> None: ...

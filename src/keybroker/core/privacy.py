@@ -14,16 +14,16 @@ Rules, in the terms a data-protection officer uses (docs/PRIVACY.md):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from keybroker.core import policy
-from keybroker.core.decision import Decision
+from keybroker.core.decision import Decision, IntentRecorder, record_intent
 from keybroker.core.identity import Principal
 from keybroker.core.ports import Clock
-from keybroker.core.wrapped_key import KeyRef
+from keybroker.core.wrapped_key import MAX_PURPOSES, KeyRef
 from keybroker.errors import FailedPreconditionError, InvalidRequestError, PermissionDeniedError
 
 SCOPE_ERASE = "privacy:erase"
@@ -32,6 +32,8 @@ SCOPE_AMEND = "privacy:amend"
 SCOPE_AUDIT_READ = "audit:read"
 MAX_REASON = 1024
 _ID = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+_PURPOSE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,63}")  # the wrapped-key format's rule
+T = TypeVar("T")
 
 
 class Target(StrEnum):
@@ -81,6 +83,10 @@ class RecordingEntry:
     erased_at: float | None = None
     wrapped_key: bytes = field(default=b"", repr=False)
     """Kept so a held recording can be moved to the hold key before its epoch key goes."""
+    amendment: bool = False
+    """A new wrapped key of a recording registered before (AmendPurposes), not a registration."""
+    seq: int = 0
+    """The registry's number of this wrapped key (entries read back from the store)."""
 
 
 class PrivacyStore(Protocol):
@@ -107,7 +113,20 @@ class PrivacyStore(Protocol):
         """Held, not erased recordings under ``key_name`` not yet copied to the hold key."""
         ...
 
-    def store_hold_copy(self, recording_id: str, wrapped_key: bytes) -> None: ...
+    def store_hold_copy(self, seq: int, wrapped_key: bytes) -> None:
+        """Keep the hold copy of the registry's wrapped key number ``seq``."""
+        ...
+
+    def held_under(self, key_name: str, version: int | None) -> int:
+        """How many wrapped keys under ``key_name`` (``version``, or any) belong to recordings
+        under legal hold; for a hold key, how many hold copies it keeps for held recordings."""
+        ...
+
+    def claim_shred_unless_held(self, key_name: str, now: float) -> list[int] | None:
+        """Claim every live version of an epoch key for destruction (as
+        :meth:`KeyStore.claim_shred`), atomically with the check that every held recording under
+        it has its hold copy; None (nothing claimed) if one has not."""
+        ...
 
     def drop_released_hold_copies(self, key_name: str) -> int:
         """Delete the hold copies of recordings under ``key_name`` that are no longer held (or
@@ -132,13 +151,18 @@ class PrivacyView(Protocol):
         """Under legal hold (the recording or one of its subjects)?"""
         ...
 
-    def hold_copy(self, recording_id: str) -> bytes | None:
-        """The wrapped key moved to the hold key when its epoch key was destroyed (rare path:
-        may read the store)."""
+    def hold_copies(self, recording_id: str) -> Sequence[bytes]:
+        """The wrapped keys moved to the hold key when their epoch key was destroyed (rare
+        path: may read the store)."""
+        ...
+
+    def require_unregistered(self, recording_id: str) -> None:
+        """Raise AlreadyExistsError if the recording id is registered already (in memory)."""
         ...
 
     def register(self, entry: RecordingEntry) -> None:
-        """Add to the registry (buffered: never a synchronous write on the call)."""
+        """Add to the registry (buffered: never a synchronous write on the call). A new
+        registration (not ``amendment``) of an id already registered raises AlreadyExistsError."""
         ...
 
     def erased_locally(self, erasure: Erasure) -> None:
@@ -185,15 +209,23 @@ def validate_reason(value: str) -> str:
 
 
 class PrivacyService:
-    """Erasure and legal-hold use cases (authorization, validation, decision annotations)."""
+    """Erasure, legal-hold and purpose-amendment use cases (authorization, validation,
+    decision annotations, durable intent before each change)."""
 
     def __init__(
-        self, store: PrivacyStore, view: PrivacyView, *, clock: Clock, mfa_required: bool
+        self,
+        store: PrivacyStore,
+        view: PrivacyView,
+        *,
+        clock: Clock,
+        mfa_required: bool,
+        intent: IntentRecorder | None = None,
     ) -> None:
         self._store = store
         self._view = view
         self._clock = clock
         self._mfa = mfa_required
+        self._intent = intent
 
     def erase(
         self,
@@ -206,12 +238,11 @@ class PrivacyService:
         _annotate(decision, kind, target)
         decision.justification = reason.strip() or None
         policy.require_scope(principal, SCOPE_ERASE)
+        target = _identifier(target, f"{kind.value} id")
+        reason = validate_reason(reason)
+        record_intent(self._intent, decision)
         erasure = self._store.erase(
-            kind,
-            _identifier(target, f"{kind.value} id"),
-            reason=validate_reason(reason),
-            erased_by=principal.subject,
-            now=self._clock(),
+            kind, target, reason=reason, erased_by=principal.subject, now=self._clock()
         )
         decision.reference = erasure.reference
         self._view.erased_locally(erasure)
@@ -222,7 +253,7 @@ class PrivacyService:
     ) -> Hold:
         _annotate(decision, kind, target)
         decision.justification = reason.strip() or None
-        self._authorize_hold(principal)
+        self._require_mfa(principal, SCOPE_HOLD, "legal holds")
         hold = Hold(
             kind,
             _identifier(target, f"{kind.value} id"),
@@ -230,6 +261,7 @@ class PrivacyService:
             principal.subject,
             self._clock(),
         )
+        record_intent(self._intent, decision)
         self._store.place_hold(hold)
         return hold
 
@@ -237,14 +269,45 @@ class PrivacyService:
         self, principal: Principal, decision: Decision, kind: Target, target: str
     ) -> Hold:
         _annotate(decision, kind, target)
-        self._authorize_hold(principal)
-        return self._store.release_hold(kind, _identifier(target, f"{kind.value} id"))
+        self._require_mfa(principal, SCOPE_HOLD, "legal holds")
+        target = _identifier(target, f"{kind.value} id")
+        record_intent(self._intent, decision)
+        return self._store.release_hold(kind, target)
 
-    def _authorize_hold(self, principal: Principal) -> None:
-        policy.require_scope(principal, SCOPE_HOLD)
+    def amend_purposes(
+        self,
+        principal: Principal,
+        decision: Decision,
+        *,
+        recording_id: str,
+        add: Sequence[str],
+        remove: Sequence[str],
+        reason: str,
+        apply: Callable[[], T],
+    ) -> T:
+        """Authorize a purpose amendment, record the intent, then ``apply`` it (the broker's
+        rewrap, see :meth:`keybroker.core.broker.KeyBroker.amend_purposes`).
+
+        Like a hold it needs MFA; every purpose added must be granted by the caller's own token
+        (nobody widens a recording's use beyond what they may use themselves); every value
+        added or removed must be a well-formed purpose."""
+        decision.recording_id = recording_id or None
+        decision.justification = reason.strip() or None
+        self._require_mfa(principal, SCOPE_AMEND, "purpose amendments")
+        validate_reason(reason)
+        if not add and not remove:
+            raise InvalidRequestError("give purposes to add or remove", reason="bad_purposes")
+        validate_purposes(add, "add_purposes")
+        validate_purposes(remove, "remove_purposes")
+        policy.require_purposes_granted(principal, add)
+        record_intent(self._intent, decision)
+        return apply()
+
+    def _require_mfa(self, principal: Principal, scope: str, what: str) -> None:
+        policy.require_scope(principal, scope)
         if self._mfa and policy.MFA_METHOD not in principal.amr:
             raise PermissionDeniedError(
-                "legal holds need multi-factor authentication (amr must contain 'mfa')",
+                f"{what} need multi-factor authentication (amr must contain 'mfa')",
                 reason="mfa_required",
             )
 
@@ -255,6 +318,21 @@ class PrivacyService:
         _annotate(decision, Target.SUBJECT, subject_id)
         policy.require_scope(principal, SCOPE_AUDIT_READ)
         return self._store.recordings_of(_identifier(subject_id, "subject id"))
+
+
+def validate_purposes(values: Sequence[str], what: str) -> None:
+    """Each value a purpose as the wrapped-key format allows (docs/FORMAT.md), at most
+    MAX_PURPOSES of them."""
+    if len(values) > MAX_PURPOSES:
+        raise InvalidRequestError(
+            f"{what} must hold at most {MAX_PURPOSES} entries", reason="bad_purposes"
+        )
+    for value in values:
+        if not _PURPOSE.fullmatch(value):
+            raise InvalidRequestError(
+                f"each of {what} must be 1..64 characters of a-z, 0-9, '.', '_', ':', '-'",
+                reason="bad_purposes",
+            )
 
 
 def _annotate(decision: Decision, kind: Target, target: str) -> None:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,7 @@ from keybroker.core.decision import Outcome
 from keybroker.core.keys import VersionState
 from keybroker.core.ports import Clock, KeyStore
 from keybroker.core.wrapped_key import WrappedKey
-from keybroker.errors import ConfigurationError, KeybrokerError
+from keybroker.errors import ConfigurationError, KeybrokerError, UnavailableError
 
 if TYPE_CHECKING:
     from keybroker.core.broker import KeyBroker
@@ -102,6 +105,46 @@ def hold_key(epoch_key: str) -> str:
     return epoch_key + HOLD_SUFFIX
 
 
+def is_retention_key(name: str) -> bool:
+    """An epoch key (``<key>.e<label>``, either scheme) or an epoch's hold key."""
+    return _EPOCH_RE.fullmatch(name.removesuffix(HOLD_SUFFIX)) is not None
+
+
+#: Epoch keys one process may create on the data plane per minute (a burst of this many, then
+#: one every 60 / EPOCH_KEYS_PER_MINUTE seconds).
+EPOCH_KEYS_PER_MINUTE = 6
+
+
+class EpochKeyBudget:
+    """A token bucket bounding how often GenerateDataKey may create an epoch key on its own
+    call (an HSM object and a store write on the data-plane loop). Past the bound the call is
+    UNAVAILABLE (retryable: the SDK retries with backoff) and nothing is created."""
+
+    def __init__(
+        self, per_minute: int = EPOCH_KEYS_PER_MINUTE, *, clock: Clock = time.monotonic
+    ) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(per_minute)
+        self._tokens = float(per_minute)
+        self._clock = clock
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self, epoch_key: str) -> None:
+        with self._lock:
+            now = self._clock()
+            elapsed = max(0.0, now - self._last)
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+            self._last = now
+            if self._tokens < 1.0:
+                log.warning("retention: epoch key %s not created now (rate limit)", epoch_key)
+                raise UnavailableError(
+                    "too many new retention epoch keys in the last minute; retry shortly",
+                    reason="epoch_key_rate_limited",
+                )
+            self._tokens -= 1.0
+
+
 class RetentionShredder:
     """Destroys retention epoch keys once their epoch and grace period are over, after moving
     the keys of held recordings to the hold key. Runs on every replica's scheduler; the store's
@@ -123,6 +166,9 @@ class RetentionShredder:
         self._broker = broker
         self._life = lifecycle
         self._clock = clock
+        self.between_steps: Callable[[str], object] | None = None
+        """Test seam: called with the epoch key after its holds were moved, before the key is
+        claimed for destruction (where a hold placed concurrently used to be lost)."""
 
     def run_due(self) -> int:
         """Shred every epoch key that is due, and every epoch hold key whose holds are all
@@ -142,7 +188,15 @@ class RetentionShredder:
                 continue
             if not self._move_holds(key.name, hold_key(key.name)):
                 continue  # a held recording could not be moved: keep the key, retry later
-            destroyed += self._life.shred(key.name, "retention_epoch_ended")
+            if self.between_steps is not None:
+                self.between_steps(key.name)
+            shredded = self._life.shred(
+                key.name, "retention_epoch_ended", claim=self._privacy.claim_shred_unless_held
+            )
+            if shredded is None:  # a hold arrived after the moves: move it on the next run
+                log.info("retention: %s kept: a legal hold arrived while it was due", key.name)
+                continue
+            destroyed += shredded
         return destroyed
 
     def _shred_released(self, hold_name: str, epoch_key: str) -> int:
@@ -176,7 +230,7 @@ class RetentionShredder:
                     recording_id=entry.recording_id,
                 )
                 return False
-            self._privacy.store_hold_copy(entry.recording_id, moved)
+            self._privacy.store_hold_copy(entry.seq, moved)
             ref = WrappedKey.parse(moved).key
             self._life.record_event(
                 "RetentionHoldMove", ref, "legal_hold", recording_id=entry.recording_id

@@ -1,18 +1,25 @@
-"""Wrapped-key format v1: self-describing, versioned, every length bounded before use.
+"""Wrapped-key formats v1 and v2: self-describing, versioned, every length bounded before use.
 
-Layout (all integers big-endian; documented byte by byte in docs/FORMAT.md)::
+Layouts (all integers big-endian; documented byte by byte in docs/FORMAT.md)::
 
-    magic "KBW" | format version 0x01
+    v2 (written by every new wrap):
+    magic "KBW" | format version 0x02
     key name length u8 (1..64) | key name (ASCII [a-z0-9._-])
     key version u32 (>= 1)
-    nonce (12 bytes)
     bindings length u16 | bindings (canonical encoding, see :meth:`Bindings.encode`)
+    nonce (12 bytes: the IV the HSM actually used)
     ciphertext || tag (32 + 16 bytes)
 
-Everything before the ciphertext is the AES-256-GCM additional data, so no byte of the header or
-the bindings can change without the unwrap failing. The bindings encoding is canonical: lists are
-sorted and free of duplicates, and the parser refuses any other byte string, so one set of bindings
-has exactly one encoding.
+    v1 (read forever, never written): the same fields with the nonce between the key version
+    and the bindings length, and format version 0x01.
+
+v2's AAD is everything before the nonce, so it is fixed before the HSM is asked to encrypt and
+the HSM may choose the IV (AWS CloudHSM, Luna in FIPS mode). The nonce is still authenticated:
+it is GCM's IV, and a changed IV fails the tag check like a changed AAD byte. v1's AAD is
+everything before the ciphertext, nonce included. The format version is the fourth AAD byte of
+both, so a blob cannot be relabelled from one version to the other. The bindings encoding is
+canonical: lists are sorted and free of duplicates, and the parser refuses any other byte
+string, so one set of bindings has exactly one encoding.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from dataclasses import dataclass, field
 from keybroker.errors import InvalidRequestError, InvalidWrappedKeyError
 
 MAGIC = b"KBW"
-FORMAT_VERSION = 1
+FORMAT_V1 = 1
+FORMAT_V2 = 2
+#: The format new wraps write.
+FORMAT_VERSION = FORMAT_V2
 NONCE_SIZE = 12
 DATA_KEY_SIZE = 32
 TAG_SIZE = 16
@@ -266,41 +276,81 @@ class WrappedKey:
     bindings: Bindings
     ciphertext: bytes
     """AES-256-GCM ciphertext of the data key followed by the 16-byte tag."""
-    parsed_header: bytes = field(default=b"", repr=False, compare=False)
-    """The header bytes a parsed key came with (already checked canonical): its AAD."""
+    format_version: int = FORMAT_VERSION
+    parsed_aad: bytes = field(default=b"", repr=False, compare=False)
+    """The AAD bytes a parsed key came with (already checked canonical)."""
 
     def __repr__(self) -> str:
-        return f"WrappedKey(key={self.key}, recording_id={self.bindings.recording_id!r})"
+        return (
+            f"WrappedKey(v{self.format_version}, key={self.key}, "
+            f"recording_id={self.bindings.recording_id!r})"
+        )
+
+    @staticmethod
+    def _key_fields(key: KeyRef) -> bytes:
+        name = validate_key_name(key.name).encode("ascii")
+        if not 1 <= key.version <= 0xFFFFFFFF:
+            raise InvalidRequestError("invalid key reference", reason="bad_key_ref")
+        return bytes([len(name)]) + name + struct.pack(">I", key.version)
 
     @staticmethod
     def header(key: KeyRef, nonce: bytes, bindings: Bindings) -> bytes:
-        """Everything before the ciphertext: this is the GCM additional data."""
-        name = validate_key_name(key.name).encode("ascii")
-        if not 1 <= key.version <= 0xFFFFFFFF or len(nonce) != NONCE_SIZE:
+        """Format v1: everything before the ciphertext, nonce included; its GCM additional data.
+        Kept to read (and test) v1 blobs; new wraps write v2 (:meth:`aad_v2`)."""
+        if len(nonce) != NONCE_SIZE:
             raise InvalidRequestError("invalid key reference", reason="bad_key_ref")
         encoded = bindings.encode()
         return b"".join(
             (
                 MAGIC,
-                bytes([FORMAT_VERSION, len(name)]),
-                name,
-                struct.pack(">I", key.version),
+                bytes([FORMAT_V1]),
+                WrappedKey._key_fields(key),
                 nonce,
                 struct.pack(">H", len(encoded)),
                 encoded,
             )
         )
 
+    @staticmethod
+    def aad_v2(key: KeyRef, bindings: Bindings) -> bytes:
+        """Format v2: everything before the nonce; its GCM additional data. Known before the
+        HSM encrypts, so the HSM may choose the nonce."""
+        encoded = bindings.encode()
+        return b"".join(
+            (
+                MAGIC,
+                bytes([FORMAT_V2]),
+                WrappedKey._key_fields(key),
+                struct.pack(">H", len(encoded)),
+                encoded,
+            )
+        )
+
+    @staticmethod
+    def join_v2(aad: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
+        """The v2 blob from its AAD (:meth:`aad_v2`) and what the HSM returned: the nonce it
+        used and ciphertext || tag. Raises ValueError on a wrong size (an HSM defect)."""
+        if len(nonce) != NONCE_SIZE or len(ciphertext) != CIPHERTEXT_SIZE:
+            raise ValueError("the HSM returned a nonce or ciphertext of the wrong size")
+        return aad + nonce + ciphertext
+
     @property
     def aad(self) -> bytes:
-        return self.parsed_header or self.header(self.key, self.nonce, self.bindings)
+        if self.parsed_aad:
+            return self.parsed_aad
+        if self.format_version == FORMAT_V1:
+            return self.header(self.key, self.nonce, self.bindings)
+        return self.aad_v2(self.key, self.bindings)
 
     def encode(self) -> bytes:
-        return self.aad + self.ciphertext
+        if self.format_version == FORMAT_V1:
+            return self.aad + self.ciphertext
+        return self.aad + self.nonce + self.ciphertext
 
     @classmethod
     def parse(cls, blob: bytes) -> WrappedKey:
-        """Parse and bound-check ``blob``; raise InvalidWrappedKeyError on any defect.
+        """Parse and bound-check ``blob`` (format v1 or v2); raise InvalidWrappedKeyError on any
+        defect.
 
         Hot path: reads by index. A short slice (the blob ends early) leaves ``p`` past the end,
         so the final length check refuses every truncation and every trailing byte."""
@@ -308,19 +358,31 @@ class WrappedKey:
         if not 0 < size <= MAX_WRAPPED_KEY_SIZE:
             raise InvalidWrappedKeyError
         try:
-            if blob[:3] != MAGIC or blob[3] != FORMAT_VERSION:
+            if blob[:3] != MAGIC:
                 raise InvalidWrappedKeyError
+            fmt = blob[3]
             p = 5 + blob[4]
             name = blob[5:p].decode("ascii")
             version = int.from_bytes(blob[p : p + 4], "big")
-            nonce = blob[p + 4 : p + 4 + NONCE_SIZE]
-            p += 4 + NONCE_SIZE
-            q = p + 2 + int.from_bytes(blob[p : p + 2], "big")
-            bindings_raw = blob[p + 2 : q]
-            ciphertext = blob[q : q + CIPHERTEXT_SIZE]
+            p += 4
+            if fmt == FORMAT_V2:
+                q = p + 2 + int.from_bytes(blob[p : p + 2], "big")
+                bindings_raw = blob[p + 2 : q]
+                nonce = blob[q : q + NONCE_SIZE]
+                aad_end = q
+                end = q + NONCE_SIZE
+            elif fmt == FORMAT_V1:
+                nonce = blob[p : p + NONCE_SIZE]
+                p += NONCE_SIZE
+                q = p + 2 + int.from_bytes(blob[p : p + 2], "big")
+                bindings_raw = blob[p + 2 : q]
+                aad_end = end = q
+            else:
+                raise InvalidWrappedKeyError
+            ciphertext = blob[end : end + CIPHERTEXT_SIZE]
         except (IndexError, UnicodeDecodeError):
             raise InvalidWrappedKeyError from None
-        if q + CIPHERTEXT_SIZE != size or version == 0 or not _KEY_NAME_RE.fullmatch(name):
+        if end + CIPHERTEXT_SIZE != size or version == 0 or not _KEY_NAME_RE.fullmatch(name):
             raise InvalidWrappedKeyError
         bindings = _parse_bindings(bindings_raw)
-        return cls(KeyRef(name, version), nonce, bindings, ciphertext, blob[:-CIPHERTEXT_SIZE])
+        return cls(KeyRef(name, version), nonce, bindings, ciphertext, fmt, blob[:aad_end])

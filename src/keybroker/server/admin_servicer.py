@@ -142,6 +142,12 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):
     def EnableKeyVersion(
         self, request: pb.KeyVersionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
+        if request.make_current:
+            return self._key(
+                context,
+                "EnableKeyVersion",
+                lambda p, d: self._admin.make_current(p, d, request.name, request.version),
+            )
         return self._key(
             context,
             "EnableKeyVersion",

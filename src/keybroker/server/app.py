@@ -24,7 +24,9 @@ from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.checkpoint_keys import checkpoint_signer
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
+from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
+from keybroker.adapters.journal_lock import JournalLock, lock_directory, lock_slot
 from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
 from keybroker.adapters.privacy_cache import PrivacyCache
@@ -42,8 +44,8 @@ from keybroker.adapters.tokens import JwksKeys, TokenVerifier
 from keybroker.core.admin import KeyAdmin
 from keybroker.core.alerting import never_scheduled
 from keybroker.core.broker import KeyBroker
-from keybroker.core.decision import Decision
-from keybroker.core.keys import UNWRAPPABLE, KeySnapshot
+from keybroker.core.decision import Decision, Outcome
+from keybroker.core.keys import UNWRAPPABLE, KeySnapshot, VersionState
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
@@ -56,9 +58,12 @@ from keybroker.server.cpus import available_cpus
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
+from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
+from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
+from keybroker.server.startup import bind_error, check_tls_material
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import (
     admin_pb2,
@@ -71,6 +76,7 @@ from keybroker.v1 import (
 
 log = logging.getLogger(__name__)
 
+REGISTRY_SUBJECT = "keybroker:registry"
 _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 
 
@@ -93,6 +99,8 @@ class RunningBroker:
     privacy: PrivacyCache | None = None
     shredder: RetentionShredder | None = None
     draining: threading.Event = field(default_factory=threading.Event)
+    journal_lock: JournalLock | None = None
+    denials: DenialLimiter | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -106,6 +114,8 @@ class RunningBroker:
         if grace:
             time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
+        if self.denials is not None:
+            self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
@@ -115,6 +125,8 @@ class RunningBroker:
             self.store.close()
         if self.journal is not None:
             self.journal.close()  # writes a final signed checkpoint
+        if self.journal_lock is not None:
+            self.journal_lock.release()
         if self.exporter is not None:
             self.exporter.stop()  # one last bounded attempt; the rest goes after restart
         self.tracer_provider.shutdown()
@@ -158,14 +170,29 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     )
 
 
+def hsm_config(settings: Settings) -> HsmConfig:
+    """The HSM adapter's configuration (reads the PIN file)."""
+    hsm = settings.hsm
+    locking: Locking = "global" if hsm.locking == "global" else "os"
+    return HsmConfig(
+        hsm.module,
+        hsm.token_label,
+        settings.read_pin(),
+        iv_source=hsm.iv_source,
+        sessions=hsm.sessions,
+        locking=locking,
+    )
+
+
 def connect_hsm(settings: Settings) -> Pkcs11Keks:
     """Log in to the HSM (fail fast on a wrong PIN or an unknown token)."""
     os.environ.update(settings.hsm.env)
     keks = Pkcs11Keks(
-        HsmConfig(settings.hsm.module, settings.hsm.token_label, settings.read_pin()),
+        hsm_config(settings),
         probe_key=settings.keys.default,
     )
     keks.connect()
+    keks.require_mechanisms()
     return keks
 
 
@@ -202,6 +229,35 @@ def event_recorder(journal: Journal | None, live: DecisionRecorder) -> Callable[
     return record
 
 
+def intent_recorder(journal: Journal | None) -> Callable[[Decision], object] | None:
+    """Durable intent before effect: admin and privacy changes record their intent here before
+    they are applied (raises if the journal cannot be written, and then nothing changes)."""
+    return journal.record if journal is not None else None
+
+
+def registry_conflict_recorder(record: Callable[[Decision], None]) -> Callable[[str], None]:
+    """Audit a registration the registry refused after the call (two replicas registering one
+    recording id within a refresh interval): a ``RegistryConflict`` decision, by the registry."""
+
+    def conflict(recording_id: str) -> None:
+        now = time.time_ns()
+        record(
+            Decision(
+                service=SERVICE_NAME,
+                operation="RegistryConflict",
+                outcome=Outcome.DENY,
+                reason="recording_registered",
+                status_code="ALREADY_EXISTS",
+                subject=REGISTRY_SUBJECT,
+                recording_id=recording_id,
+                started_ns=now,
+                ended_ns=now,
+            )
+        )
+
+    return conflict
+
+
 def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], None]:
     """Drop in-process HSM copies of versions that may no longer be used (crypto-shredding must
     not wait for a restart)."""
@@ -213,6 +269,31 @@ def _forget_unusable(keks: Pkcs11Keks) -> Callable[[KeySnapshot, KeySnapshot], N
                     keks.forget(KeyRef(key.name, version.version))
 
     return listener
+
+
+def wrap_versions(snapshot: KeySnapshot) -> list[KeyRef]:
+    """Every version new wraps may use (ENABLED): each gets a wrap -> unwrap self-test."""
+    return [
+        KeyRef(key.name, version.version)
+        for key in snapshot.keys.values()
+        for version in key.versions
+        if version.state is VersionState.ENABLED
+    ]
+
+
+def require_keys(settings: Settings, keks: Pkcs11Keks, catalog: CachedCatalog) -> None:
+    """The default key must exist; every version new wraps may use is self-tested now and
+    whenever the metadata changes (a rotation here or on another replica). A version that fails
+    is never used for wraps (and health says NOT_SERVING: :func:`watch_hsm`)."""
+    require_default_key(settings, catalog)
+    keks.ensure_self_tested(wrap_versions(catalog.snapshot()))
+    catalog.on_change(lambda _old, new: keks.ensure_self_tested(wrap_versions(new)))
+
+
+def watch_hsm(keks: Pkcs11Keks, health_state: Health) -> None:
+    """Health follows the HSM connection and the KEK self-tests."""
+    keks.on_health_change(health_state.watch("hsm", keks.healthy))
+    keks.on_self_test_change(health_state.watch("kek_self_test", keks.self_tests_passed))
 
 
 def require_default_key(settings: Settings, catalog: CachedCatalog) -> None:
@@ -234,6 +315,11 @@ class Observability:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider | None
     metrics: DecisionMetrics | None
+    counters: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live recorders that count (alerts, metrics): they see every denial, also those the
+    journal keeps only in an aggregate record (keybroker.server.limits)."""
+    spans: FanOut = field(default_factory=lambda: FanOut(()))
+    """The live span recorder alone (for records the counters must not count twice)."""
 
 
 def build_observability(
@@ -274,9 +360,11 @@ def build_observability(
     ]
     if decision_metrics is not None:
         live.append(decision_metrics)
-    if live_spans:
-        live.append(SpanRecorder(provider))
-    return Observability(FanOut(live), provider, meter_provider, decision_metrics)
+    counters = FanOut(list(live))
+    spans: list[DecisionRecorder] = [SpanRecorder(provider)] if live_spans else []
+    return Observability(
+        FanOut(live + spans), provider, meter_provider, decision_metrics, counters, FanOut(spans)
+    )
 
 
 def start_exporter(
@@ -313,6 +401,42 @@ INLINE_METHODS = frozenset(
 """Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
 
 
+def guards(
+    settings: Settings,
+    verifier: TokenVerifier,
+    obs: Observability,
+    journal: Journal | None,
+    draining: threading.Event,
+) -> tuple[Callable[[str], CallGuard], DenialLimiter | None]:
+    """The guard maker for each service, and the denial limiter they share (started; the
+    broker stops it)."""
+    limits = settings.limits
+    rates = RateLimits.of(limits.certificate_rate, limits.subject_rate, limits.burst)
+    denials = (
+        # journal and span only: the counters saw each aggregated denial already
+        DenialLimiter(limits.denials_per_minute, event_recorder(journal, obs.spans))
+        if limits.denials_per_minute
+        else None
+    )
+    if denials is not None:
+        denials.start()
+
+    def guard(service: str) -> CallGuard:
+        return CallGuard(
+            service=service,
+            verifier=verifier.verify,
+            recorder=obs.recorder,
+            require_cnf=settings.auth.require_cnf,
+            durable=journal,
+            draining=draining,
+            limits=rates if service == SERVICE_NAME else None,  # the data plane's rates
+            denials=denials,
+            counters=obs.counters,
+        )
+
+    return guard, denials
+
+
 def grpc_server(
     settings: Settings,
     servicer: KeyBrokerServicer,
@@ -341,22 +465,35 @@ def grpc_server(
         inline=INLINE_METHODS,
         options=LoopOptions(
             pool_threads=settings.server.threads,
+            stream_threads=settings.limits.stream_threads,
+            streams_per_connection=settings.limits.streams_per_connection,
+            stream_queue=settings.limits.stream_queue,
             channel_options=(
                 ("grpc.max_receive_message_length", settings.server.max_message_bytes),
                 ("grpc.max_send_message_length", settings.server.max_message_bytes),
                 ("grpc.so_reuseport", 1),
             ),
         ),
+        refusals=RefusalLog(),
     )
     try:
         port = server.add_secure_port(settings.server.listen, server_credentials(settings))
     except RuntimeError:
         port = 0
     if port == 0:
-        raise ConfigurationError(
-            f"[server] listen: cannot bind {settings.server.listen}; is it in use?"
-        )
+        raise bind_error(settings.server.listen)
     return server, port
+
+
+def check_before_start(settings: Settings) -> None:
+    """What must hold before anything is opened or bound: settings, then the TLS files."""
+    validate_for_serving(settings)
+    check_tls_material(settings.tls)
+
+
+def lock_journal_slot(settings: Settings, worker: int) -> JournalLock | None:
+    """Worker ``worker``'s journal slot, taken before the HSM, the store or the port."""
+    return None if settings.audit.dir is None else lock_slot(settings.audit.dir, worker)
 
 
 def create_server(
@@ -366,8 +503,29 @@ def create_server(
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
 ) -> RunningBroker:
-    """Connect to the HSM, wire the services and start listening. Fails fast on bad settings."""
-    validate_for_serving(settings)
+    """Check the settings and TLS files, take this worker's journal slot (one writer per
+    journal), connect to the HSM, wire the services and start listening. Fails fast."""
+    check_before_start(settings)
+    lock = lock_journal_slot(settings, worker)
+    try:
+        running = _create_server(
+            settings, clock=clock, span_processor=span_processor, worker=worker
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    running.journal_lock = lock
+    return running
+
+
+def _create_server(
+    settings: Settings,
+    *,
+    clock: Clock,
+    span_processor: SpanProcessor | None,
+    worker: int,
+) -> RunningBroker:
     store = open_store(settings)
     keks = connect_hsm(settings)
     auth = settings.auth
@@ -399,6 +557,13 @@ def create_server(
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(settings, keks, journal, span_processor, catalog)
+    privacy_cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+        on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
+    )
     lifecycle = KeyLifecycle(
         store,
         keks,
@@ -410,30 +575,16 @@ def create_server(
         ),
         record_event=event_recorder(journal, obs.recorder),
         after_change=catalog.refresh,
+        held_under=privacy_cache.store.held_under,
     )
     lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
-    privacy_cache = PrivacyCache(
-        SqlPrivacyStore(open_database(settings)),
-        max_staleness=state.max_staleness,
-        refresh_interval=state.refresh_interval,
-        clock=clock,
-    )
     privacy_cache.refresh()
     catalog.also_refresh(privacy_cache.refresh)
-    require_default_key(settings, catalog)
+    require_keys(settings, keks, catalog)
 
     draining = threading.Event()
-
-    def guard(service: str) -> CallGuard:
-        return CallGuard(
-            service=service,
-            verifier=verifier.verify,
-            recorder=obs.recorder,
-            require_cnf=auth.require_cnf,
-            durable=journal,
-            draining=draining,
-        )
+    guard, denials = guards(settings, verifier, obs, journal, draining)
 
     broker = KeyBroker(
         keks,
@@ -444,6 +595,7 @@ def create_server(
         privacy=privacy_cache,
         epochs=epochs,
         ensure_key=lambda name: lifecycle.ensure_key(name, "retention_epoch_key"),
+        max_retention_seconds=settings.keys.max_retention,
     )
     shredder = (
         RetentionShredder(
@@ -457,9 +609,15 @@ def create_server(
         if epochs is not None
         else None
     )
-    admin = KeyAdmin(lifecycle, mfa_required=auth.admin_require_mfa)
+    admin = KeyAdmin(
+        lifecycle, mfa_required=auth.admin_require_mfa, intent=intent_recorder(journal)
+    )
     privacy = PrivacyService(
-        privacy_cache.store, privacy_cache, clock=clock, mfa_required=auth.admin_require_mfa
+        privacy_cache.store,
+        privacy_cache,
+        clock=clock,
+        mfa_required=auth.admin_require_mfa,
+        intent=intent_recorder(journal),
     )
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -469,7 +627,7 @@ def create_server(
     )
     starting = health_state.watch("starting", False)
     health_state.publish()
-    keks.on_health_change(health_state.watch("hsm", keks.healthy))
+    watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
     probes = [keks.check, privacy_cache.check]
     if journal is not None:
@@ -506,6 +664,7 @@ def create_server(
         privacy_cache,
         shredder,
         draining,
+        denials=denials,
     )
 
 
@@ -539,16 +698,32 @@ def _worker(settings: Settings, worker: int) -> None:
     _serve_one(settings, worker)
 
 
+_held: list[JournalLock] = []
+
+
+def _hold_journal(settings: Settings, processes: int) -> None:
+    """Take the journal directory for as long as this process runs (before any worker binds),
+    and make sure no leftover worker of another broker still writes one of our slots; each
+    worker then takes its own slot ``w<N>`` (create_server)."""
+    if settings.audit.dir is None:
+        return
+    _held.append(lock_directory(settings.audit.dir))
+    if processes > 1:
+        for worker in range(processes):
+            lock_slot(settings.audit.dir, worker).release()
+
+
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
     disable_core_dumps()
     processes = settings.server.processes or available_cpus()
     if not settings.server.processes:
         log.info("[server] processes = auto: %d (CPU quota and affinity)", processes)
+    check_before_start(settings)
+    _hold_journal(settings, processes)
     if processes == 1:
         _serve_one(settings)
         return
-    validate_for_serving(settings)
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
         ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +23,14 @@ from keybroker.core import policy
 from keybroker.core.decision import Decision, Outcome
 from keybroker.core.identity import Principal
 from keybroker.core.ports import DecisionRecorder, DurableRecorder
+from keybroker.core.wrapped_key import MAX_KEY_NAME, MAX_RECORDING_ID, WrappedKey
 from keybroker.errors import (
     AuthenticationError,
     JournalUnavailableError,
     KeybrokerError,
     UnavailableError,
 )
+from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
 
@@ -36,6 +39,50 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
 _TRACE_HEADERS = ("traceparent", "tracestate")
+#: W3C Trace Context: ``traceparent`` version 00 is exactly 55 characters (later versions: the
+#: first 55 are read); ``tracestate`` holds at most 32 members and is kept to 512 characters.
+TRACEPARENT_SIZE = 55
+TRACESTATE_SIZE = 512
+TRACESTATE_MEMBERS = 32
+_TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_context(metadata: tuple[tuple[str, str | bytes], ...]) -> dict[str, str]:
+    """The caller's W3C trace headers, capped to their standard sizes (a record never carries
+    more than ~570 characters of them, whatever the caller sends)."""
+    out: dict[str, str] = {}
+    for key, value in metadata:
+        if key not in _TRACE_HEADERS or not isinstance(value, str):
+            continue
+        kept = _traceparent(value) if key == "traceparent" else _tracestate(value)
+        if kept:
+            out[key] = kept
+    return out
+
+
+def _traceparent(value: str) -> str | None:
+    head = value[:TRACEPARENT_SIZE]
+    if not _TRACEPARENT_RE.fullmatch(head) or head.startswith("ff"):
+        return None
+    if head.startswith("00-") and len(value) != TRACEPARENT_SIZE:
+        return None  # version 00 is exactly this long
+    return head
+
+
+def _tracestate(value: str) -> str | None:
+    members: list[str] = []
+    size = 0
+    for raw in value[: TRACESTATE_SIZE * 2].split(","):
+        member = raw.strip()
+        if not member:
+            continue
+        size += len(member) + (1 if members else 0)
+        if size > TRACESTATE_SIZE or len(members) == TRACESTATE_MEMBERS:
+            break  # whole members only, dropped from the end (W3C)
+        members.append(member)
+    return ",".join(members) or None
+
+
 _ERROR_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 
 
@@ -62,6 +109,21 @@ class ItemError:
     code: grpc.StatusCode
     message: str
     reason: str
+
+
+def _name_target(decision: Decision, exc: Exception, wrapped_key: bytes) -> None:
+    """A refused call's record names whom and what it was about, as far as known: the token's
+    identity when only a claim check failed, the key a wrapped key names (unauthenticated: it is
+    what the request asked for, nothing more)."""
+    claims = exc.verified_claims if isinstance(exc, AuthenticationError) else None
+    if claims is not None and decision.subject is None:
+        decision.subject, decision.token_id, decision.client_id = claims
+    if decision.key_name is None and wrapped_key:
+        try:
+            ref = WrappedKey.parse(wrapped_key).key
+        except Exception:  # noqa: BLE001 - a blob that does not parse names no key
+            return
+        decision.key_name, decision.key_version = ref.name, ref.version
 
 
 def _allowed(decision: Decision) -> None:
@@ -156,8 +218,17 @@ class CallGuard:
         require_cnf: bool,
         durable: DurableRecorder | None = None,
         draining: threading.Event | None = None,
+        limits: RateLimits | None = None,
+        denials: DenialLimiter | None = None,
+        counters: DecisionRecorder | None = None,
     ) -> None:
+        """``limits``: per-caller call rates; ``denials``: which denials are journaled one by one
+        (the rest go into aggregate records, and only to ``counters`` live: the alert detector
+        and metrics, which must see every denial). See keybroker.server.limits."""
         self._service = service
+        self._limits = limits
+        self._denials = denials
+        self._counters = counters
         self._draining = draining
         self._verify = verifier
         self._recorder = recorder
@@ -169,12 +240,23 @@ class CallGuard:
         context: grpc.ServicerContext,
         operation: str,
         action: Callable[[Principal, Decision], R],
+        *,
+        recording_id: str = "",
+        key_name: str = "",
+        wrapped_key: bytes = b"",
     ) -> R:
+        """``recording_id``, ``key_name``, ``wrapped_key``: what the request names, so that a
+        refusal before the use case ran (token, TLS) still names its target."""
         decision = self._start(context, operation)
+        if recording_id:
+            decision.recording_id = recording_id[:MAX_RECORDING_ID]
+        if key_name:
+            decision.key_name = key_name[:MAX_KEY_NAME]
         try:
             principal = self._authenticate(context, decision)
             result = action(principal, decision)
         except Exception as exc:  # noqa: BLE001 - every failure is mapped, logged and recorded
+            _name_target(decision, exc, wrapped_key)
             code, message = self._failed(decision, exc, operation)
             self._record(context, decision)
             context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
@@ -198,6 +280,7 @@ class CallGuard:
             principal = self._authenticate(context, base)
             authorize(principal)
         except Exception as exc:  # noqa: BLE001 - mapped, logged and recorded
+            _name_target(base, exc, b"")
             code, message = self._failed(base, exc, operation)
             self._record(context, base)
             context.set_trailing_metadata(((REASON_METADATA, base.reason),))
@@ -233,11 +316,12 @@ class CallGuard:
             service=self._service,
             operation=operation,
             started_ns=time.time_ns(),
-            trace_context={k: v for k, v in metadata if k in _TRACE_HEADERS and isinstance(v, str)},
+            trace_context=trace_context(metadata),
         )
 
     def _authenticate(self, context: grpc.ServicerContext, decision: Decision) -> Principal:
         metadata = tuple(context.invocation_metadata() or ())
+        decision.peer_address = context.peer()  # even when there is no certificate to read
         peer = peer_from_context(context)
         decision.peer_address = peer.address
         decision.cert_identity = peer.identity
@@ -245,10 +329,14 @@ class CallGuard:
         if self._draining is not None and self._draining.is_set():
             raise UnavailableError("broker shutting down; retry", reason="shutting_down")
         policy.require_tls13(peer)
+        if self._limits is not None:  # before the signature check: a flood costs no ES256
+            self._limits.check_certificate(peer.identity or peer.thumbprint)
         principal = self._verify(bearer_token(metadata))
         decision.subject = principal.subject
         decision.token_id = principal.token_id
         decision.client_id = principal.client_id
+        if self._limits is not None:
+            self._limits.check_subject(principal.subject)
         policy.require_certificate_binding(principal, peer, mandatory=self._require_cnf)
         return principal
 
@@ -265,6 +353,10 @@ class CallGuard:
     def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
         """Durable record first (fail closed), then the live span."""
         decision.ended_ns = time.time_ns()
+        if self._denials is not None and not self._denials.admit(decision):
+            if self._counters is not None:  # counted into an aggregate record; alerts still see it
+                self._counters.record(decision)
+            return
         if isinstance(context, RecordDeferral) and context.defer(
             DeferredRecord(decision, self._durable, self._recorder)
         ):

@@ -5,8 +5,12 @@ worker thread hand each call back and forth (new call, request message, reply), 
 those thread wake-ups and GIL hand-overs cost as much as the work (docs/PERFORMANCE.md). This
 server polls gRPC core's completion queue on one thread and answers the data-plane methods
 (``inline``) right there. Everything else — key administration, privacy calls that wait for
-replicas, batch rewraps, streaming calls (reflection, health ``Watch``) — goes to a small thread
-pool, so a slow call never holds up the data plane.
+replicas, batch rewraps — goes to a small thread pool, so a slow call never holds up the data
+plane. Streaming calls (reflection, health ``Watch``) hold a thread for as long as they are open,
+so they get a pool of their own (``stream_threads``), admitted through a gate: at most
+``streams_per_connection`` open per client connection and ``stream_queue`` waiting for a thread;
+beyond, RESOURCE_EXHAUSTED at once. Idle watchers can thus never take the threads admin and
+privacy calls need.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
@@ -42,6 +46,13 @@ from keybroker.server.guard import (
     commit_deferred,
     record_live,
 )
+from keybroker.server.refusals import (
+    MALFORMED_MESSAGE,
+    NO_MESSAGE,
+    TOO_MANY_STREAMS,
+    UNKNOWN_METHOD,
+    RefusalLog,
+)
 from keybroker.server.status import REASON_METADATA
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 BatchStarter: TypeAlias = "Callable[[Any, tuple[Any, ...], Any], bool]"
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
+_MALFORMED = "malformed request message"
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
 
 
@@ -83,8 +95,9 @@ class _Aborted(Exception):
 class LoopContext(grpc.ServicerContext, RecordDeferral):
     """The ``ServicerContext`` of one call; deferring when the call runs inline."""
 
-    def __init__(self, event: Any, *, deferring: bool) -> None:
+    def __init__(self, event: Any, *, deferring: bool, peer: str | None = None) -> None:
         self._call = event.call
+        self._peer = peer
         self._metadata: Metadata = tuple(event.invocation_metadata or ())
         self._deadline: float = event.call_details.deadline
         self._lock = threading.Lock()
@@ -108,7 +121,9 @@ class LoopContext(grpc.ServicerContext, RecordDeferral):
         return self._metadata
 
     def peer(self) -> str:
-        return bytes(self._call.peer()).decode("utf-8", "replace")
+        if self._peer is None:
+            self._peer = bytes(self._call.peer()).decode("utf-8", "replace")
+        return self._peer
 
     def auth_context(self) -> Mapping[str, Any]:  # name -> list of values
         auth = cygrpc.auth_context(self._call) or {}
@@ -180,6 +195,9 @@ class _Unary:
     event: Any
     handler: Handler
     inline: bool
+    peer: str
+    """Read when the call arrived: once gRPC core has failed a call (e.g. an oversized
+    message), its peer reads empty."""
 
 
 @dataclass(slots=True)
@@ -214,7 +232,7 @@ def _run_unary(
     try:
         message = handler.request_deserializer(request) if handler.request_deserializer else request
     except Exception:  # noqa: BLE001 - a request that does not parse changes nothing
-        return grpc.StatusCode.INVALID_ARGUMENT, "malformed request message", None
+        return grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED, None
     behaviour = handler.unary_unary
     if behaviour is None:
         log.error("not a unary-unary handler: %r", handler)
@@ -327,6 +345,40 @@ class LoopOptions:
     pool_threads: int = 4
     max_turn: int = 64
     channel_options: tuple[tuple[str, Any], ...] = ()
+    stream_threads: int = 4
+    streams_per_connection: int = 4
+    stream_queue: int = 16
+
+
+class _StreamGate:
+    """Admits streaming calls: bounded per connection and in total (threads + queue)."""
+
+    def __init__(self, options: LoopOptions) -> None:
+        self._capacity = options.stream_threads + options.stream_queue
+        self._per_connection = options.streams_per_connection
+        self._lock = threading.Lock()
+        self._open = 0
+        self._by_peer: dict[str, int] = {}
+
+    def enter(self, peer: str) -> str | None:
+        """None when admitted (call :meth:`leave` when it ends), else why not."""
+        with self._lock:
+            if self._open >= self._capacity:
+                return "too many streaming calls; retry later"
+            if self._by_peer.get(peer, 0) >= self._per_connection:
+                return "too many streaming calls on this connection"
+            self._open += 1
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+            return None
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._open -= 1
+            left = self._by_peer.get(peer, 1) - 1
+            if left:
+                self._by_peer[peer] = left
+            else:
+                self._by_peer.pop(peer, None)
 
 
 @dataclass
@@ -344,11 +396,15 @@ class LoopServer:
         *,
         inline: frozenset[str],
         options: LoopOptions,
+        refusals: RefusalLog | None = None,
     ) -> None:
+        """``refusals`` counts calls refused before any handler ran; the server starts and
+        stops it (:mod:`keybroker.server.refusals`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
             raise ValueError(f"inline methods without a handler: {unknown}")
         self._handlers = handlers
+        self.refusals = refusals
         self._inline = inline
         self._options = options
         self._cq = cygrpc.CompletionQueue()
@@ -357,6 +413,10 @@ class LoopServer:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
         )
+        self._streams = futures.ThreadPoolExecutor(
+            max_workers=options.stream_threads, thread_name_prefix="kb-stream"
+        )
+        self._stream_gate = _StreamGate(options)
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -376,6 +436,8 @@ class LoopServer:
     def start(self) -> None:
         self._server.start()
         self._server.request_call(self._cq, self._cq, _NEW_CALL)
+        if self.refusals is not None:
+            self.refusals.start()
         self._thread.start()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -466,6 +528,9 @@ class LoopServer:
                 self._destroyed = True
                 self._server.destroy()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._streams.shutdown(wait=False, cancel_futures=True)
+            if self.refusals is not None:
+                self.refusals.stop()  # logs the last interval
             if self._stopping is not None:
                 if self._stopping.grace_timer is not None:
                     self._stopping.grace_timer.cancel()
@@ -505,22 +570,24 @@ class LoopServer:
         method = bytes(event.call_details.method).decode("utf-8", "replace")
         handler = self._handlers.lookup(method)
         if handler is None:
+            self._refused(_peer_of(event.call), UNKNOWN_METHOD)
             event.call.start_server_batch(
                 _final_ops(grpc.StatusCode.UNIMPLEMENTED, "method not found", (), None),
                 _FINISHED,
             )
         elif handler.request_streaming or handler.response_streaming:
-            self._pool.submit(_Stream(event, handler, self._start_batch).run)
+            self._new_stream(event, handler)
         else:
             event.call.start_server_batch(
                 (cygrpc.ReceiveMessageOperation(_FLAGS),),
-                _Unary(event, handler, method in self._inline),
+                _Unary(event, handler, method in self._inline, _peer_of(event.call)),
             )
 
     def _received(self, tag: _Unary, event: Any, replies: list[_Reply]) -> None:
         message = event.batch_operations[0].message() if event.success else None
         call = tag.event.call
         if message is None:
+            self._refused(tag.peer, NO_MESSAGE)
             call.start_server_batch(
                 _final_ops(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected", (),
                            None),
@@ -528,16 +595,55 @@ class LoopServer:
             )  # fmt: skip
             return
         if tag.inline:
-            context = LoopContext(tag.event, deferring=True)
+            context = LoopContext(tag.event, deferring=True, peer=tag.peer)
             code, details, response = _run_unary(tag.handler, message, context)
+            if details is _MALFORMED:
+                self._refused(tag.peer, MALFORMED_MESSAGE)
             replies.append(_Reply(context, code, details, response))
         else:
-            self._pool.submit(_run_in_pool, tag.handler, tag.event, message, self._start_batch)
+            self._pool.submit(_run_in_pool, tag, message, self._start_batch, self._refused)
+
+    def _new_stream(self, event: Any, handler: Handler) -> None:
+        peer = _peer_of(event.call)
+        refusal = self._stream_gate.enter(peer)
+        if refusal is not None:
+            self._refused(peer, TOO_MANY_STREAMS)
+            event.call.start_server_batch(
+                _final_ops(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal, (), None), _FINISHED
+            )
+            return
+        stream = _Stream(event, handler, self._start_batch)
+
+        def run() -> None:
+            try:
+                stream.run()
+            finally:
+                self._stream_gate.leave(peer)
+
+        self._streams.submit(run)
+
+    def _refused(self, peer: str, kind: str) -> None:
+        """Count a call refused before any handler (never fails the loop)."""
+        if self.refusals is None:
+            return
+        try:
+            self.refusals.note(peer, kind)
+        except Exception:
+            log.exception("counting a refused call failed")
 
 
-def _run_in_pool(handler: Handler, event: Any, message: bytes, start_batch: BatchStarter) -> None:
-    context = LoopContext(event, deferring=False)
-    code, details, response = _run_unary(handler, message, context)
+def _peer_of(call: Any) -> str:
+    return bytes(call.peer()).decode("utf-8", "replace")
+
+
+def _run_in_pool(
+    tag: _Unary, message: bytes, start_batch: BatchStarter, refused: Callable[[str, str], None]
+) -> None:
+    event = tag.event
+    context = LoopContext(event, deferring=False, peer=tag.peer)
+    code, details, response = _run_unary(tag.handler, message, context)
+    if details is _MALFORMED:
+        refused(tag.peer, MALFORMED_MESSAGE)
     start_batch(event.call, _final_ops(code, details, context.trailing, response), _FINISHED)
 
 

@@ -46,3 +46,14 @@ def peer_from_context(context: grpc.ServicerContext) -> Peer:
         thumbprint=certificate_thumbprint(pem),
         tls_version=tls,
     )
+
+
+def peer_ip(peer: str) -> str:
+    """The IP of a gRPC peer string (``ipv4:10.0.0.5:4711``, ``ipv6:[::1]:4711``); other forms
+    (``unix:…``) unchanged."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.find("]")] if "]" in rest else rest
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    return peer

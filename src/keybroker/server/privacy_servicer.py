@@ -107,15 +107,25 @@ class PrivacyServicer(pb_grpc.PrivacyServicer):
     def AmendPurposes(
         self, request: pb.AmendPurposesRequest, context: grpc.ServicerContext
     ) -> pb.AmendPurposesResponse:
+        add, remove = list(request.add_purposes), list(request.remove_purposes)
+
         def action(principal: Principal, decision: Decision) -> pb.AmendPurposesResponse:
-            out = self._broker.amend_purposes(
+            out = self._privacy.amend_purposes(
                 principal,
+                decision,
                 recording_id=request.recording_id,
-                wrapped_key=request.wrapped_key,
-                add=list(request.add_purposes),
-                remove=list(request.remove_purposes),
+                add=add,
+                remove=remove,
                 reason=request.reason,
-                decision=decision,
+                apply=lambda: self._broker.amend_purposes(
+                    principal,
+                    recording_id=request.recording_id,
+                    wrapped_key=request.wrapped_key,
+                    add=add,
+                    remove=remove,
+                    reason=request.reason,
+                    decision=decision,
+                ),
             )
             return pb.AmendPurposesResponse(
                 wrapped_key=out.wrapped_key,

@@ -47,7 +47,13 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
                 key_ref=_key_ref(out.key),
             )
 
-        return self._guard.run(context, "GenerateDataKey", action)
+        return self._guard.run(
+            context,
+            "GenerateDataKey",
+            action,
+            recording_id=request.recording_id,
+            key_name=request.key_name,
+        )
 
     def GenerateWrappedDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
@@ -58,7 +64,13 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
                 wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key)
             )
 
-        return self._guard.run(context, "GenerateWrappedDataKey", action)
+        return self._guard.run(
+            context,
+            "GenerateWrappedDataKey",
+            action,
+            recording_id=request.recording_id,
+            key_name=request.key_name,
+        )
 
     def UnwrapDataKey(
         self, request: pb.UnwrapDataKeyRequest, context: grpc.ServicerContext
@@ -76,7 +88,13 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
                 data_key=out.data_key.reveal(), key_ref=_key_ref(out.key)
             )
 
-        return self._guard.run(context, "UnwrapDataKey", action)
+        return self._guard.run(
+            context,
+            "UnwrapDataKey",
+            action,
+            recording_id=request.recording_id,
+            wrapped_key=request.wrapped_key,
+        )
 
     def RewrapDataKey(
         self, request: pb.RewrapDataKeyRequest, context: grpc.ServicerContext
@@ -90,7 +108,13 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
             )
             return pb.RewrapDataKeyResponse(wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key))
 
-        return self._guard.run(context, "RewrapDataKey", action)
+        return self._guard.run(
+            context,
+            "RewrapDataKey",
+            action,
+            recording_id=request.recording_id,
+            wrapped_key=request.wrapped_key,
+        )
 
     def RewrapDataKeys(
         self, request: pb.RewrapDataKeysRequest, context: grpc.ServicerContext

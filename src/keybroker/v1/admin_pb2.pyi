@@ -114,12 +114,14 @@ class SetRotationPolicyRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rotation_period_seconds: _Optional[int] = ..., rotate_after_wraps: _Optional[int] = ..., min_decryption_version: _Optional[int] = ...) -> None: ...
 
 class KeyVersionRequest(_message.Message):
-    __slots__ = ("name", "version")
+    __slots__ = ("name", "version", "make_current")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAKE_CURRENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    make_current: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., make_current: _Optional[bool] = ...) -> None: ...
 
 class DisableKeyVersionRequest(_message.Message):
     __slots__ = ("name", "version", "decrypt_only")
