@@ -88,8 +88,9 @@ def test_default_command_is_serve_with_a_private_umask(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def probed(devenv: DevEnv) -> Iterator[RunningBroker]:
-    running = create_server(load_settings(devenv))
+def probed(devenv: DevEnv, tmp_path: Path) -> Iterator[RunningBroker]:
+    # a journal of its own: one writer per journal (the session's broker may hold the default)
+    running = create_server(load_settings(devenv, audit_dir=str(tmp_path / "journal")))
     yield running
     running.stop(1)
 
