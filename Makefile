@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .keybroker
 LISTEN ?= 127.0.0.1:50051
-LINT_PATHS := src tests bench scripts
+LINT_PATHS := src tests bench scripts deploy
 
 .PHONY: run test lint proto demo bench bench-capacity bench-recording system-deps venv clean
 .PHONY: fuzz
@@ -19,8 +19,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
+# checkov (tests/deploy) in a virtual environment of its own: it pins packaging<24, which the
+# project's build (setuptools) needs newer.
+CHECKOV := $(VENV)/tools/checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/tools/checkov
+	$(VENV)/tools/checkov/bin/pip install --quiet 'checkov>=3.2,<4'
+
 ## venv: create .venv with keybroker and its development tools
-venv: $(BIN)/.installed
+venv: $(BIN)/.installed $(CHECKOV)
 
 ## run: provision the embedded dev environment under $(STATE_DIR) and start the broker
 run: system-deps venv

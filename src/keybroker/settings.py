@@ -26,6 +26,8 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MAX_LEEWAY_SECONDS = 60
+PROCESSES_AUTO = "auto"
+"""``[server] processes = "auto"``: one worker per CPU the container or host grants."""
 
 _DURATION_RE = re.compile(r"(\d{1,15})\s*([smhd]?)")  # 15 digits: far beyond any real duration
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,8 +49,10 @@ def parse_duration(value: object, key: str) -> int:
 @dataclass(frozen=True)
 class ServerSettings:
     listen: str = "127.0.0.1:50051"
-    processes: int = 1
-    """Worker processes sharing the port (SO_REUSEPORT); 0 means one per CPU."""
+    processes: int = 0
+    """Worker processes sharing the port (SO_REUSEPORT). ``"auto"`` (stored as 0, the default):
+    one per CPU this process may use, i.e. its affinity mask and cgroup v2 CPU quota, at least 1
+    (:func:`keybroker.server.cpus.available_cpus`)."""
     threads: int = 4
     """Threads per process for calls off the data plane (admin, privacy, batch); the
     data-plane methods run on each process's server loop (keybroker.server.loop)."""
@@ -163,6 +167,9 @@ class StateSettings:
     """PostgreSQL password, read from this file (never put it in the URL)."""
     refresh_interval: float = 0.25
     """Longest time a replica serves key metadata older than the store's (see README)."""
+    migrate: bool = True
+    """Apply schema migrations at start. false: the database role may lack DDL rights; the broker
+    only checks the schema version and ``keybroker migrate`` applies migrations beforehand."""
     usage_flush_interval: float = 5.0
     """Seconds between adding in-memory usage counts to the store."""
     scheduler_interval: float = 10.0
@@ -371,6 +378,11 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     section: str, key: str, hint: Any, value: Any, base: Path
 ) -> Any:
     name = f"[{section}] {key}"
+    if f"{section}.{key}" == "server.processes" and isinstance(value, str):
+        if value.strip().lower() == PROCESSES_AUTO:
+            return 0
+        if not value.strip().isdigit():
+            raise ConfigurationError(f'{name}: expected "auto" or a number, got {value!r}')
     if f"{section}.{key}" in _DURATION_KEYS:
         return parse_duration(value, name)
     text = str(hint)
@@ -589,7 +601,9 @@ def validate(settings: Settings) -> None:
     if auth.token_cache_size < 0:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
     if settings.server.processes < 0 or settings.server.threads < 1:
-        raise ConfigurationError("[server] processes must be >= 0 and threads >= 1")
+        raise ConfigurationError(
+            '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
+        )
     validate_listen(settings.server.listen)
     _validate_keys(settings.keys)
     if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:

@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.set_defaults(func=_cmd_serve)
 
-    from keybroker.cli import audit, kek, privacy, recordings
+    from keybroker.cli import audit, kek, migrate, privacy, recordings
 
+    migrate.register(sub)
     kek.register(sub)
     privacy.register(sub)
     recordings.register(sub)

@@ -31,6 +31,7 @@ from keybroker.adapters.keystore import SqlKeyStore
 from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
 from keybroker.adapters.privacy_cache import PrivacyCache
 from keybroker.adapters.privacystore import SqlPrivacyStore
+from keybroker.adapters.schema import require_current_schema
 from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.adapters.telemetry import (
     SpanRecorder,
@@ -53,6 +54,7 @@ from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
+from keybroker.server.cpus import available_cpus
 from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
@@ -195,11 +197,19 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
 
 
 def open_database(settings: Settings) -> Database:
-    """The metadata database named by ``[state] url``, migrated to this version's schema."""
+    """The metadata database named by ``[state] url``, migrated to this version's schema (or,
+    with ``[state] migrate = false``, checked to be at it)."""
     state = settings.state
     base = settings.source.resolve().parent if settings.source else Path.cwd()
     db = Database(dialect_for(state.url, base=base, password=state.read_password()))
-    db.migrate()
+    try:
+        if state.migrate:
+            db.migrate()
+        else:  # the schema is `keybroker migrate`'s job; this role may lack DDL rights
+            require_current_schema(db)
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -706,7 +716,9 @@ def _hold_journal(settings: Settings, processes: int) -> None:
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
     disable_core_dumps()
-    processes = settings.server.processes or os.cpu_count() or 1
+    processes = settings.server.processes or available_cpus()
+    if not settings.server.processes:
+        log.info("[server] processes = auto: %d (CPU quota and affinity)", processes)
     check_before_start(settings)
     _hold_journal(settings, processes)
     if processes == 1:
