@@ -30,8 +30,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from keybroker import cli, settings
-    from keybroker.cli.logs import configure_logging
     from keybroker.server.app import serve
+    from keybroker.server.logs import configure_logging
 
     loaded = settings.load(config_path(args.config))
     configure_logging(loaded.telemetry.log_level)
