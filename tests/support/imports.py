@@ -68,3 +68,80 @@ def imported_keybroker_modules(path: Path, module: str | None = None) -> set[str
                 target = target.rpartition(".")[0]
             found.add(target)
     return found
+
+
+def private_imports(path: Path, module: str | None = None) -> list[str]:
+    """``module.name`` for every private name (``_x``, not ``__x__``) ``path`` imports from
+    another keybroker module, or through a private module (``keybroker.client._base``)."""
+    own = module or module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if not name.startswith("keybroker.") or name.startswith(own + "."):
+                continue
+            if any(_private(part) for part in name.split(".")):
+                found.append(name)
+    return found
+
+
+def _private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the keybroker modules it imports (anywhere in the file), for every module."""
+    graph = {}
+    for path in source_files():
+        module = module_name(path)
+        # a package is always initialised before its submodules: `from keybroker.client import
+        # _calls` inside keybroker.client.x does not make the package depend on x
+        ancestors = {module.rsplit(".", n)[0] for n in range(1, module.count(".") + 1)}
+        graph[module] = imported_keybroker_modules(path) - {module} - ancestors
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: each strongly connected component of more than one module
+    (Tarjan), sorted, as a sorted list of names."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
