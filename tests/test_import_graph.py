@@ -1,5 +1,6 @@
-"""keybroker's import graph (every import anywhere in a file, function-local ones included): the
-command line has no circle and takes no other module's private names."""
+"""keybroker's import graph (every import anywhere in a file, function-local ones included): no
+module imports itself around a circle, and the command line takes no other module's private
+names."""
 
 from __future__ import annotations
 
@@ -51,3 +52,11 @@ def test_cli_has_no_import_cycle() -> None:
 def test_cli_module_imports_no_private_name(path: Path) -> None:
     """No module of the command line imports another module's private (``_x``) names."""
     assert private_imports(path) == [], f"{module_name(path)} takes private names"
+
+
+def test_no_import_cycle_anywhere() -> None:
+    """No two modules of src/keybroker import each other, directly or around a circle, even
+    through a function-local or ``TYPE_CHECKING`` import (core.broker ↔ core.retention went
+    through the epoch scheme, now the leaf core.epochs; adapters.checkpoint_keys ↔
+    adapters.hsm_signer through the public-key type, now the leaf adapters.public_keys)."""
+    assert cycles(import_graph()) == []

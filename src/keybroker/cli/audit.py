@@ -12,8 +12,6 @@ from pathlib import Path
 
 from keybroker import settings as settings_mod
 from keybroker.adapters.checkpoint_keys import (
-    PublicKey,
-    checked_public_key,
     checkpoint_signer,
     configured_public_key,
     fingerprint,
@@ -40,6 +38,7 @@ from keybroker.adapters.journal_archive import (
     read_archive,
     registered_chains,
 )
+from keybroker.adapters.public_keys import PublicKey, checked_public_key
 from keybroker.cli import audit_report
 from keybroker.cli.common import EXIT_OK, load_settings
 from keybroker.cli.journal_reading import (
