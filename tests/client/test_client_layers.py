@@ -1,21 +1,18 @@
-"""The client SDK stands alone: it imports neither the server, the adapters nor the CLI (function-
-local imports included), only the modules the keybroker-client distribution packs, and loading it
-pulls in no server dependency."""
+"""The client SDK stands alone: it imports only the modules the keybroker-client distribution packs
+(function-local imports included), and loading it pulls in no server dependency. That it imports
+neither the server, the adapters nor the CLI is one of the layer rules of tests/test_layers.py."""
 
 from __future__ import annotations
 
-import ast
 import json
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import keybroker
+from tests.support.imports import SRC, imported_modules
 from tests.support.process import run_fresh
 
-SRC = Path(keybroker.__file__).resolve().parent
 ROOT = SRC.parent.parent
 CLIENT_FILES = [*sorted((SRC / "client").glob("*.py")), SRC / "wire.py"]
 FORBIDDEN = ("keybroker.server", "keybroker.adapters", "keybroker.cli")
@@ -24,29 +21,6 @@ FORBIDDEN = ("keybroker.server", "keybroker.adapters", "keybroker.cli")
 def _within(module: str, packages: tuple[str, ...]) -> bool:
     """``module`` is one of ``packages`` or inside one (``keybroker.client`` is not in ``.cli``)."""
     return any(module == p or module.startswith(f"{p}.") for p in packages)
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imported_modules(path: Path, module: str | None = None) -> Iterator[str]:
-    """Every module ``path`` (the module named ``module``, by default from its place under src/)
-    imports, anywhere in the file (top level or inside a function)."""
-    package = module or _module_name(path)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
 
 
 def shipped_modules() -> set[str]:
@@ -65,24 +39,6 @@ def _is_shipped(module: str, shipped: set[str]) -> bool:
         any(module == s or (s.endswith(".*") and module.startswith(s[:-1])) for s in shipped)
         or f"{module}.__init__" in shipped
     )
-
-
-def test_the_scan_sees_function_local_and_relative_imports(tmp_path: Path) -> None:
-    """The AST scan is not vacuous: it reports an import hidden in a function, and relative ones."""
-    sample = tmp_path / "_probe.py"
-    sample.write_text(
-        "def f():\n    from keybroker.server import status\n    from . import tokens\n"
-        "    from .. import cli\n"
-    )
-    found = set(imported_modules(sample, "keybroker.client._probe"))
-    assert {"keybroker.server.status", "keybroker.client.tokens", "keybroker.cli"} <= found
-
-
-@pytest.mark.parametrize("path", CLIENT_FILES, ids=lambda p: p.name)
-def test_client_module_imports_no_server_adapter_or_cli(path: Path) -> None:
-    """No module of keybroker.client (nor keybroker.wire) imports server, adapters or cli."""
-    bad = [m for m in imported_modules(path) if _within(m, FORBIDDEN)]
-    assert bad == [], f"{path.name} imports {bad}"
 
 
 @pytest.mark.parametrize("path", CLIENT_FILES, ids=lambda p: p.name)

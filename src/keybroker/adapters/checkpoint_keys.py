@@ -22,14 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from keybroker.adapters.public_keys import PublicKey, checked_public_key
 from keybroker.core import journal as jf
 from keybroker.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from keybroker.adapters.hsm_signer import HsmSignerConfig
     from keybroker.settings import Settings
-
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
 class CheckpointSigner(Protocol):
@@ -47,14 +46,6 @@ def load_public_key(path: Path) -> PublicKey:
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot read public key {path}: {exc}") from None
     return checked_public_key(key, str(path))
-
-
-def checked_public_key(key: object, source: str) -> PublicKey:
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key
-    raise ConfigurationError(f"{source}: the checkpoint key must be Ed25519 or ECDSA P-256")
 
 
 def public_pem(key: PublicKey) -> bytes:

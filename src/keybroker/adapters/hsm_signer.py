@@ -39,7 +39,7 @@ from pkcs11.exceptions import (
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keybroker.adapters import hsm_sessions
-from keybroker.adapters.checkpoint_keys import PublicKey, checked_public_key
+from keybroker.adapters.public_keys import PublicKey, checked_public_key
 from keybroker.errors import ConfigurationError, HsmUnavailableError
 
 ALGORITHMS = ("ed25519", "ecdsa-p256")

@@ -7,13 +7,11 @@ import argparse
 import datetime as dt
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from keybroker import settings as settings_mod
 from keybroker.adapters.checkpoint_keys import (
-    PublicKey,
-    checked_public_key,
     checkpoint_signer,
     configured_public_key,
     fingerprint,
@@ -24,7 +22,7 @@ from keybroker.adapters.checkpoint_keys import (
 )
 from keybroker.adapters.export import Pseudonymizer
 from keybroker.adapters.files import write_private
-from keybroker.adapters.journal import CHECKPOINTS, ChainLines, TornTail, journal_files
+from keybroker.adapters.journal import CHECKPOINTS, ChainLines, journal_files
 from keybroker.adapters.journal_archive import (
     ARCHIVE,
     ARCHIVED,
@@ -40,50 +38,21 @@ from keybroker.adapters.journal_archive import (
     read_archive,
     registered_chains,
 )
+from keybroker.adapters.public_keys import PublicKey, checked_public_key
+from keybroker.cli import audit_report
+from keybroker.cli.common import EXIT_OK, load_settings
+from keybroker.cli.journal_reading import (
+    EXIT_TAMPERED,
+    chain_dirs,
+    journal_root,
+    parse_when,
+    print_notes,
+    reading_journal,
+    records,
+)
 from keybroker.core import journal as jf
 from keybroker.core.decision import Decision
 from keybroker.errors import ConfigurationError
-
-EXIT_OK, EXIT_TAMPERED = 0, 1
-
-
-class UnreadableJournalError(Exception):
-    """A record that is not a torn tail does not parse: the journal needs ``audit verify``."""
-
-
-def reading_journal(
-    command: Callable[[argparse.Namespace], int],
-) -> Callable[[argparse.Namespace], int]:
-    """Turn an unreadable record into a one-line message and exit 1 (never a traceback)."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except UnreadableJournalError as exc:
-            print(f"keybroker: {exc}", file=sys.stderr)
-            return EXIT_TAMPERED
-
-    return run
-
-
-def _settings(args: argparse.Namespace) -> settings_mod.Settings:
-    from keybroker.cli.main import config_path
-
-    return settings_mod.load(config_path(args.config))
-
-
-def _chains(root: Path) -> list[Path]:
-    chains = sorted(p for p in root.glob("w*") if p.is_dir())
-    if not chains:
-        raise ConfigurationError(f"no journal under {root} ([audit] dir)")
-    return chains
-
-
-def _journal_root(args: argparse.Namespace, s: settings_mod.Settings) -> Path:
-    root = args.dir or s.audit.dir
-    if root is None:
-        raise ConfigurationError("[audit] dir is not set; pass --dir")
-    return Path(root)
 
 
 def _first_where(chain: Path) -> str:
@@ -218,11 +187,11 @@ def _public_key(args: argparse.Namespace, s: settings_mod.Settings) -> tuple[Pub
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    s = _settings(args)
+    s = load_settings(args)
     key = s.audit.load_chain_key()
     public, source = _public_key(args, s)
     check = signature_check(public)
-    root = _journal_root(args, s)
+    root = journal_root(args, s)
     chains = sorted(p for p in root.glob("w*") if p.is_dir())
     expected = _expected_chains(root, [c.name for c in chains], s, args.anchors)
     missing = sorted(set(expected) - {c.name for c in chains})
@@ -278,15 +247,15 @@ def _record_missing(
 def _archive(args: argparse.Namespace) -> int:
     """Archive (or delete) whole journal files older than ``--before``, oldest first, never the
     file being written; each one's archive record is durable before the file is touched."""
-    s = _settings(args)
+    s = load_settings(args)
     key = s.audit.load_chain_key()
     signer = checkpoint_signer(s)
     check = signature_check(checked_public_key(signer.public_key(), "[audit] signing key"))
-    root = _journal_root(args, s)
+    root = journal_root(args, s)
     if not args.before and not args.record_missing:
         raise ConfigurationError("--before is required with --to and --delete")
-    before = _when(args.before) if args.before else None
-    for chain in _chains(root):
+    before = parse_when(args.before) if args.before else None
+    for chain in chain_dirs(root):
         archived = read_archive(chain, key, check)
         covered = archived[-1].last if archived else 0
         head = archived[-1].head if archived else None
@@ -340,7 +309,7 @@ def _archive(args: argparse.Namespace) -> int:
 
 
 def cmd_public_key(args: argparse.Namespace) -> int:
-    pem = public_pem(configured_public_key(_settings(args)))
+    pem = public_pem(configured_public_key(load_settings(args)))
     if args.output:
         write_private(args.output, pem)
         print(f"written to {args.output}", file=sys.stderr)
@@ -352,7 +321,7 @@ def cmd_public_key(args: argparse.Namespace) -> int:
 def cmd_signing_key_create(args: argparse.Namespace) -> int:
     from keybroker.adapters.hsm_signer import create_signing_key
 
-    s = _settings(args)
+    s = load_settings(args)
     if not s.audit.signing_key_label:
         raise ConfigurationError("set [audit] signing_key_label to the label the key pair gets")
     public = create_signing_key(hsm_signer_config(s), args.algorithm)
@@ -366,51 +335,6 @@ def cmd_signing_key_create(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
-
-
-def _records(root: Path, notes: list[str] | None = None) -> Iterator[tuple[str, jf.Record]]:
-    """Every record of every chain, read (not verified). A torn last record (a crash) is
-    skipped and noted in ``notes``; any other unreadable line is an error naming its place."""
-    for chain in _chains(root):
-        lines = ChainLines(chain)
-        for where, raw in lines:
-            try:
-                body = jf.parse_line(raw)
-                mac = str(body.pop("mac"))
-                record = jf.Record(
-                    int(body["seq"]),
-                    int(body["ts"]),
-                    str(body["kind"]),
-                    body,
-                    str(body["prev"]),
-                    mac,
-                )
-            except (ValueError, KeyError, TypeError):
-                raise UnreadableJournalError(
-                    f"{chain.name}/{where}: unreadable record; run `keybroker audit verify`"
-                ) from None
-            yield chain.name, record
-        if lines.torn is not None and notes is not None:
-            notes.append(f"{chain.name}/{_torn_note(lines.torn)}")
-
-
-def _torn_note(torn: TornTail) -> str:
-    return (
-        f"{torn.where}: skipped a torn last record "
-        f"({torn.size} bytes, a crash or a write in progress)"
-    )
-
-
-def print_notes(notes: list[str]) -> None:
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-
-
-def _when(value: str) -> int:
-    moment = dt.datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return int(moment.timestamp() * 1e9)
 
 
 def _matches(d: Decision, args: argparse.Namespace) -> bool:
@@ -428,12 +352,12 @@ def _matches(d: Decision, args: argparse.Namespace) -> bool:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    s = _settings(args)
-    since = _when(args.since) if args.since else None
-    until = _when(args.until) if args.until else None
+    s = load_settings(args)
+    since = parse_when(args.since) if args.since else None
+    until = parse_when(args.until) if args.until else None
     rows = []
     notes: list[str] = []
-    for chain, record in _records(_journal_root(args, s), notes):
+    for chain, record in records(journal_root(args, s), notes):
         d = record.decision
         if d is None or (since and record.ts < since) or (until and record.ts > until):
             continue
@@ -462,7 +386,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_pseudonym(args: argparse.Namespace) -> int:
-    key = _settings(args).audit.load_pseudonym_key()
+    key = load_settings(args).audit.load_pseudonym_key()
     if key is None:
         raise ConfigurationError(
             "[audit] pseudonymize is off: exported spans carry identifiers in clear"
@@ -550,8 +474,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--until", help="ISO 8601 time (UTC if no zone)")
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.set_defaults(func=reading_journal(cmd_query))
-    from keybroker.cli import audit_report
-
     audit_report.register(audit)
     p = audit.add_parser("pseudonym", help="the pseudonym an identifier has in exported spans")
     p.add_argument("identifier", help="a recording or subject id, or a justification")

@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape, quoteattr
 
+from keybroker.cli.common import load_settings
+from keybroker.cli.journal_reading import (
+    journal_root,
+    parse_when,
+    print_notes,
+    reading_journal,
+    records,
+)
 from keybroker.core.decision import Decision, Outcome
 
 OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome if o is not Outcome.INTENT)
@@ -367,15 +375,13 @@ def render_svg(s: Summary, *, width: int = 860) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from keybroker.cli.audit import _journal_root, _records, _settings, _when, print_notes
-
-    root = _journal_root(args, _settings(args))
-    since = _when(args.since) if args.since else None
-    until = _when(args.until) if args.until else None
+    root = journal_root(args, load_settings(args))
+    since = parse_when(args.since) if args.since else None
+    until = parse_when(args.until) if args.until else None
     notes: list[str] = []
     decisions = (
         (record.ts, d)
-        for _chain, record in _records(root, notes)
+        for _chain, record in records(root, notes)
         if (d := record.decision) is not None
     )
     summary = summarize(decisions, since_ns=since, until_ns=until, top=args.top)
@@ -402,8 +408,6 @@ def register(audit: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--top", type=int, default=10, help="denial reasons listed (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--chart", type=Path, metavar="FILE.svg", help="also write an SVG chart")
-    from keybroker.cli.audit import reading_journal
-
     p.set_defaults(func=reading_journal(cmd_report))
 
 

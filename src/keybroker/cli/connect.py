@@ -12,6 +12,8 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from keybroker import settings
+from keybroker.cli.common import config_path
 from keybroker.client import TlsFiles, TokenFile
 from keybroker.errors import ConfigurationError
 
@@ -24,9 +26,6 @@ NO_CLIENT_CONFIGURATION = (
 
 def client_settings(args: argparse.Namespace) -> tuple[str, TlsFiles, TokenFile, float]:
     """(target, TLS files, token file, timeout) from ``[client]`` and ``--token-file``."""
-    from keybroker import settings
-    from keybroker.cli.main import config_path
-
     path = config_path(args.config)
     client = settings.load(path).client
     try:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from keybroker.cli.common import EXIT_FAILURE, EXIT_OK, load_settings
 from keybroker.cli.connect import add_connection_options, as_json, client_settings, table, when
 from keybroker.client import KeyBrokerClient
 from keybroker.client.admin import KeyAdminClient
@@ -28,8 +29,6 @@ from keybroker.core.broker import MAX_REWRAP_BATCH
 from keybroker.errors import ConfigurationError, FailedPreconditionError, KeybrokerError
 from keybroker.settings import parse_duration
 from keybroker.v1 import admin_pb2 as pb
-
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def _admin(args: argparse.Namespace) -> KeyAdminClient:
@@ -102,11 +101,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _create_offline(args: argparse.Namespace) -> int:
-    from keybroker import settings
     from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
-    from keybroker.cli.main import config_path
 
-    loaded = settings.load(config_path(args.config))
+    loaded = load_settings(args)
     if not loaded.hsm.token_label:
         raise ConfigurationError("[hsm] token_label is required")
     os.environ.update(loaded.hsm.env)

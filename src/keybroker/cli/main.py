@@ -15,23 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keybroker import __version__
+from keybroker.cli import audit, kek, migrate, privacy, recordings
+from keybroker.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config_path
 from keybroker.errors import ConfigurationError, KeybrokerError
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_STATE_DIR = Path(".keybroker")
-
-
-def config_path(arg: str | None) -> Path | None:
-    value = arg or os.environ.get("KEYBROKER_CONFIG")
-    return Path(value) if value else None
+# the subcommands besides `serve` and `dev`, in the order `keybroker --help` lists them; each
+# module's register() adds its parser(s)
+SUBCOMMANDS = (migrate, kek, privacy, recordings, audit)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from keybroker import cli, settings
-    from keybroker.cli.logs import configure_logging
     from keybroker.server.app import serve
+    from keybroker.server.logs import configure_logging
 
     loaded = settings.load(config_path(args.config))
     configure_logging(loaded.telemetry.log_level)
@@ -129,13 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.set_defaults(func=_cmd_serve)
 
-    from keybroker.cli import audit, kek, migrate, privacy, recordings
-
-    migrate.register(sub)
-    kek.register(sub)
-    privacy.register(sub)
-    recordings.register(sub)
-    audit.register(sub)
+    for command in SUBCOMMANDS:
+        command.register(sub)
 
     dev = sub.add_parser("dev", help="embedded development environment").add_subparsers(
         dest="dev_command", required=True

@@ -13,12 +13,11 @@ import binascii
 import json
 from typing import Any
 
+from keybroker.cli.common import EXIT_OK
 from keybroker.cli.connect import add_connection_options, as_json, client_settings, table, when
 from keybroker.client.privacy import PrivacyClient
 from keybroker.errors import ConfigurationError
 from keybroker.v1 import privacy_pb2 as pb
-
-EXIT_OK = 0
 
 
 def _client(args: argparse.Namespace) -> PrivacyClient:

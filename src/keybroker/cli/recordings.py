@@ -14,18 +14,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from keybroker.cli.common import EXIT_CONFIG
+from keybroker.cli.connect import client_settings
 from keybroker.client import KeyBrokerClient
 from keybroker.client.recording import Progress, RecordingHeader
 from keybroker.core.wrapped_key import WrappedKey
 from keybroker.errors import InvalidRequestError, InvalidWrappedKeyError
 
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
-EXIT_USAGE = 2
+EXIT_USAGE = EXIT_CONFIG
 
 
 def _client(args: argparse.Namespace) -> KeyBrokerClient:
-    from keybroker.cli.connect import client_settings
-
     target, tls, token, timeout = client_settings(args)
     return KeyBrokerClient(target, tls=tls, token=token, timeout=timeout)
 

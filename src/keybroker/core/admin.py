@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from keybroker.core import policy
 from keybroker.core.decision import Decision, IntentRecorder, record_intent
+from keybroker.core.epochs import is_retention_key
 from keybroker.core.identity import Principal
 from keybroker.core.keys import KeyInfo, VersionState
 from keybroker.core.lifecycle import KeyLifecycle
-from keybroker.core.retention import is_retention_key
 
 
 class KeyAdmin:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from keybroker.core import policy
 from keybroker.core.decision import Decision
+from keybroker.core.epochs import EpochKeyBudget, EpochScheme
 from keybroker.core.identity import Principal
 from keybroker.core.keys import KeySnapshot, VersionState
 from keybroker.core.ports import Clock, KeyCatalog, KeyEncryptionKeys
@@ -22,7 +23,6 @@ from keybroker.core.privacy import (
     require_not_erased,
     validate_reason,
 )
-from keybroker.core.retention import EpochKeyBudget, EpochScheme
 from keybroker.core.wrapped_key import (
     DATA_KEY_SIZE,
     Bindings,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import overload
 
 from keybroker.core.decision import Decision, Outcome
+from keybroker.core.epochs import is_retention_key
 from keybroker.core.keys import (
     DEFAULT_ROTATE_AFTER_WRAPS,
     MAX_ROTATE_AFTER_WRAPS,
@@ -35,7 +36,6 @@ from keybroker.core.keys import (
     require_transition,
 )
 from keybroker.core.ports import Clock, KekAdministration, KeyStore
-from keybroker.core.retention import is_retention_key
 from keybroker.core.wrapped_key import KeyRef, validate_key_name
 from keybroker.errors import (
     FailedPreconditionError,

@@ -691,7 +691,7 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
 
 
 def _worker(settings: Settings, worker: int) -> None:
-    from keybroker.cli.logs import configure_logging
+    from keybroker.server.logs import configure_logging
 
     configure_logging(settings.telemetry.log_level)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own

@@ -22,7 +22,8 @@ data-plane call needs thus happens on this one thread, gRPC core's socket I/O in
 (:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the disk.
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
-grpcio's own server makes; pyproject.toml pins grpcio to the minor version it was written for.
+grpcio's own server makes, through one door: :mod:`keybroker.server.grpc_private` binds every
+private name used here; pyproject.toml pins grpcio to the minor version it was written for.
 TLS, HTTP/2, message-size limits and the auth context are gRPC core's, exactly as before.
 """
 
@@ -38,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
-from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
+from keybroker.server import grpc_private as cy
 from keybroker.server.guard import (
     DeferredRecord,
     RecordDeferral,
@@ -126,16 +127,16 @@ class LoopContext(grpc.ServicerContext, RecordDeferral):
         return self._peer
 
     def auth_context(self) -> Mapping[str, Any]:  # name -> list of values
-        auth = cygrpc.auth_context(self._call) or {}
+        auth = cy.auth_context(self._call) or {}
         return {bytes(k).decode("ascii", "replace") if isinstance(k, bytes) else k: v
                 for k, v in auth.items()}  # fmt: skip
 
     def peer_identities(self) -> Sequence[bytes] | None:
-        identities: Sequence[bytes] | None = cygrpc.peer_identities(self._call)
+        identities: Sequence[bytes] | None = cy.peer_identities(self._call)
         return identities
 
     def peer_identity_key(self) -> str | None:
-        key = cygrpc.peer_identity_key(self._call)
+        key = cy.peer_identity_key(self._call)
         return None if key is None else bytes(key).decode("ascii", "replace")
 
     def time_remaining(self) -> float:
@@ -213,15 +214,15 @@ class _Reply:
 def _final_ops(
     code: grpc.StatusCode, details: str, trailing: Metadata, response: bytes | None
 ) -> tuple[Any, ...]:
-    ops: list[Any] = [cygrpc.SendInitialMetadataOperation(None, _FLAGS)]
+    ops: list[Any] = [cy.SendInitialMetadataOperation(None, _FLAGS)]
     if response is not None:
-        ops.append(cygrpc.SendMessageOperation(response, _FLAGS))
+        ops.append(cy.SendMessageOperation(response, _FLAGS))
     ops.append(
-        cygrpc.SendStatusFromServerOperation(
+        cy.SendStatusFromServerOperation(
             trailing or None, code.value[0], details.encode("utf-8"), _FLAGS
         )
     )
-    ops.append(cygrpc.ReceiveCloseOnServerOperation(_FLAGS))
+    ops.append(cy.ReceiveCloseOnServerOperation(_FLAGS))
     return tuple(ops)
 
 
@@ -283,7 +284,7 @@ class _Stream:
 
     def _requests(self) -> Iterator[Any]:
         while True:
-            if not self._start(self._call, (cygrpc.ReceiveMessageOperation(_FLAGS),), self):
+            if not self._start(self._call, (cy.ReceiveMessageOperation(_FLAGS),), self):
                 return
             event = self._completions.get()
             message = event.batch_operations[0].message() if event.success else None
@@ -307,18 +308,16 @@ class _Stream:
         yield from handler.unary_stream(request, self.context)
 
     def run(self) -> None:
-        self._start(
-            self._call, (cygrpc.ReceiveCloseOnServerOperation(_FLAGS),), _Closing(self.context)
-        )
+        self._start(self._call, (cy.ReceiveCloseOnServerOperation(_FLAGS),), _Closing(self.context))
         code, details = grpc.StatusCode.OK, ""
         try:
             serialize = self._handler.response_serializer
             for response in self._responses():
                 ops: list[Any] = []
                 if not self._sent_initial:
-                    ops.append(cygrpc.SendInitialMetadataOperation(None, _FLAGS))
+                    ops.append(cy.SendInitialMetadataOperation(None, _FLAGS))
                     self._sent_initial = True
-                ops.append(cygrpc.SendMessageOperation(
+                ops.append(cy.SendMessageOperation(
                     serialize(response) if serialize else response, _FLAGS
                 ))  # fmt: skip
                 if not self._batch(tuple(ops)):
@@ -331,8 +330,8 @@ class _Stream:
         except Exception:
             log.exception("unexpected error in a streaming call")
             code, details = grpc.StatusCode.INTERNAL, "internal error"
-        ops = [] if self._sent_initial else [cygrpc.SendInitialMetadataOperation(None, _FLAGS)]
-        ops.append(cygrpc.SendStatusFromServerOperation(
+        ops = [] if self._sent_initial else [cy.SendInitialMetadataOperation(None, _FLAGS)]
+        ops.append(cy.SendStatusFromServerOperation(
             self.context.trailing or None, code.value[0], details.encode("utf-8"), _FLAGS
         ))  # fmt: skip
         self._start(self._call, tuple(ops), _FINISHED)
@@ -407,8 +406,8 @@ class LoopServer:
         self.refusals = refusals
         self._inline = inline
         self._options = options
-        self._cq = cygrpc.CompletionQueue()
-        self._server = cygrpc.Server(options.channel_options, False)
+        self._cq = cy.CompletionQueue()
+        self._server = cy.Server(options.channel_options, False)
         self._server.register_completion_queue(self._cq)
         self._pool = futures.ThreadPoolExecutor(
             max_workers=options.pool_threads, thread_name_prefix="kb-call"
@@ -429,7 +428,7 @@ class LoopServer:
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
         port: int = self._server.add_http2_port(
             address.encode("utf-8"),
-            credentials._credentials,  # type: ignore[attr-defined] # the core credentials grpc wraps
+            cy.core_credentials(credentials),
         )
         return port
 
@@ -485,7 +484,7 @@ class LoopServer:
         give_up = time.monotonic() + 2.0
         while time.monotonic() < give_up:
             event = self._cq.poll(time.time() + 0.1)
-            if event.completion_type != cygrpc.CompletionType.queue_timeout and (
+            if event.completion_type != cy.CompletionType.queue_timeout and (
                 event.tag is _SHUTDOWN
             ):
                 return
@@ -504,7 +503,7 @@ class LoopServer:
                 # replies waiting: only take what is ready; stopping: look at the clock now and then
                 deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
                 event = self._cq.poll(deadline)
-                if event.completion_type == cygrpc.CompletionType.queue_timeout:
+                if event.completion_type == cy.CompletionType.queue_timeout:
                     self._end_turn(replies)
                     replies = []
                     continue
@@ -579,7 +578,7 @@ class LoopServer:
             self._new_stream(event, handler)
         else:
             event.call.start_server_batch(
-                (cygrpc.ReceiveMessageOperation(_FLAGS),),
+                (cy.ReceiveMessageOperation(_FLAGS),),
                 _Unary(event, handler, method in self._inline, _peer_of(event.call)),
             )
 

@@ -1,4 +1,4 @@
-"""Logging set-up for the command line: one line per event on stderr."""
+"""Logging set-up for `keybroker serve` and its workers: one line per event on stderr."""
 
 from __future__ import annotations
 
