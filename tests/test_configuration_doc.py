@@ -27,7 +27,13 @@ def _sections() -> dict[str, type[Any]]:
 
 
 def _default(f: Field[Any]) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not MISSING:
+        return f.default
+    assert f.default_factory is not MISSING
+    return f.default_factory()
+
+
+_SIMPLE = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def _type_name(section: str, key: str, hint: Any) -> str:
@@ -36,18 +42,12 @@ def _type_name(section: str, key: str, hint: Any) -> str:
         return "duration"
     if "Path" in text:
         return "path"
-    if hint is bool:
-        return "boolean"
-    if hint is int:
-        return "integer"
-    if hint is float:
-        return "number"
     if text.startswith("tuple"):
         return "list of strings"
     if "Mapping" in text:
         return "table of strings"
-    assert hint is str, f"[{section}] {key}: a type this test does not know: {text}"
-    return "string"
+    assert hint in _SIMPLE, f"[{section}] {key}: a type this test does not know: {text}"
+    return _SIMPLE[hint]
 
 
 def _documented() -> dict[str, dict[str, tuple[str, str, str, str]]]:
