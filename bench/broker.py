@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,9 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 #: A realistic request: one recording, one purpose, one data subject, a small caller context.
 RECORDING_ID = "rec-2026-11-22-000001"
+UNIQUE_PLACEHOLDER = "U" * 20
+"""In GenerateDataKey's recording id; the load generator writes a unique value there per call
+(``--unique-at``): the broker registers each recording id once."""
 PURPOSE = "support"
 SUBJECT_IDS = ("subj-7f3a9c2e",)
 CONTEXT = {"tenant": "acme", "system": "call-recorder"}
@@ -193,8 +197,9 @@ def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
     )
     token = mint_token(env, scopes=["keys:unwrap", "keys:generate"], purposes=[PURPOSE])
     metadata = [("authorization", f"Bearer {token}")]
+    recording_id = f"{RECORDING_ID}-{secrets.token_hex(4)}"  # registered once per broker state
     generate = pb.GenerateDataKeyRequest(
-        recording_id=RECORDING_ID,
+        recording_id=f"bench-{UNIQUE_PLACEHOLDER}",
         purposes=[PURPOSE],
         subject_ids=list(SUBJECT_IDS),
         context=CONTEXT,
@@ -206,11 +211,14 @@ def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise SystemExit(f"bench: broker health is {status}, not SERVING")
         stub = pb_grpc.KeyBrokerStub(channel)  # type: ignore[no-untyped-call]
+        check = pb.GenerateDataKeyRequest()
+        check.CopyFrom(generate)
+        check.recording_id = recording_id
         generated: pb.GenerateDataKeyResponse = stub.GenerateDataKey(
-            generate, metadata=metadata, timeout=10
+            check, metadata=metadata, timeout=10
         )
         unwrap = pb.UnwrapDataKeyRequest(
-            recording_id=RECORDING_ID,
+            recording_id=recording_id,
             wrapped_key=generated.wrapped_key,
             purpose=PURPOSE,
             context=CONTEXT,
@@ -266,6 +274,9 @@ def run_load(
     ]  # fmt: skip
     if method != HEALTH:
         argv += ["--token-file", str(token or broker.token_file)]
+    if method == GENERATE and request is None:
+        offset = broker.request_file(method).read_bytes().find(UNIQUE_PLACEHOLDER.encode())
+        argv += ["--unique-at", str(offset)]
     roots = [broker.child.pid]
     before = after = None
     result: dict[str, object] | None = None

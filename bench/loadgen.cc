@@ -7,6 +7,10 @@
 // (GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL), so SO_REUSEPORT can spread them over server processes.
 // One completion-queue thread: the client stays cheap next to the server it measures.
 //
+// `--unique-at OFFSET` makes every request distinct (GenerateDataKey registers each recording id
+// once): the 20 bytes at OFFSET of the request (a placeholder the driver put in the recording id)
+// are overwritten per call with 8 random hex digits (per process) and a 12-digit call counter.
+//
 // Bounded: warm-up, then a measured window of `--duration` seconds or `--max-calls` completions,
 // whichever ends first; every call has a deadline. Protocol on stdout, one line each:
 //   READY            all channels connected
@@ -27,6 +31,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <random>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -48,7 +53,10 @@ struct Options {
   double duration = 10.0;
   long max_calls = 5'000'000;
   double call_timeout = 10.0;
+  long unique_at = -1;
 };
+
+constexpr size_t kUniqueWidth = 20;
 
 struct Call {
   grpc::ClientContext ctx;
@@ -100,6 +108,7 @@ Options parse(int argc, char** argv) {
   o.duration = std::stod(opt("duration", "10"));
   o.max_calls = std::stol(opt("max-calls", "5000000"));
   o.call_timeout = std::stod(opt("call-timeout", "10"));
+  o.unique_at = std::stol(opt("unique-at", "-1"));
   if (o.concurrency < 1 || o.concurrency > 4096) die("--concurrency must be 1..4096");
   if (o.connections < 1 || o.connections > o.concurrency) die("--connections must be 1..concurrency");
   if (o.duration <= 0 || o.duration > 600 || o.warmup < 0 || o.warmup > 60) die("bad duration");
@@ -172,8 +181,26 @@ int main(int argc, char** argv) {
   }
   say("READY");
 
-  grpc::Slice slice(request_bytes.data(), request_bytes.size());
-  const grpc::ByteBuffer request(&slice, 1);
+  if (o.unique_at >= 0 &&
+      static_cast<size_t>(o.unique_at) + kUniqueWidth > request_bytes.size()) {
+    die("--unique-at is past the end of the request");
+  }
+  char run_prefix[9];
+  std::snprintf(run_prefix, sizeof run_prefix, "%08x",
+                static_cast<unsigned>(std::random_device{}()));
+  long long sequence = 0;
+  auto make_request = [&]() {
+    if (o.unique_at < 0) {
+      grpc::Slice slice(request_bytes.data(), request_bytes.size());
+      return grpc::ByteBuffer(&slice, 1);
+    }
+    std::string bytes = request_bytes;
+    char unique[kUniqueWidth + 1];
+    std::snprintf(unique, sizeof unique, "%s%012lld", run_prefix, sequence++ % 1000000000000LL);
+    bytes.replace(static_cast<size_t>(o.unique_at), kUniqueWidth, unique, kUniqueWidth);
+    grpc::Slice slice(bytes.data(), bytes.size());
+    return grpc::ByteBuffer(&slice, 1);
+  };
   grpc::CompletionQueue cq;
   const auto timeout = std::chrono::microseconds(static_cast<int64_t>(o.call_timeout * 1e6));
 
@@ -183,6 +210,7 @@ int main(int argc, char** argv) {
     call->started = Clock::now();
     call->ctx.set_deadline(std::chrono::system_clock::now() + timeout);
     if (!authorization.empty()) call->ctx.AddMetadata("authorization", authorization);
+    const grpc::ByteBuffer request = make_request();
     call->rpc = stubs[static_cast<size_t>(slot % o.connections)]->PrepareUnaryCall(
         &call->ctx, o.method, request, &cq);
     call->rpc->StartCall();

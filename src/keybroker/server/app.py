@@ -654,7 +654,7 @@ def _create_server(
         privacy_cache,
         shredder,
         draining,
-        denials,
+        denials=denials,
     )
 
 
