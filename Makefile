@@ -7,6 +7,7 @@ LISTEN ?= 127.0.0.1:50051
 LINT_PATHS := src tests bench scripts
 
 .PHONY: run test lint proto demo bench bench-capacity bench-recording system-deps venv clean
+.PHONY: fuzz
 
 ## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
 system-deps:
@@ -55,6 +56,10 @@ bench-capacity: system-deps venv
 ## bench-recording: recording format memory (2 GiB round trip) and throughput vs raw AES-GCM
 bench-recording: venv
 	$(BIN)/python bench/recording.py --size-gib 2
+
+## fuzz: the long fuzzing campaign, one niced process at a time (figures in .fuzz/summary.md)
+fuzz: system-deps venv
+	nice -n 10 $(BIN)/python -m tests.fuzz.campaign --out .fuzz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -26,7 +27,7 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MAX_LEEWAY_SECONDS = 60
 
-_DURATION_RE = re.compile(r"(\d+)\s*([smhd]?)")
+_DURATION_RE = re.compile(r"(\d{1,15})\s*([smhd]?)")  # 15 digits: far beyond any real duration
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -376,9 +377,12 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     if "Path" in text:
         if value == "" and "None" in text:
             return None  # an empty override unsets an optional path
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\0" in value:
             raise ConfigurationError(f"{name}: expected a file path")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # "~user/…" naming no user, or no home directory
+            raise ConfigurationError(f"{name}: cannot expand '~' in {value!r}") from None
         return path if path.is_absolute() else (base / path)
     if hint is bool or text == "bool":
         if isinstance(value, bool):
@@ -389,13 +393,16 @@ def _coerce(  # noqa: PLR0911, PLR0912 - one branch per setting type, kept flat 
     if hint is int or text == "int":
         try:
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: TOML inf
             raise ConfigurationError(f"{name}: expected an integer, got {value!r}") from None
     if hint is float or text == "float":
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # TOML and float() both read nan and inf
+            raise ConfigurationError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if text.startswith("tuple"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
@@ -494,6 +501,21 @@ class _Sources:
         return f"{self._path}, line {line}" if line else str(self._path)
 
 
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text of a TOML settings file and its tables (ConfigurationError naming the file)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return text, tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"config file {path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
+
+
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load settings from ``path`` (TOML) and environment overrides, then validate."""
     environ = os.environ if environ is None else environ
@@ -501,13 +523,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
     text = ""
     base = Path.cwd()
     if path is not None:
-        try:
-            text = path.read_text()
-            raw = tomllib.loads(text)
-        except OSError as exc:
-            raise ConfigurationError(f"config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"config file {path}: invalid TOML ({exc})") from None
+        text, raw = _read_toml(path)
         base = path.resolve().parent
     overrides, env_names = _env_overrides(environ)
     sources = _Sources(path, text, env_names)

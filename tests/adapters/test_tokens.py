@@ -180,13 +180,20 @@ def test_cache_is_bounded(tmp_path: Path) -> None:
 
 
 def test_claims_of_the_wrong_type_are_refused(tmp_path: Path) -> None:
-    """scope must be a string; purpose a string or list of strings; cnf an object."""
+    """scope must be a string; purpose a string or list of strings; cnf an object; nbf a number
+    (found by fuzzing: PyJWT reads "nbf": "222" as 222)."""
     issuer = Issuer()
     issuer.add_key("k1")
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(issuer.jwks()))
     verifier = TokenVerifier(settings(), JwksKeys(file=path))
-    for claims in ({"scope": ["keys:unwrap"]}, {"purpose": [1]}, {"cnf": "x"}, {"amr": "mfa"}):
+    for claims in (
+        {"scope": ["keys:unwrap"]},
+        {"purpose": [1]},
+        {"cnf": "x"},
+        {"amr": "mfa"},
+        {"nbf": "222"},
+    ):
         with pytest.raises(AuthenticationError) as info:
             verifier.verify(issuer.token("k1", **claims))
         assert info.value.reason == "token_malformed"

@@ -22,11 +22,14 @@ from tests.support.process import BrokerProcess, free_port, run_cli
 def _calls(devenv: DevEnv, port: int, count: int) -> None:
     token = mint_token(devenv, scopes=["keys:generate", "keys:unwrap"], purposes=["support"])
     with channel(devenv, port) as ch:
-        for i in range(count):
-            gen = stub(ch).GenerateDataKey(generate_request(f"rec-lock-{i}"), metadata=auth(token))
+        for _ in range(count):
+            request = generate_request()  # a new recording id each (ids are registered once)
+            gen = stub(ch).GenerateDataKey(request, metadata=auth(token))
             stub(ch).UnwrapDataKey(
                 pb.UnwrapDataKeyRequest(
-                    recording_id=f"rec-lock-{i}", wrapped_key=gen.wrapped_key, purpose="support"
+                    recording_id=request.recording_id,
+                    wrapped_key=gen.wrapped_key,
+                    purpose="support",
                 ),
                 metadata=auth(token),
             )

@@ -268,8 +268,9 @@ class TokenVerifier:
             raise _naming(exc, claims) from None
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
-        exp, iat = claims["exp"], claims["iat"]
-        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf", 0)
+        # NumericDates are JSON numbers (RFC 7519); PyJWT alone would read "nbf": "222" as 222.
+        if not all(isinstance(t, int | float) for t in (exp, iat, nbf)):
             raise AuthenticationError("access token malformed", reason="token_malformed")
         if exp - iat > self._s.max_token_lifetime:
             raise AuthenticationError(

@@ -51,6 +51,9 @@ ADMIN_SERVICE = "keybroker.v1.KeyAdmin"
 REJECTED_OBJECT = "hsm_object_rejected"
 SCHEDULER_SUBJECT = "keybroker:scheduler"
 MIN_ROTATION_PERIOD = 3600
+MAX_ROTATION_PERIOD = 100 * 366 * 86400
+"""A century: beyond it a period means "never" and only overflows storage (use 0 for none)."""
+MAX_DESTRUCTION_WINDOW = MAX_ROTATION_PERIOD
 S = VersionState
 #: Claims every live version of a key for destruction: the versions won, or None for "not now".
 ShredClaim = Callable[[str, float], "list[int] | None"]
@@ -266,6 +269,10 @@ class KeyLifecycle:
             raise InvalidRequestError(
                 f"the destruction window must be at least {self._c.min_destruction_window} s",
                 reason="destruction_window_too_short",
+            )
+        if wait > MAX_DESTRUCTION_WINDOW:  # the date must fit a protobuf Timestamp and the store
+            raise InvalidRequestError(
+                f"the destruction window must be at most {MAX_DESTRUCTION_WINDOW} s (a century)"
             )
         key = self.get(name)
         found = require_transition(key, version, S.SCHEDULED_FOR_DESTRUCTION)
@@ -499,9 +506,12 @@ class KeyLifecycle:
 
 
 def _check_policy(rotation_period: int | None, rotate_after_wraps: int | None) -> None:
-    if rotation_period is not None and rotation_period < MIN_ROTATION_PERIOD:
+    if rotation_period is not None and not (
+        MIN_ROTATION_PERIOD <= rotation_period <= MAX_ROTATION_PERIOD
+    ):
         raise InvalidRequestError(
-            f"rotation_period must be at least {MIN_ROTATION_PERIOD} s (or 0 for none)",
+            f"rotation_period must be {MIN_ROTATION_PERIOD}..{MAX_ROTATION_PERIOD} s "
+            "(or 0 for none)",
             reason="bad_rotation_period",
         )
     if rotate_after_wraps is not None and not 1 <= rotate_after_wraps <= MAX_ROTATE_AFTER_WRAPS:
