@@ -3,7 +3,8 @@
 Decrypts the ciphertext of a real wrapped key (32-byte data key, its real header as AAD) with
 python-pkcs11 against the broker's own SoftHSM token, exactly the PKCS#11 call the broker makes per
 unwrap: the key is an in-memory session copy (``key.copy({Attribute.TOKEN: False})``) and one call
-runs at a time (concurrent calls crash SoftHSM, see FACTS.md). Run as a separate process by
+runs at a time (concurrent calls crash SoftHSM initialised without OS locking,
+see docs/CONCURRENCY.md). Run as a separate process by
 bench/run.py so the benchmark process itself never logs in to the token; several copies may run
 at once (``--start-at`` lines them up), one per process, as the broker's workers do.
 

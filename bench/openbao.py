@@ -7,7 +7,8 @@ batch rewrap bodies and rotate the key, write a policy that grants only ``update
 
 * typical: created with the policy; OpenBao attaches its built-in ``default`` policy as it does to
   every token unless told otherwise;
-* lean: the same with ``no_default_policy=true`` (see FACTS.md: ``default`` alone costs ~2.7x).
+* lean: the same with ``no_default_policy=true`` (``default`` alone makes decrypt ~2.3x slower:
+  the typical and lean rows of docs/PERFORMANCE.md).
 
 Requests carry the same additional data the broker authenticates (the wrapped key's header), as
 ``associated_data``. Load comes from wrk (bench/wrk_post.lua), one request in flight per

@@ -12,7 +12,7 @@ The imported KEKs are exactly what the broker refuses in production (``CKA_LOCAL
 values are known; see test_hsm_kek_objects.py); the checking child switches that refusal off, so
 what is tested here is the crypto path alone.
 
-PKCS#11 login is per process and python-pkcs11 modules are process-wide (docs: FACTS.md), so all
+PKCS#11 login is per process and python-pkcs11 modules are process-wide (docs/CONCURRENCY.md), so all
 HSM work runs in child processes: one imports the KEKs and logs out, one runs the checks. This test
 process never loads the PKCS#11 module.
 """

@@ -1,5 +1,5 @@
 """`keybroker kek`: the whole rotate -> migrate -> retire -> destroy cycle against a running broker,
-as README.md "Operations" shows it."""
+as docs/OPERATIONS.md "Key lifecycle" shows it."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_kek_enable_make_current_adopts_a_version_found_on_the_token(
     devenv: DevEnv, running: RunningBroker, tmp_path: Path
 ) -> None:
     """`kek enable NAME VERSION --make-current` makes a version found on the token (adopted,
-    enabled, not current) the current one, as README.md "Operations" shows it."""
+    enabled, not current) the current one, as docs/OPERATIONS.md "Key lifecycle" shows it."""
     from keybroker.core.wrapped_key import KeyRef
 
     env = {"KEYBROKER_CLIENT_TARGET": f"127.0.0.1:{running.port}"}
