@@ -48,7 +48,7 @@ BATCHES = openbao.REWRAP_BATCHES
 NO_EPOCHS = {"KEYBROKER_KEYS_RETENTION_EPOCHS": "false"}
 
 
-def prepare(b: broker.Broker, versions: int) -> dict[str, Path]:
+def prepare(b: broker.Broker, versions: int, timeout: float | None = None) -> dict[str, Path]:
     """On broker ``b``: 200 wrapped keys under v1, then ``versions - 1`` rotations; request files
     for unwrap (v1, current) and RewrapDataKeys (100, 200 items), and a keys:rewrap token."""
     env = b.env
@@ -58,12 +58,12 @@ def prepare(b: broker.Broker, versions: int) -> dict[str, Path]:
     rewrap = b.files / "token_rewrap.txt"
     rewrap.write_text(mint_token(env, scopes=["keys:rewrap"]))
     files = {"rewrap_token": rewrap}
-    with KeyBrokerClient(b.target, tls=tls, token=data) as kb:
+    with KeyBrokerClient(b.target, tls=tls, token=data, timeout=timeout) as kb:
         old = [
             (f"rec-{i:04d}", kb.generate_wrapped_data_key(f"rec-{i:04d}", purposes=["support"]))
             for i in range(max(BATCHES))
         ]
-        with KeyAdminClient(b.target, tls=tls, token=admin) as keys:
+        with KeyAdminClient(b.target, tls=tls, token=admin, timeout=timeout) as keys:
             for _ in range(versions - 1):
                 keys.rotate_key("recordings")
             if len(keys.get_key("recordings").versions) != versions:
@@ -131,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad))
         servers = [one.child, many.child, bao.child]
 
-        def kb(b: broker.Broker, method: str, spec: broker.LoadSpec, **kw: Path) -> Measurement:
-            return broker.run_load(loadgen, b, method, spec, log, **kw)
+        def kb(
+            b: broker.Broker,
+            method: str,
+            spec: broker.LoadSpec,
+            *,
+            request: Path | None = None,
+            token: Path | None = None,
+        ) -> Measurement:
+            return broker.run_load(loadgen, b, method, spec, log, request=request, token=token)
 
         phases: dict[str, tuple[procs.Child, Callable[[], Measurement]]] = {
             "unwrap 1 version (v1 key)": (
