@@ -29,6 +29,7 @@ from report import Measurement
 
 from keybroker import settings as settings_mod
 from keybroker.devenv import DevEnv, mint_token, provision
+from keybroker.server.cpus import available_cpus
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
@@ -96,10 +97,13 @@ def running_broker(
     call_timeout: float = 10.0,
 ) -> Iterator[Broker]:
     """Provision a fresh state directory, start the broker, prepare the requests; stop it after.
+    ``processes`` 0: as many as ``[server] processes = "auto"`` starts (the default).
 
     ``name`` separates the state, requests and log of a second broker (``overrides``: its
     KEYBROKER_* settings, e.g. the journal turned off). ``wrapper``: a command the broker runs
     under (e.g. valgrind), given the interpreter and ``-m keybroker.cli.main serve``."""
+    if processes == 0:  # "auto", the default: one per CPU the broker may use
+        processes = available_cpus()
     suffix = f"-{name}" if name else ""
     state = work / f"state{suffix}"
     if state.exists():
@@ -111,7 +115,7 @@ def running_broker(
     environ = {
         **os.environ,
         "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}",
-        "KEYBROKER_SERVER_PROCESSES": str(processes),
+        "KEYBROKER_SERVER_PROCESSES": str(processes),  # what "auto" gives, when asked for it
         "KEYBROKER_SERVER_THREADS": str(threads),
         **(overrides or {}),
     }

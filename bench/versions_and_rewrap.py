@@ -4,10 +4,11 @@
 
 Issue #3: unwrap throughput with 100 versions of a key within 10 % of one version; and
 ``RewrapDataKeys`` throughput in keys/s beside OpenBao transit batch rewrap with a policy-scoped
-token, in the same run. Two brokers (2 processes x 4 threads, retention epochs off so both wrap
-under ``recordings`` itself) start from fresh dev environments; the second one's key is rotated 99
-times through KeyAdmin after 200 wrapped keys were made under version 1. Phases, each with the
-other servers frozen, in R interleaved rounds:
+token, in the same run, OpenBao with its file audit device on. Two brokers (``processes = "auto"`` x
+4 threads, durable journal, retention epochs off so both wrap under ``recordings`` itself) start
+from fresh dev environments; the second one's key is rotated 99 times through KeyAdmin after 200
+wrapped keys were made under version 1. Phases, each with the other servers frozen, in R interleaved
+rounds:
 
 * UnwrapDataKey of a v1 key on the 1-version broker, of the same kind of v1 key and of a
   current-version key on the 100-version broker (C++ load generator, mTLS);
@@ -119,16 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Measurement]] = {}
     with ExitStack() as stack:
         one = stack.enter_context(
-            broker.running_broker(WORK, processes=2, threads=4, name="v1", overrides=NO_EPOCHS)
+            broker.running_broker(WORK, processes=0, threads=4, name="v1", overrides=NO_EPOCHS)
         )
         many = stack.enter_context(
-            broker.running_broker(WORK, processes=2, threads=4, name="v100", overrides=NO_EPOCHS)
+            broker.running_broker(WORK, processes=0, threads=4, name="v100", overrides=NO_EPOCHS)
         )
         print("bench: preparing keys and rotating to 100 versions", file=sys.stderr)
         files_one, files_many = prepare(one, 1), prepare(many, 100)
         request = pb.UnwrapDataKeyRequest.FromString(files_one["unwrap_v1"].read_bytes())
         aad = WrappedKey.parse(request.wrapped_key).aad  # OpenBao gets the same additional data
-        bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad))
+        bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad, audit=True))
         servers = [one.child, many.child, bao.child]
 
         def kb(
@@ -182,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                         body=f"rewrap-{size}",
                     )
 
-                phases[f"OpenBao batch rewrap x{size} ({kind})"] = (bao.child, bao_rewrap)
+                phases[f"OpenBao batch rewrap x{size} ({kind}, file audit)"] = (
+                    bao.child,
+                    bao_rewrap,
+                )
         names = list(phases)
         for round_no in range(1, args.rounds + 1):
             # the three unwrap phases take turns going first (no phase always follows another)
@@ -248,7 +252,8 @@ def render(args: argparse.Namespace, results: dict[str, list[Measurement]]) -> s
             continue  # --unwrap-only
         for kind in ("typical", "lean"):
             value = ratio(
-                f"keybroker RewrapDataKeys x{size}", f"OpenBao batch rewrap x{size} ({kind})"
+                f"keybroker RewrapDataKeys x{size}",
+                f"OpenBao batch rewrap x{size} ({kind}, file audit)",
             )
             lines.append(
                 f"- keys/s, keybroker RewrapDataKeys x{size} / OpenBao batch rewrap x{size}"
