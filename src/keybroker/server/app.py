@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -670,6 +671,7 @@ def _create_server(
 
 def _serve_one(settings: Settings, worker: int = 0) -> None:
     broker = create_server(settings, worker=worker)
+    settle_heap()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -688,6 +690,19 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
     broker.stop(settings.server.grace_period)
     if broker.server.failed:
         raise SystemExit("keybroker: the gRPC server loop failed (see the log); exiting")
+
+
+def settle_heap() -> None:
+    """After start-up: collect once, then move every object alive now (modules, the wiring,
+    loaded state) out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    The collector's full passes otherwise walk those hundreds of thousands of start-up objects
+    again and again while serving: measured under callgrind at about 60,000 instructions per
+    UnwrapDataKey (some 5 % of a call; bench/NOTES.md). Frozen objects are still freed by
+    reference counting when released; only reference cycles among them would stay, and start-up
+    objects live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 def _worker(settings: Settings, worker: int) -> None:
