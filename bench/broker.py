@@ -252,6 +252,8 @@ class LoadSpec:
     warmup: float
     duration: float
     max_calls: int
+    call_timeout: float = 10.0
+    """Each call's deadline, seconds."""
 
 
 def run_load(
@@ -281,6 +283,7 @@ def run_load(
         "--warmup", str(spec.warmup),
         "--duration", str(spec.duration),
         "--max-calls", str(spec.max_calls),
+        "--call-timeout", f"{spec.call_timeout:g}",
     ]  # fmt: skip
     if method != HEALTH:
         argv += ["--token-file", str(token or broker.token_file)]
@@ -294,7 +297,7 @@ def run_load(
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
         )
-        watchdog = threading.Timer(spec.warmup + spec.duration + 60, proc.kill)
+        watchdog = threading.Timer(spec.warmup + spec.duration + spec.call_timeout + 60, proc.kill)
         watchdog.start()
         try:
             assert proc.stdout is not None

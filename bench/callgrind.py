@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 per = REWRAP_ITEMS if method == "rewrap" else 1
                 calls = max(args.calls // per, 20)
-                spec = broker.LoadSpec(IN_FLIGHT, IN_FLIGHT, 5.0, 600.0, calls)
+                spec = broker.LoadSpec(IN_FLIGHT, IN_FLIGHT, 5.0, 600.0, calls, 300.0)
                 marks: list[str] = []
 
                 def mark(what: str, marks: list[str] = marks, pid: int = pid) -> None:
