@@ -143,7 +143,8 @@ def main() -> None:
                     rates.setdefault((v.name, method, c), []).append(m.rate * per)
                     cpus.setdefault((v.name, method, c), []).append((m.server_cpu_us or 0) / per)
                     print(
-                        f"round {round_no + 1} {v.name} {method} ({c} in flight): "
+                        f"round {round_no + 1} {v.name} {method} "
+                        f"({REWRAP_IN_FLIGHT if per > 1 else c} in flight): "
                         f"{m.rate * per:,.0f} {'items' if per > 1 else 'ops'}/s, p50 "
                         f"{m.p50_ms or 0:.2f} ms, server {(m.server_cpu_us or 0) / per:,.0f} "
                         f"µs/{'item' if per > 1 else 'op'}, machine busy "
@@ -157,7 +158,8 @@ def main() -> None:
         key = (v.name, method, c)
         got, cpu = rates[key], cpus[key]
         line = (
-            f"{v.name} {method} ({c} in flight): ops/s {', '.join(f'{r:,.0f}' for r in got)}"
+            f"{v.name} {method} ({REWRAP_IN_FLIGHT if method == 'rewrap' else c} in flight): "
+            f"ops/s {', '.join(f'{r:,.0f}' for r in got)}"
             f" (median {statistics.median(got):,.0f}); server µs/op "
             f"{', '.join(f'{u:,.0f}' for u in cpu)} (median {statistics.median(cpu):,.0f})"
         )

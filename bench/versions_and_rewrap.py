@@ -70,17 +70,21 @@ def prepare(b: broker.Broker, versions: int, timeout: float | None = None) -> di
             if len(keys.get_key("recordings").versions) != versions:
                 raise SystemExit("bench: rotation did not make the versions asked for")
         deadline = time.monotonic() + 10  # every worker process sees the rotations (<= 0.25 s)
-        current = kb.generate_wrapped_data_key("rec-current", purposes=["support"])
+        attempt = 0  # a recording id is registered once: a new one per attempt
+        current_id = f"rec-current-{attempt}"
+        current = kb.generate_wrapped_data_key(current_id, purposes=["support"])
         while current.key_ref.version != versions and time.monotonic() < deadline:
             time.sleep(0.1)
-            current = kb.generate_wrapped_data_key("rec-current", purposes=["support"])
+            attempt += 1
+            current_id = f"rec-current-{attempt}"
+            current = kb.generate_wrapped_data_key(current_id, purposes=["support"])
         if current.key_ref.version != versions or old[0][1].key_ref.version != 1:
             raise SystemExit("bench: unexpected key versions")
-        for recording, wrapped in (("rec-0000", old[0][1]), ("rec-current", current)):
+        for recording, wrapped in (("rec-0000", old[0][1]), (current_id, current)):
             kb.unwrap_data_key(recording, wrapped.wrapped, purpose="support")  # they work
     for name, (recording, wrapped) in (
         ("unwrap_v1", old[0]),
-        ("unwrap_current", ("rec-current", current)),
+        ("unwrap_current", (current_id, current)),
     ):
         request = pb.UnwrapDataKeyRequest(
             recording_id=recording, wrapped_key=wrapped.wrapped, purpose=broker.PURPOSE
