@@ -166,7 +166,7 @@ def _started(
     timeout: float = 60.0,
 ) -> Iterator[procs.Child]:
     """Start the broker; retry a start whose worker lost a race for the token (see
-    docs/PERFORMANCE.md: workers starting at once sometimes fail to find the SoftHSM token)."""
+    bench/NOTES.md: workers starting at once sometimes fail to find the SoftHSM token)."""
     for attempt in range(1, attempts + 1):
         child = procs.Child(argv, log=log, env=environ)
         try:
