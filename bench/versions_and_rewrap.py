@@ -41,6 +41,7 @@ from keybroker.client import KeyBrokerClient, TlsFiles  # noqa: E402
 from keybroker.client.admin import KeyAdminClient  # noqa: E402
 from keybroker.core.wrapped_key import WrappedKey  # noqa: E402
 from keybroker.devenv import mint_token  # noqa: E402
+from keybroker.server.cpus import available_cpus  # noqa: E402
 from keybroker.v1 import keybroker_pb2 as pb  # noqa: E402
 
 WORK = BENCH / ".work" / "lifecycle"
@@ -227,8 +228,9 @@ def render(args: argparse.Namespace, results: dict[str, list[Measurement]]) -> s
     only = " --unwrap-only" if args.unwrap_only else ""
     lines = [
         f"`.venv/bin/python bench/versions_and_rewrap.py --rounds {args.rounds} --duration"
-        f" {args.duration:g}{only}` (brokers: 2 processes x 4 threads; unwrap concurrency"
-        f" {args.concurrency}, batch calls in flight {args.batch_concurrency}, for OpenBao as many"
+        f" {args.duration:g}{only}` (brokers: processes = auto ({available_cpus()}) x 4 threads,"
+        f" durable journal; unwrap concurrency {args.concurrency}, batch calls in flight"
+        f" {args.batch_concurrency}, for OpenBao, with its file audit device, as many"
         f" connections; medians of {args.rounds} interleaved rounds)",
         "",
         "| phase | calls/s | keys/s | p50 ms | p99 ms | server CPU µs/call | errors |",
