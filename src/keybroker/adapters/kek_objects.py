@@ -4,8 +4,9 @@ session or object and holds no state.
 
 IVs. HSMs differ (probed at start-up by :func:`probe_module`, never assumed):
 
-- *keeps* the caller's IV (SoftHSM2, openCryptoki): the broker draws 12 random bytes from the
-  HSM's generator and passes them;
+- *keeps* the caller's IV (SoftHSM2, openCryptoki): the broker passes 12 random bytes from the
+  HSM's generator (the HSM adapter draws them 64 IVs at a time per session,
+  :meth:`keybroker.adapters.hsm.Pkcs11Keks._fresh_iv`);
 - *overwrites* it with an IV of its own, written back into ``CK_GCM_PARAMS.pIv`` (AWS CloudHSM);
 - *refuses* a caller IV and fills a zeroed ``pIv`` itself (Thales Luna in FIPS mode).
 
