@@ -49,6 +49,7 @@ from keybroker.core.keys import UNWRAPPABLE, KeySnapshot, VersionState
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
+from keybroker.core.privacy_replay import ReplayReport
 from keybroker.core.retention import RetentionShredder
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
@@ -62,6 +63,7 @@ from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.refusals import RefusalLog
+from keybroker.server.replay import replay_journal
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
 from keybroker.settings import Settings, validate_for_serving
@@ -168,6 +170,37 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
             checkpoint_interval=audit.checkpoint_interval,
         )
     )
+
+
+def replay_with_own_journal(
+    settings: Settings, *, dry_run: bool = False, quiet: bool = False
+) -> ReplayReport | None:
+    """Privacy replay (keybroker.server.replay) from a process that writes no journal itself:
+    the parent of ``serve`` with several processes, or ``keybroker privacy replay``. Its
+    re-applications go into chain ``w0``, taken for the time (the caller holds the journal
+    directory: no broker writes it). None without ``[audit] dir``. ``quiet``: no log lines (the
+    caller prints the report)."""
+    root = settings.audit.dir
+    if root is None:
+        return None
+    chain_key = settings.audit.load_chain_key()
+    store = SqlPrivacyStore(open_database(settings))
+    try:
+        if dry_run:
+            return replay_journal(root, chain_key, store, None, dry_run=True, quiet=quiet)
+        lock = lock_slot(root, 0)
+        try:
+            journal = open_journal(settings, 0)
+            if journal is None:  # pragma: no cover - [audit] dir is set
+                return None
+            try:
+                return replay_journal(root, chain_key, store, journal.record, quiet=quiet)
+            finally:
+                journal.close()
+        finally:
+            lock.release()
+    finally:
+        store.close()
 
 
 def hsm_config(settings: Settings) -> HsmConfig:
@@ -502,14 +535,19 @@ def create_server(
     clock: Clock = time.time,
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
+    replay: bool = True,
 ) -> RunningBroker:
     """Check the settings and TLS files, take this worker's journal slot (one writer per
-    journal), connect to the HSM, wire the services and start listening. Fails fast."""
+    journal), connect to the HSM, wire the services and start listening. Fails fast.
+
+    ``replay``: before serving, re-apply the journal's privacy changes the metadata database
+    lacks (keybroker.server.replay); ``serve`` with several processes does it once, before
+    the workers start, and passes False."""
     check_before_start(settings)
     lock = lock_journal_slot(settings, worker)
     try:
         running = _create_server(
-            settings, clock=clock, span_processor=span_processor, worker=worker
+            settings, clock=clock, span_processor=span_processor, worker=worker, replay=replay
         )
     except BaseException:
         if lock is not None:
@@ -525,6 +563,7 @@ def _create_server(
     clock: Clock,
     span_processor: SpanProcessor | None,
     worker: int,
+    replay: bool,
 ) -> RunningBroker:
     store = open_store(settings)
     keks = connect_hsm(settings)
@@ -564,6 +603,13 @@ def _create_server(
         clock=clock,
         on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
     )
+    if replay and settings.audit.dir is not None:  # before the first load: serve nothing less
+        replay_journal(
+            settings.audit.dir,
+            settings.audit.load_chain_key(),
+            privacy_cache.store,
+            event_recorder(journal, obs.recorder),
+        )
     lifecycle = KeyLifecycle(
         store,
         keks,
@@ -668,8 +714,8 @@ def _create_server(
     )
 
 
-def _serve_one(settings: Settings, worker: int = 0) -> None:
-    broker = create_server(settings, worker=worker)
+def _serve_one(settings: Settings, worker: int = 0, *, replay: bool = True) -> None:
+    broker = create_server(settings, worker=worker, replay=replay)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -695,7 +741,7 @@ def _worker(settings: Settings, worker: int) -> None:
 
     configure_logging(settings.telemetry.log_level)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
-    _serve_one(settings, worker)
+    _serve_one(settings, worker, replay=False)  # the parent replayed (serve)
 
 
 _held: list[JournalLock] = []
@@ -724,6 +770,7 @@ def serve(settings: Settings) -> None:
     if processes == 1:
         _serve_one(settings)
         return
+    replay_with_own_journal(settings)  # once, before any worker serves
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
         ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
