@@ -5,6 +5,7 @@ online backup or ``pg_dump``, the restore a file copy or ``psql``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ from keybroker.settings import Settings
 from keybroker.v1 import privacy_pb2 as ppb
 from tests.conftest import load_settings
 from tests.server.test_privacy import Calls, refused, rid
+from tests.support.process import BrokerProcess, run_cli, stop_all
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 PostgresTool = Callable[..., None]
@@ -32,8 +34,12 @@ PostgresTool = Callable[..., None]
 
 def _backup(url: str, target: Path) -> None:
     if url.startswith("sqlite:"):
-        with sqlite3.connect(url.removeprefix("sqlite:")) as src, sqlite3.connect(target) as dst:
+        src, dst = sqlite3.connect(url.removeprefix("sqlite:")), sqlite3.connect(target)
+        try:
             src.backup(dst)  # the online backup API: consistent while the broker runs
+        finally:  # closed now: a connection left to the garbage collector keeps the old -shm
+            src.close()
+            dst.close()
         return
     subprocess.run(
         ["pg_dump", "--clean", "--if-exists", "--no-owner", "-f", str(target), url],
@@ -215,3 +221,81 @@ def test_a_forged_or_damaged_journal_stops_the_start(
     code = cli_main(["privacy", "replay", "--config", str(devenv.config), "--dry-run"])
     assert code == 1
     assert "fails verification" in capsys.readouterr().err
+
+
+def test_privacy_replay_command(devenv: DevEnv, tmp_path: Path) -> None:
+    """``keybroker privacy replay``: refused while a broker holds the journal; with it stopped,
+    a dry run says what the restored database lacks, the real run re-applies and journals it,
+    and a second run finds nothing."""
+    journal, db = tmp_path / "journal", tmp_path / "kb.db"
+    env = {"KEYBROKER_AUDIT_DIR": str(journal), "KEYBROKER_STATE_URL": f"sqlite:{db}"}
+    settings = load_settings(devenv, state_url=f"sqlite:{db}", audit_dir=str(journal))
+    node = Restart(devenv, settings)
+    calls = node.start()
+    try:
+        rec = rid()
+        blob = calls.generate(rec)
+        _backup(f"sqlite:{db}", tmp_path / "backup.db")
+        calls.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r1"))
+        config = ("--config", str(devenv.config))
+        running = run_cli("privacy", "replay", *config, env=env)
+        assert running.returncode == 2, running.stderr
+        assert "journal" in running.stderr
+        node.stop()
+        _restore(f"sqlite:{db}", tmp_path / "backup.db")
+
+        dry = run_cli("privacy", "replay", *config, "--dry-run", env=env)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == [
+            f"would re-apply: erasure of recording {rec} (w0/journal-000000000001.jsonl:"
+            + dry.stdout.split("jsonl:", 1)[1].split(")", 1)[0]
+            + ")"
+        ]
+        applied = run_cli("privacy", "replay", *config, "--json", env=env)
+        assert applied.returncode == 0, applied.stderr
+        report = json.loads(applied.stdout)
+        assert report["dry_run"] is False
+        assert len(report["applied"]) == 1 and rec in report["applied"][0]
+        again = run_cli("privacy", "replay", *config, env=env)
+        assert again.stdout.startswith("the database holds every"), again.stdout
+        assert (OP_ERASURE, "allow", rec) in _replays(journal)
+
+        calls = node.start(replay=False)  # the command did the work
+        assert refused(lambda: calls.unwrap(rec, blob)) == (FAILED, "erased", "erased")
+    finally:
+        node.stop()
+
+
+def test_several_processes_replay_once_before_serving(devenv: DevEnv, tmp_path: Path) -> None:
+    """``serve`` with two worker processes: the supervisor replays before any worker serves."""
+    db = tmp_path / "kb.db"
+    journal = tmp_path / "broker.journal"  # BrokerProcess's journal for log broker.log
+    settings = load_settings(devenv, state_url=f"sqlite:{db}", audit_dir=str(journal))
+    node = Restart(devenv, settings)
+    calls = node.start()
+    try:
+        rec = rid()
+        blob = calls.generate(rec)
+        _backup(f"sqlite:{db}", tmp_path / "backup.db")
+        calls.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r1"))
+    finally:
+        node.stop()
+    _restore(f"sqlite:{db}", tmp_path / "backup.db")
+    proc = BrokerProcess(
+        devenv,
+        tmp_path / "broker.log",
+        {"KEYBROKER_STATE_URL": f"sqlite:{db}", "KEYBROKER_SERVER_PROCESSES": "2"},
+    )
+    try:
+        port = proc.wait_listening(count=2, timeout=90)
+        calls = Calls(devenv, port)
+        try:
+            for _ in range(4):  # whichever worker answers
+                assert refused(lambda: calls.unwrap(rec, blob))[2] == "erased"
+        finally:
+            calls.close()
+    finally:
+        assert stop_all([proc]) == [0]
+    out = proc.output()
+    assert out.count("privacy replay: the database lacked it, re-applied") == 1, out
+    assert [r for r in _replays(journal) if r[1] == "allow"] == [(OP_ERASURE, "allow", rec)]
