@@ -194,6 +194,27 @@ def test_every_chain_is_read_and_the_replay_is_journaled(
     assert all(d.reference and d.reference.startswith("erasure:") for d in replays[1::2])
 
 
+def test_across_chains_a_release_too_close_to_its_placement_keeps_the_hold(
+    tmp_path: Path, store: SqlPrivacyStore
+) -> None:
+    """Two replicas' records are ordered by their clocks only: a release journaled by another
+    process within the clock margin of the placement may have come first. The hold stays; in
+    one chain, the sequence orders them and the release counts."""
+    w0, w1 = Log(tmp_path, "w0"), Log(tmp_path, "w1")
+    w0.call("PlaceLegalHold", ALLOW, recording="rec-1")
+    w1.call("ReleaseLegalHold", ALLOW, recording="rec-1")
+    w0.call("PlaceLegalHold", ALLOW, recording="rec-2")
+    w0.call("ReleaseLegalHold", ALLOW, recording="rec-2")
+    w0.call("AmendPurposes", ALLOW, recording="rec-3", removed=("qa",), result=("support",))
+    w1.call("AmendPurposes", ALLOW, recording="rec-3", added=("qa",), result=("qa", "support"))
+    found = changes(privacy_decisions(tmp_path, KEY))
+    steps = plan(found)
+    assert len([n for n in steps.notes if "order is unknown" in n]) == 2
+    replay(steps, store, record=None)
+    assert [(h.kind.value, h.target) for h in store.holds()] == [("recording", "rec-1")]
+    assert store.purpose_withdrawals() == [("rec-3", "qa")]
+
+
 def _lines(root: Path) -> tuple[Path, list[bytes]]:
     path = sorted((root / "w0").glob("journal-*.jsonl"))[0]
     return path, path.read_bytes().rstrip(b"\0").splitlines(keepends=True)

@@ -37,6 +37,8 @@ from keybroker.errors import FailedPreconditionError
 PRIVACY_SERVICE = "keybroker.v1.Privacy"
 REPLAY_SUBJECT = "keybroker:replay"
 REPLAYED = "replayed"
+CLOCK_SKEW_NS = 2_000_000_000
+"""How far the clocks of two processes' journals may disagree (replicas on different hosts)."""
 UNCHANGED = "unchanged"
 """Reason of a replay decision that found the change made meanwhile (another replica)."""
 OP_ERASURE = "ReplayErasure"
@@ -181,8 +183,11 @@ def plan(found: Sequence[Change]) -> ReplayPlan:
             holds[target] = (change.ts, HoldStep(Hold(*target, reason, by, when), change.where))
             out.released.pop(target, None)
         elif applied:  # an allowed release; one of unknown outcome keeps the hold (stricter)
-            holds[target] = None
-            out.released[target] = change.ts
+            if _outlasts(change, holds.get(target)):
+                holds[target] = None
+                out.released[target] = change.ts
+            else:
+                out.notes.append(_too_close(change, f"release of the hold on {target[1]}"))
     out.steps += [item for item in holds.values() if item is not None]
     out.steps += [item for item in withdrawals.values() if item is not None]
     out.steps.sort(key=lambda item: item[0])
@@ -220,9 +225,31 @@ def _amendment(
             out.restored.pop((recording, purpose), None)
     if change.applied:
         for purpose in d.purposes_added:
-            if purpose in result:
+            if purpose not in result:
+                continue
+            if _outlasts(change, withdrawals.get((recording, purpose))):
                 withdrawals[(recording, purpose)] = None
                 out.restored[(recording, purpose)] = change.ts
+            else:
+                out.notes.append(_too_close(change, f"{purpose} given back to {recording}"))
+
+
+def _outlasts(change: Change, stricter: tuple[int, HoldStep | WithdrawalStep] | None) -> bool:
+    """Does a release (or a purpose given back) surely come after the placement (withdrawal)
+    before it? Within one chain the sequence orders them; across chains (replicas, workers) only
+    their clocks do, so they must be further apart than those clocks may disagree."""
+    if stricter is None:
+        return True
+    ts, step = stricter
+    same_chain = step.where.split("/", 1)[0] == change.where.split("/", 1)[0]
+    return same_chain or change.ts - ts > CLOCK_SKEW_NS
+
+
+def _too_close(change: Change, what: str) -> str:
+    return (
+        f"{change.where}: {what} is within {CLOCK_SKEW_NS / 1e9:g} s of the change it undoes, "
+        "journaled by another process: their order is unknown, replay keeps the stricter state"
+    )
 
 
 class ReplayStore(Protocol):
