@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,7 +221,7 @@ def _lines(root: Path) -> tuple[Path, list[bytes]]:
     return path, path.read_bytes().rstrip(b"\0").splitlines(keepends=True)
 
 
-@pytest.mark.parametrize("defect", ["remove", "reorder", "modify", "forge"])
+@pytest.mark.parametrize("defect", ["remove", "reorder", "modify", "forge", "chain"])
 def test_a_journal_that_fails_verification_is_refused(tmp_path: Path, defect: str) -> None:
     log = Log(tmp_path)
     log.call("PlaceLegalHold", ALLOW, recording="rec-1")
@@ -228,7 +229,10 @@ def test_a_journal_that_fails_verification_is_refused(tmp_path: Path, defect: st
     log.journal.close()
     path, lines = _lines(tmp_path)
     erase = next(i for i, line in enumerate(lines) if b"EraseRecording" in line)
-    if defect == "remove":
+    if defect == "chain":  # a whole worker's chain removed
+        Log(tmp_path, "w1").journal.close()
+        shutil.rmtree(tmp_path / "w1")
+    elif defect == "remove":
         del lines[erase]
     elif defect == "reorder":
         lines[erase - 1], lines[erase] = lines[erase], lines[erase - 1]

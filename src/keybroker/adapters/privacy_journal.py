@@ -2,7 +2,8 @@
 
 Reads every chain (``w<N>``) under a journal directory and checks each whole chain as it goes:
 every record's MAC (the chain key), the sequence numbers and the links, so a record cannot be
-forged, changed, removed or reordered without the replay refusing the journal. A chain may start
+forged, changed, removed or reordered without the replay refusing the journal; a chain listed in
+the register of chains that has disappeared is refused too. A chain may start
 after record 1 (older files archived, see keybroker.adapters.journal_archive); the torn last
 record a crash leaves is skipped (it was never acknowledged).
 
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from keybroker.adapters.journal import ChainLines
+from keybroker.adapters.journal_archive import registered_chains
 from keybroker.core import journal as jf
 from keybroker.core.privacy_replay import PRIVACY_SERVICE, JournaledDecision
 
@@ -68,8 +70,12 @@ def _slow(key: bytes, raw: bytes) -> tuple[int, str, str] | None:
 def privacy_decisions(root: Path, chain_key: bytes) -> Iterator[JournaledDecision]:
     """Every decision record of the Privacy service in every chain under ``root``, chain by
     chain; raises :class:`keybroker.core.journal.ChainError` at the first defect of any chain
-    (before or after privacy records: the whole chain must verify)."""
-    for chain in chains(root):
+    (before or after privacy records: the whole chain must verify), or when a chain the register
+    lists (``chains.jsonl``) has no directory any more."""
+    present = chains(root)
+    for name in sorted(set(registered_chains(root) or ()) - {c.name for c in present}):
+        raise jf.ChainError(name, f"chain directory {root / name} is missing")
+    for chain in present:
         prev: str | None = None
         expected: int | None = None
         for where, raw in ChainLines(chain):
