@@ -207,7 +207,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
     p.add_argument(
-        "--dry-run", action="store_true", help="only say what the database lacks; change nothing"
+        "--dry-run",
+        action="store_true",
+        help="only say what the database lacks; change nothing (not even the schema)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_replay)

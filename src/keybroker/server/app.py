@@ -184,7 +184,7 @@ def replay_with_own_journal(
     if root is None:
         return None
     chain_key = settings.audit.load_chain_key()
-    store = SqlPrivacyStore(open_database(settings))
+    store = SqlPrivacyStore(open_database(settings, migrate=False if dry_run else None))
     try:
         if dry_run:
             return replay_journal(root, chain_key, store, None, dry_run=True, quiet=quiet)
@@ -229,14 +229,14 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
     return keks
 
 
-def open_database(settings: Settings) -> Database:
+def open_database(settings: Settings, *, migrate: bool | None = None) -> Database:
     """The metadata database named by ``[state] url``, migrated to this version's schema (or,
-    with ``[state] migrate = false``, checked to be at it)."""
+    with ``[state] migrate = false`` or ``migrate=False``, checked to be at it)."""
     state = settings.state
     base = settings.source.resolve().parent if settings.source else Path.cwd()
     db = Database(dialect_for(state.url, base=base, password=state.read_password()))
     try:
-        if state.migrate:
+        if state.migrate if migrate is None else migrate:
             db.migrate()
         else:  # the schema is `keybroker migrate`'s job; this role may lack DDL rights
             require_current_schema(db)
