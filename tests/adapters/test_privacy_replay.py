@@ -289,3 +289,44 @@ def test_the_fast_check_accepts_every_record_the_journal_writes(d: Decision, seq
     checkpoint = jf.checkpoint_record(KEY, lambda m: b"s" * 64, seq=seq, ts=7, prev=prev)
     assert _fast(KEY, checkpoint.line()) == (seq, prev, checkpoint.mac)
     assert _fast(os.urandom(32), line) is None
+
+
+def test_what_was_verified_is_not_read_again(tmp_path: Path) -> None:
+    """privacy-replay.json: the next replay verifies only what follows the last verified record,
+    keeps the privacy records of files archived since, and is ignored when it was tampered
+    with (the chains are then read in full)."""
+    log = Log(tmp_path)
+    log.call("EraseRecording", ALLOW, recording="rec-1")
+    assert [r.decision.recording_id for r in privacy_decisions(tmp_path, KEY)] == ["rec-1"] * 2
+    log.call("EraseRecording", ALLOW, recording="rec-2")
+    log.journal.close()
+    path, lines = _lines(tmp_path)
+    first = next(i for i, line in enumerate(lines) if b"rec-1" in line)
+    damaged = [*lines]
+    damaged[first] = damaged[first].replace(b"rec-1", b"rec-9")  # before the verified point
+    path.write_bytes(b"".join(damaged))
+    found = [r.decision.recording_id for r in privacy_decisions(tmp_path, KEY)]
+    assert found == ["rec-1", "rec-1", "rec-2", "rec-2"]  # what was verified, then the rest
+    state = tmp_path / "privacy-replay.json"
+    assert state.stat().st_mode & 0o777 == 0o600
+    saved = state.read_bytes()
+    state.write_bytes(saved.replace(b"rec-1", b"rec-8"))  # its MAC no longer matches
+    with pytest.raises(jf.ChainError):  # read in full: the damaged record is found
+        privacy_decisions(tmp_path, KEY)
+    path.write_bytes(b"".join(lines))
+    state.write_bytes(saved)
+    path.unlink()  # the file archived away: its privacy records are still known
+    assert [r.decision.recording_id for r in privacy_decisions(tmp_path, KEY)] == found
+
+
+def test_a_verified_point_that_changed_is_not_trusted(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.call("EraseRecording", ALLOW, recording="rec-1")
+    privacy_decisions(tmp_path, KEY)
+    log.journal.close()
+    path, lines = _lines(tmp_path)
+    last = next(i for i, line in enumerate(lines) if b"rec-1" in line) + 1  # the decision
+    lines[last] = lines[last].replace(b'"allow"', b'"deny!"')
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(jf.ChainError):
+        privacy_decisions(tmp_path, KEY)

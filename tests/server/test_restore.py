@@ -246,11 +246,8 @@ def test_privacy_replay_command(devenv: DevEnv, tmp_path: Path) -> None:
 
         dry = run_cli("privacy", "replay", *config, "--dry-run", env=env)
         assert dry.returncode == 0, dry.stderr
-        assert dry.stdout.splitlines() == [
-            f"would re-apply: erasure of recording {rec} (w0/journal-000000000001.jsonl:"
-            + dry.stdout.split("jsonl:", 1)[1].split(")", 1)[0]
-            + ")"
-        ]
+        (line,) = dry.stdout.splitlines()
+        assert line.startswith(f"would re-apply: erasure of recording {rec} (w0/journal-"), line
         applied = run_cli("privacy", "replay", *config, "--json", env=env)
         assert applied.returncode == 0, applied.stderr
         report = json.loads(applied.stdout)

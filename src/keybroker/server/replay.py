@@ -32,7 +32,7 @@ def replay_journal(
     re-application through ``record``). A chain that fails verification stops everything: the
     database might lack an erasure recorded after the defect (fail closed)."""
     try:
-        found = changes(privacy_decisions(root, chain_key))
+        found = changes(privacy_decisions(root, chain_key, remember=not dry_run))
     except jf.ChainError as exc:
         raise JournalUnavailableError(
             f"privacy replay: the audit journal fails verification at {exc.where} "
