@@ -296,3 +296,49 @@ def test_several_processes_replay_once_before_serving(devenv: DevEnv, tmp_path: 
     out = proc.output()
     assert out.count("privacy replay: the database lacked it, re-applied") == 1, out
     assert [r for r in _replays(journal) if r[1] == "allow"] == [(OP_ERASURE, "allow", rec)]
+
+
+def test_two_replicas_each_replay_their_own_journal(
+    devenv: DevEnv, postgres_url: str, tmp_path: Path
+) -> None:
+    """Two replicas on one PostgreSQL database, each with its own journal: after a restore, each
+    re-applies the changes it took, and one both journaled is re-applied once."""
+    nodes = [
+        Restart(
+            devenv,
+            load_settings(devenv, state_url=postgres_url, audit_dir=str(tmp_path / f"j{i}")),
+        )
+        for i in (0, 1)
+    ]
+    a, b = (node.start() for node in nodes)
+    try:
+        on_a, on_b, both = rid(), rid(), rid()
+        blobs = {rec: a.generate(rec) for rec in (on_a, on_b, both)}
+        _backup(postgres_url, tmp_path / "backup.sql")
+        a.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=on_a, reason="r1"))
+        b.call("PlaceLegalHold", ppb.LegalHoldRequest(recording_id=on_b, reason="case 9"))
+        a.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=both, reason="r2"))
+        b.call("EraseRecording", ppb.EraseRecordingRequest(recording_id=both, reason="r2"))
+        for node in nodes:
+            node.stop()
+        _restore(postgres_url, tmp_path / "backup.sql")
+        a = nodes[0].start()  # replays its own journal
+        assert refused(lambda: a.unwrap(on_a, blobs[on_a]))[2] == "erased"
+        assert refused(lambda: a.unwrap(both, blobs[both]))[2] == "erased"
+        b = nodes[1].start()
+        for calls in (a, b):
+            refusal = refused(
+                lambda c=calls: c.call(
+                    "EraseRecording", ppb.EraseRecordingRequest(recording_id=on_b, reason="x")
+                )
+            )
+            assert refusal[2] == "legal_hold"
+        # b found its erasure of `both` in the database already (a re-applied it): nothing to do
+        assert _replays(tmp_path / "j1") == [(OP_HOLD, "intent", on_b), (OP_HOLD, "allow", on_b)]
+        assert [r for r in _replays(tmp_path / "j0") if r[1] == "allow"] == [
+            (OP_ERASURE, "allow", on_a),
+            (OP_ERASURE, "allow", both),
+        ]
+    finally:
+        for node in nodes:
+            node.stop()
