@@ -34,13 +34,14 @@ def own_spans() -> InMemorySpanExporter:
 def start(
     devenv: DevEnv, tmp_path: Path, own_clock: Clock, own_spans: InMemorySpanExporter
 ) -> Iterator[Start]:
-    """start(name="a", **settings overrides): a broker in this process; a name of its own gets
-    its own database and journal, the same name shares them. Stopped after the test."""
+    """start(name="a", store=None, **settings overrides): a broker in this process with the
+    journal ``<name>/journal`` and the SQLite database ``<store or name>.db`` (replicas share a
+    store). Stopped after the test."""
     started: list[RunningBroker] = []
 
-    def make(name: str = "a", **overrides: str) -> RunningBroker:
+    def make(name: str = "a", store: str | None = None, **overrides: str) -> RunningBroker:
         settings = {
-            "state_url": f"sqlite:{tmp_path / f'{name}.db'}",
+            "state_url": f"sqlite:{tmp_path / f'{store or name}.db'}",
             "audit_dir": str(tmp_path / name / "journal"),
             **overrides,
         }
