@@ -92,4 +92,3 @@ class Caller:
 
 def days_ahead(clock: Callable[[], float], days: float) -> float:
     return clock() + days * 86400
-

@@ -51,7 +51,7 @@ def test_a_caller_cannot_flood_the_journal(devenv: DevEnv, start: Start) -> None
                 caller.generate(new_id(), token=busy)
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as exc:
-                codes.append(exc.code())  # type: ignore[attr-defined]
+                codes.append(exc.code())
         assert codes == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
         for _ in range(30):
             refused(lambda: caller.kb.GenerateDataKey(generate_request()))  # no token
@@ -83,7 +83,9 @@ def test_a_denial_names_its_target_and_caller(devenv: DevEnv, start: Start) -> N
         request = pb.UnwrapDataKeyRequest(
             recording_id=rec, wrapped_key=made.wrapped_key, purpose="support"
         )
-        code, _message, reason = refused(lambda: caller.kb.UnwrapDataKey(request, metadata=auth(late)))
+        code, _message, reason = refused(
+            lambda: caller.kb.UnwrapDataKey(request, metadata=auth(late))
+        )
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "token_expired")
     finally:
         caller.close()
@@ -242,7 +244,7 @@ def test_a_caller_told_durable_is_in_the_journal_even_when_a_later_flush_fails(
     for t in threads:
         t.join(60)
     journal.close()
-    on_disk = [d.recording_id for _ts, d in decisions(tmp_path)]
+    on_disk = [d.recording_id or "" for _ts, d in decisions(tmp_path)]
     assert unavailable, "no flush failed: the test proves nothing"
     assert sorted(on_disk) == sorted(durable)
     assert len(durable) + len(unavailable) == 100

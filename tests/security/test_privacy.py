@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import time
+from functools import partial
 
 import grpc
 import pytest
@@ -50,7 +51,9 @@ def test_a_stalled_replica_cannot_serve_a_key_erased_after_the_call_returns(
 
         monkeypatch.setattr(b.privacy.store, "generation", partitioned)
         cut = time.monotonic()
-        via_a.privacy_call("EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r"))
+        via_a.privacy_call(
+            "EraseRecording", ppb.EraseRecordingRequest(recording_id=rec, reason="r")
+        )
         returned = time.monotonic() - cut
         code, _message, reason = refused(lambda: via_b.unwrap(rec, blob))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "privacy_state_stale"), returned
@@ -81,7 +84,7 @@ def test_a_withdrawn_purpose_is_refused_for_every_copy_of_the_wrapped_key(
             ),
         ).wrapped_key
         for blob in (original, backup):  # they still bind qa
-            code, _message, reason = refused(lambda b=blob: caller.unwrap(rec, b, "qa"))
+            code, _message, reason = refused(partial(caller.unwrap, rec, blob, "qa"))
             assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "purpose_withdrawn")
         code, _message, reason = refused(lambda: caller.unwrap(rec, amended, "qa"))
         assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "purpose_not_bound")
@@ -108,7 +111,7 @@ def test_generate_cannot_reregister_a_held_recording(devenv: DevEnv, start: Star
             "PlaceLegalHold", ppb.LegalHoldRequest(subject_id=held_subject, reason="c2")
         )
         for rec, subjects in ((held, ("subj-1",)), (free, (held_subject,))):
-            code, _message, reason = refused(lambda r=rec, s=subjects: caller.generate(r, subjects=s))
+            code, _message, reason = refused(partial(caller.generate, rec, subjects=subjects))
             assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "recording_registered")
         assert broker.privacy is not None
         broker.privacy.flush_registry()
@@ -142,7 +145,7 @@ def test_amend_purposes_needs_mfa_and_adds_only_granted_purposes(
         narrow = caller.token(scopes, ("support",), amr=["mfa"])
         for token, reason in ((no_mfa, "mfa_required"), (narrow, "purpose_not_granted")):
             code, _message, got = refused(
-                lambda t=token: caller.privacy_call("AmendPurposes", request, token=t)
+                partial(caller.privacy_call, "AmendPurposes", request, token=token)
             )
             assert (code, got) == (grpc.StatusCode.PERMISSION_DENIED, reason)
         assert broker.privacy is not None
@@ -161,11 +164,13 @@ def test_retain_until_beyond_max_retention_is_invalid_argument(
     A caller cannot make a data key (and its epoch key) that lives for ever: eleven years ahead is
     refused by default, and a broker with ``max_retention = 30d`` refuses 31 days."""
     caller = Caller(devenv, start().port)
-    short = Caller(devenv, start("short", keys_max_retention="30d", keys_default_retention="7d").port)
+    short = Caller(
+        devenv, start("short", keys_max_retention="30d", keys_default_retention="7d").port
+    )
     try:
         for who, ahead in ((caller, 11 * YEAR), (short, 31 * 86400)):
             code, message, _reason = refused(
-                lambda w=who, s=ahead: w.generate(new_id(), retain_until=time.time() + s)
+                partial(who.generate, new_id(), retain_until=time.time() + ahead)
             )
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_retention" in message
@@ -265,4 +270,3 @@ def test_the_justification_leaves_the_host_only_as_a_pseudonym(
         pseudonymize("justification", "dispute of Jane Roe, case 12"),
         pseudonymize("justification", "art. 17 request from Jane Doe"),
     }
-

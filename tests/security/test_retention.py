@@ -5,6 +5,7 @@ test names the CHANGELOG entry it guards). One-day epochs on a base key of the t
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import grpc
 
@@ -60,9 +61,7 @@ def test_key_admin_cannot_destroy_or_rotate_away_a_version_wrapping_held_recordi
             ("ScheduleKeyVersionDestruction", destroy),
             ("RotateKey", apb.RotateKeyRequest(name=epoch_key)),
         ):
-            code, _message, reason = refused(
-                lambda m=method, r=request: caller.admin_call(m, r)
-            )
+            code, _message, reason = refused(partial(caller.admin_call, method, request))
             assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "legal_hold"), method
         key = broker.lifecycle.get(epoch_key)
         assert key.current_version == 2

@@ -56,7 +56,11 @@ def test_init_token_puts_no_pin_on_a_command_line_nor_the_so_pin_beside_the_user
 
 
 def _forms(secret: bytes) -> list[str]:
-    return [secret.hex(), base64.b64encode(secret).decode(), base64.urlsafe_b64encode(secret).decode()]
+    return [
+        secret.hex(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode(),
+    ]
 
 
 def test_no_key_wrapped_key_or_token_reaches_logs_spans_errors_or_the_journal(
@@ -95,7 +99,10 @@ def test_no_key_wrapped_key_or_token_reaches_logs_spans_errors_or_the_journal(
     journal = b"".join(p.read_bytes() for p in broker.journal.directory.rglob("*") if p.is_file())
     haystack = "\n".join(
         [caplog.text, *errors, journal.decode("utf-8", "replace")]
-        + [repr(dict(s.attributes or {})) + repr(s.events) + s.name for s in own_spans.get_finished_spans()]
+        + [
+            repr(dict(s.attributes or {})) + repr(s.events) + s.name
+            for s in own_spans.get_finished_spans()
+        ]
     )
     assert len(own_spans.get_finished_spans()) >= 4
     secrets = (

@@ -120,5 +120,3 @@ def test_every_harness_and_every_past_finding_runs_in_make_test() -> None:
     for harness, rows in findings.items():
         inputs = list((fuzz / "regressions" / harness).iterdir())
         assert len(inputs) >= rows, (harness, rows, inputs)
-
-

@@ -52,13 +52,11 @@ def test_mtls_is_mandatory_tls_below_1_3_is_refused_and_none_or_mixed_algorithms
     beside a public-key algorithm stop the settings from loading."""
     broker = start()
     target = f"127.0.0.1:{broker.port}"
-    with grpc.insecure_channel(target) as plain:
-        with pytest.raises(grpc.RpcError):
-            health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    with grpc.insecure_channel(target) as plain, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
     no_cert = grpc.ssl_channel_credentials(root_certificates=devenv.ca_cert.read_bytes())
-    with grpc.secure_channel(target, no_cert) as anonymous:
-        with pytest.raises(grpc.RpcError):
-            health_pb2_grpc.HealthStub(anonymous).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    with grpc.secure_channel(target, no_cert) as anonymous, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(anonymous).Check(health_pb2.HealthCheckRequest(), timeout=5)
     caller = Caller(devenv, broker.port)
     try:
         token = caller.token(["keys:generate"])
@@ -110,4 +108,3 @@ def test_a_signed_token_with_a_string_nbf_is_refused(devenv: DevEnv, start: Star
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "token_malformed")
     finally:
         caller.close()
-

@@ -4,6 +4,7 @@ tests/security/README.md for how each test names the CHANGELOG entry it guards).
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import grpc
 import pytest
@@ -58,7 +59,7 @@ def test_a_blob_is_authenticated_before_its_bindings_are_trusted(
         }
         token = caller.token(["keys:unwrap"], ("support", "qa"))
         answers = {
-            name: refused(lambda r=r, p=p, b=b: caller.unwrap(r, b, p, token=token))
+            name: refused(partial(caller.unwrap, r, b, p, token=token))
             for name, (r, p, b) in forged.items()
         }
         assert set(answers.values()) == {
@@ -78,6 +79,7 @@ def test_wrapped_keys_from_an_hsm_that_chooses_the_gcm_iv_can_be_unwrapped(
     On the strict test module (it writes an IV of its own into every encryption), the probe sees
     it, the blob carries the IV the module used, and the data key comes back on unwrap."""
     broker = start("strict", **strict_settings)
+    assert broker.keks.capabilities is not None
     assert broker.keks.capabilities.iv_behaviour == "overwrites"
     caller = Caller(devenv, broker.port)
     try:
