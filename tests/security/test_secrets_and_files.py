@@ -36,22 +36,21 @@ def test_init_token_puts_no_pin_on_a_command_line_nor_the_so_pin_beside_the_user
     command line (visible to every local user in `ps`) and no longer stores the SO PIN beside
     the user PIN".
 
-    The script runs under ``bash -x``, which prints every command it runs with its arguments
-    expanded: neither PIN appears there, and no file in the token directory holds the SO PIN."""
-    hsm, so_file = tmp_path / "hsm", tmp_path / "vault" / "so.pin"
-    so_file.parent.mkdir()
-    so_file.write_text(SO_PIN + "\n")
+    The script runs under ``bash -x`` with the SO PIN on stdin; xtrace prints every command it
+    runs with its arguments expanded: neither PIN appears there, and nothing in the token
+    directory holds the SO PIN."""
+    hsm = tmp_path / "hsm"
     done = subprocess.run(
-        ["bash", "-x", str(ROOT / "softhsm" / "init-token.sh"), str(hsm), "regress-token",
-         "--so-pin-file", str(so_file)],
-        capture_output=True, text=True, timeout=120, check=False,
+        ["bash", "-x", str(ROOT / "softhsm" / "init-token.sh"), str(hsm), "regress-token"],
+        input=SO_PIN + "\n", capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
     user_pin = (hsm / "user.pin").read_text().strip()
     assert len(user_pin) >= 16
     assert "+ " in done.stderr  # the trace is there
     assert SO_PIN not in done.stderr and user_pin not in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert not (hsm / "so.pin").exists()
     assert [p for p in hsm.rglob("*") if p.is_file() and SO_PIN.encode() in p.read_bytes()] == []
 
 
