@@ -82,32 +82,34 @@ class GenerateRequest:
     context: Mapping[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class GeneratedKey:
+class _KeyResult:
+    """A use case's result: it carries a data key or a wrapped key, so its repr names only the
+    key version (tests/core/test_wrapped_key.py checks each of them)."""
+
+    __slots__ = ()
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self.key})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class GeneratedKey(_KeyResult):
     data_key: SecretBytes
     wrapped_key: bytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"GeneratedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class UnwrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class UnwrappedKey(_KeyResult):
     data_key: SecretBytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"UnwrappedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class RewrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class RewrappedKey(_KeyResult):
     wrapped_key: bytes
     key: KeyRef
-
-    def __repr__(self) -> str:
-        return f"RewrappedKey(key={self.key})"
 
 
 class KeyBroker:
