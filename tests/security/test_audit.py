@@ -38,10 +38,11 @@ def _journal(broker: RunningBroker) -> list[Decision]:
 def test_a_caller_cannot_flood_the_journal(devenv: DevEnv, start: Start) -> None:
     """Unreleased, Security: "The journal cannot be flooded (issue 14, item 8)".
 
-    With ``[limits]`` set, a token subject over its rate is RESOURCE_EXHAUSTED ``rate_limited``;
-    and 30 denials from one certificate with a threshold of 5 a minute leave 5 records of their
-    own and one aggregate record counting the other 25."""
-    broker = start(limits_subject_rate="2", limits_burst="1", limits_denials_per_minute="5")
+    With ``[limits]`` set (2 calls in a burst, then one per 10 s), a token subject over its rate
+    is RESOURCE_EXHAUSTED ``rate_limited``; that denial and 30 calls without a token, with a
+    threshold of 5 denials a minute per certificate, leave 5 records of their own and one
+    aggregate record counting the other 26."""
+    broker = start(limits_subject_rate="0.1", limits_burst="20", limits_denials_per_minute="5")
     caller = Caller(devenv, broker.port)
     try:
         busy = caller.token(["keys:generate"], subject="busy")
