@@ -106,6 +106,7 @@ class RunningBroker:
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
     tls: ServerTls | None = None
+    jwks: JwksKeys | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -122,6 +123,8 @@ class RunningBroker:
         if self.denials is not None:
             self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
+        if self.jwks is not None:
+            self.jwks.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
         if self.privacy is not None:
@@ -531,7 +534,10 @@ def _create_server(
         url=auth.jwks_url,
         ca_file=auth.jwks_ca_file,
         min_interval=auth.jwks_refresh_interval,
+        max_interval=auth.jwks_max_refresh_interval,
+        max_stale=auth.jwks_max_staleness,
     )
+    jwks.start()
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
     state = settings.state
@@ -664,6 +670,7 @@ def _create_server(
         draining,
         denials=denials,
         tls=tls,
+        jwks=jwks,
     )
 
 
