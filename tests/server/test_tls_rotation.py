@@ -10,6 +10,7 @@ expire shows in the log and in the ``keybroker.tls.certificate.expires_in`` gaug
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -39,7 +40,9 @@ from keybroker.server.app import create_server
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.tls_reload import ServerTls
 from keybroker.settings import TlsSettings
-from tests.conftest import load_settings
+from tests.adapters.test_tokens import Issuer
+from tests.conftest import TokenFactory, load_settings
+from tests.support.clients import auth, generate_request, stub
 
 SERVICE = "test.Rotation"
 
@@ -430,29 +433,56 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-def test_the_broker_serves_a_renewed_certificate_without_a_restart(
-    devenv: DevEnv, files: Files, new_ca: tuple[Path, Path], tmp_path: Path
+def test_the_broker_follows_renewed_files_without_a_restart(
+    devenv: DevEnv, files: Files, new_ca: tuple[Path, Path], tmp_path: Path, token: TokenFactory
 ) -> None:
-    """The whole broker: cert and key renewed on disk are picked up by its health monitor
-    (no connection needed) and served to the next connection."""
+    """The whole broker: the issuer's signing kid removed from its JWKS file is refused by the
+    next call's verification within seconds (a token cached before included); cert and key
+    renewed on disk are picked up by its health monitor (no connection needed) and served to
+    the next connection; calls go on over it."""
     state = tmp_path / "state"
+    jwks = tmp_path / "jwks.json"
+    shutil.copy(devenv.jwks, jwks)
     broker = create_server(
         load_settings(
             devenv,
             tls_cert_file=str(files.cert),
             tls_key_file=str(files.key),
             tls_client_ca_file=str(files.ca),
+            auth_jwks_file=str(jwks),
             state_url=f"sqlite:{state / 'keybroker.db'}",
             audit_dir=str(state / "journal"),
         )
     )
+    client = devenv.cert("client").read_bytes(), devenv.key("client").read_bytes()
+    bearer = token()
+
+    def generate(root: bytes) -> grpc.StatusCode:
+        with mtls_channel(broker.port, root, *client) as ch:
+            try:
+                stub(ch).GenerateDataKey(generate_request(), metadata=auth(bearer), timeout=5)
+            except grpc.RpcError as exc:
+                code: grpc.StatusCode = exc.code()
+                return code
+            return grpc.StatusCode.OK
+
     try:
         assert broker.tls is not None
+        assert generate(devenv.ca_cert.read_bytes()) is grpc.StatusCode.OK
         assert common_name(served_certificate(broker.port)) == "keybroker"
+
         cert, key = issue(new_ca, tmp_path, "keybroker-renewed")
         replace(files.key, key)
         replace(files.cert, cert)
         assert eventually(lambda: broker.tls is not None and broker.tls.material.cert_pem == cert)
         assert common_name(served_certificate(broker.port)) == "keybroker-renewed"
+        assert generate(new_ca[0].read_bytes()) is grpc.StatusCode.OK
+
+        other = Issuer()
+        other.add_key("someone-else")
+        replace(jwks, json.dumps(other.jwks()).encode())  # the dev signing kid is gone
+        assert eventually(
+            lambda: generate(new_ca[0].read_bytes()) is grpc.StatusCode.UNAUTHENTICATED
+        )
     finally:
         broker.stop(1)
