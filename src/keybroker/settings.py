@@ -646,14 +646,16 @@ def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int
 
 
 def _validate_jwks_refresh(auth: AuthSettings) -> None:
-    if not 0 <= auth.jwks_refresh_interval <= auth.jwks_max_refresh_interval:
+    """A jwks_refresh_interval above jwks_max_refresh_interval (set before the maximum existed)
+    is honoured: it then is the refresh interval."""
+    if min(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval) < 0:
         raise ConfigurationError(
-            "[auth] jwks_refresh_interval: must be 0 or more and at most "
-            "jwks_max_refresh_interval (default '5m')"
+            "[auth] jwks_refresh_interval and jwks_max_refresh_interval: must be 0 or more"
         )
-    if auth.jwks_max_staleness < auth.jwks_max_refresh_interval:
+    if auth.jwks_max_staleness < max(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval):
         raise ConfigurationError(
-            "[auth] jwks_max_staleness: must be at least jwks_max_refresh_interval, e.g. '1d'"
+            "[auth] jwks_max_staleness: must be at least jwks_max_refresh_interval (and "
+            "jwks_refresh_interval), e.g. '1d'"
         )
 
 
