@@ -486,3 +486,37 @@ def test_the_broker_follows_renewed_files_without_a_restart(
         )
     finally:
         broker.stop(1)
+
+
+def test_a_kubernetes_secret_volume_swap_is_followed(
+    devenv: DevEnv, tmp_path: Path, new_ca: tuple[Path, Path]
+) -> None:
+    """The kubelet updates a Secret volume by pointing ``..data`` at a new directory; the files
+    the broker names are symlinks through it. The stat follows them: the swap is a change."""
+    volume = tmp_path / "volume"
+    first = volume / "..2026_01_01"
+    first.mkdir(parents=True)
+    shutil.copy(devenv.cert("server"), first / "tls.crt")
+    shutil.copy(devenv.key("server"), first / "tls.key")
+    shutil.copy(devenv.ca_cert, first / "ca.crt")
+    (volume / "..data").symlink_to(first.name)
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (volume / name).symlink_to(f"..data/{name}")
+    tls = ServerTls(
+        TlsSettings(
+            cert_file=volume / "tls.crt",
+            key_file=volume / "tls.key",
+            client_ca_file=volume / "ca.crt",
+        ),
+        check_every=0,
+    )
+    second = volume / "..2026_01_02"
+    second.mkdir()
+    cert, key = issue(new_ca, tmp_path, "keybroker-renewed")
+    (second / "tls.crt").write_bytes(cert)
+    (second / "tls.key").write_bytes(key)
+    shutil.copy(devenv.ca_cert, second / "ca.crt")
+    (volume / "..data_tmp").symlink_to(second.name)
+    os.replace(volume / "..data_tmp", volume / "..data")  # the kubelet's atomic swap
+    assert tls.check()
+    assert tls.material.cert_pem == cert
