@@ -4,6 +4,7 @@ test names the CHANGELOG entry it guards). One-day epochs on a base key of the t
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 
@@ -11,6 +12,7 @@ import grpc
 
 from keybroker.core.privacy import Hold, Target
 from keybroker.core.retention import EPOCH_KEYS_PER_MINUTE, EpochScheme
+from keybroker.core.wrapped_key import CIPHERTEXT_SIZE, NONCE_SIZE, KeyRef, WrappedKey
 from keybroker.devenv import DevEnv
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import admin_pb2 as apb
@@ -156,5 +158,50 @@ def test_the_data_plane_cannot_make_epoch_keys_without_bound(
         )
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "epoch_key_rate_limited")
         assert not _on_token(broker, SCHEME.key_for(base_key, beyond))
+    finally:
+        caller.close()
+
+
+def test_a_blob_forged_under_a_destroyed_version_is_just_invalid(
+    devenv: DevEnv, start: Start, own_clock: Clock, base_key: str
+) -> None:
+    """Unreleased, Security: "A blob naming a destroyed KEK version no longer tells the caller
+    that the version existed, and cannot reach a legal-hold copy".
+
+    A held and a plain recording under an epoch key that is then shredded. A blob forged from the
+    held recording's (public) bindings under the destroyed version, with a nonce and ciphertext of
+    the forger's choosing, is INVALID_ARGUMENT like one naming a version that never existed, and
+    never yields the hold copy's data key; the blobs the broker issued still get their answers
+    (the hold copy's data key; ``key version destroyed``)."""
+    broker = start(**DAY_EPOCHS)
+    caller = Caller(devenv, broker.port)
+    try:
+        held, plain = new_id(), new_id()
+        retain = days_ahead(own_clock, 0.5)
+        held_blob = caller.generate(held, key_name=base_key, retain_until=retain).wrapped_key
+        plain_blob = caller.generate(plain, key_name=base_key, retain_until=retain).wrapped_key
+        caller.privacy_call("PlaceLegalHold", ppb.LegalHoldRequest(recording_id=held, reason="c"))
+        assert broker.privacy is not None and broker.shredder is not None
+        broker.privacy.flush_registry()
+        genuine = WrappedKey.parse(held_blob)
+        _past_shredding(own_clock, genuine.key.name)
+        broker.privacy.refresh()
+        broker.shredder.run_due()
+        assert not _on_token(broker, genuine.key.name)
+        invalid = (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "wrapped key is invalid",
+            "wrapped_key_invalid",
+        )
+        for ref in (genuine.key, KeyRef(genuine.key.name, genuine.key.version + 1000)):
+            forged = WrappedKey.join_v2(
+                WrappedKey.aad_v2(ref, genuine.bindings),
+                os.urandom(NONCE_SIZE),
+                os.urandom(CIPHERTEXT_SIZE),
+            )
+            assert refused(partial(caller.unwrap, held, forged)) == invalid, ref
+        assert caller.unwrap(held, held_blob).key_ref.key_name == f"{genuine.key.name}.hold"
+        code, message, _reason = refused(partial(caller.unwrap, plain, plain_blob))
+        assert (code, message) == (grpc.StatusCode.FAILED_PRECONDITION, "key version destroyed")
     finally:
         caller.close()
