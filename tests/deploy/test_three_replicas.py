@@ -18,6 +18,7 @@ verify`` accepts. Every call carries a token of its own, so its ``jti`` finds it
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import subprocess
@@ -313,10 +314,13 @@ def test_three_replicas_of_the_shipped_configuration(
     finally:
         stopping = time.monotonic()
         running = [r.process for r in replicas if r.process is not None]
-        for process in running:  # all at once: each takes its time to stop
+        for process in running:  # all at once (each takes its time), and once only
             if process.proc.poll() is None:
                 process.proc.send_signal(signal.SIGTERM)
-        codes = stop_all(running)
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.proc.wait(60)
+        codes = stop_all(running)  # SIGKILL for any still running
         print(f"stopped in {time.monotonic() - stopping:.1f}s")
         for replica in replicas:
             stop_all(replica.previous)
@@ -514,15 +518,27 @@ def _run(
         mark("c killed")
         assert c.process.proc.wait(10) < 0
         c.previous.append(c.process)
+        # the journal as the kill left it (no final checkpoint, maybe a torn last record)
+        crashed = run_cli("audit", "verify", "--config", str(config), "--dir", str(c.journal),
+                          env=c.env)  # fmt: skip
+        assert crashed.returncode == 0, (crashed.stdout, crashed.stderr)
+        print(f"c's journal as the kill left it: {crashed.stdout.strip().splitlines()[1:]}")
         _settle(ledger, 60)
         _start(devenv, config, c, tmp_path / "replica-c-restarted.log")
         _wait(c, workers)
         back = time.monotonic()
         timeline.killed = (kill_at, back)
         print(f"c killed and serving again after {back - kill_at:.1f}s")
+        with ledger.lock:
+            in_flight = [call for call in ledger.calls if call.started < kill_at < call.ended]
+        assert in_flight, "no call was in flight when c was killed"
+        print(f"{len(in_flight)} calls in flight at the kill")
         pinned["c"].close()
         pinned["c"] = KeyBrokerClient(c.target, tls=tls, token=data_tokens, timeout=5,
                                       retry=NO_RETRY)  # fmt: skip
+        # the storage services' round robin comes back to it (gRPC reconnects with backoff)
+        rejoined = _load_reaches(ledger, c, back, timeout=20.0)
+        print(f"the round-robin load reached the restarted c {rejoined - back:.1f}s after")
         # the restarted replica serves the state of before: version 2, the erasures
         assert wraps_v2("c")
         assert refuses(victim)("c")
@@ -559,6 +575,18 @@ def _run(
     assert len(answered) >= 0.95 * len(ledger.calls)
     mark("load checked")
     return answered
+
+
+def _load_reaches(ledger: Ledger, replica: Replica, since: float, timeout: float) -> float:
+    """When a load call started after ``since`` is first found in ``replica``'s journal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with ledger.lock:
+            load = {c.jti for c in ledger.calls if c.where == "any" and c.started > since}
+        if any(d.token_id in load for _ts, d in decisions(replica.journal)):
+            return time.monotonic()
+        assert time.monotonic() < deadline, f"no load call reached {replica.name} again"
+        time.sleep(0.2)
 
 
 def _span(call: Call) -> tuple[float, float]:
@@ -673,12 +701,17 @@ def _journals_hold_every_decision(
     with ThreadPoolExecutor(len(replicas)) as pool:
         verified = list(pool.map(verify, replicas))
     journaled: dict[str, set[str]] = {}
+    served_by: dict[str, str] = {}
     for replica, done in zip(replicas, verified, strict=True):
         assert done.returncode == 0, (replica.name, done.stdout, done.stderr)
         print(f"audit verify {replica.name}: {done.stdout.strip().splitlines()[1:]}")
         for _ts, decision in decisions(replica.journal):
             if decision.token_id:
                 journaled.setdefault(decision.token_id, set()).add(str(decision.outcome))
+                served_by[decision.token_id] = replica.name
+    balanced = Counter(served_by.get(call.jti) for call in answered if call.where == "any")
+    print(f"the round-robin load, by the replica that answered: {dict(balanced)}")
+    assert all(balanced[replica.name] for replica in replicas), balanced
     missing = [
         f"{call.op} {call.recording} on {call.where}: {call.answered}"
         for call in answered
