@@ -288,16 +288,16 @@ def test_key(devenv: DevEnv) -> Iterator[str]:
 def test_three_replicas_of_the_shipped_configuration(
     devenv: DevEnv, postgres_url: str, tmp_path: Path, test_key: str
 ) -> None:
+    """See the module docstring; the measurements are printed (pytest -s shows them)."""
     started = time.monotonic()
     toml, shipped_env = shipped_configuration()
     config = tmp_path / "keybroker.toml"
     config.write_text(toml)  # the ConfigMap's file, unchanged
     replicas = []
     for name in "abc":
-        journal = tmp_path / f"journal-{name}"
-        adapted = on_this_machine(devenv, postgres_url, free_port(), journal)
-        replicas.append(Replica(name, int(adapted["KEYBROKER_SERVER_LISTEN"].rsplit(":")[1]),
-                                journal, {**shipped_env, **adapted}))  # fmt: skip
+        port, journal = free_port(), tmp_path / f"journal-{name}"
+        adapted = on_this_machine(devenv, postgres_url, port, journal)
+        replicas.append(Replica(name, port, journal, {**shipped_env, **adapted}))
     a = replicas[0]
     as_shipped = settings_mod.load(config, environ=_keybroker(shipped_env))
     here = settings_mod.load(config, environ=_keybroker(a.env))
@@ -320,7 +320,7 @@ def test_three_replicas_of_the_shipped_configuration(
         for process in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.proc.wait(60)
-        codes = stop_all(running)  # SIGKILL for any still running
+        codes = stop_all(running)  # the exit codes (and a kill for any that did not stop)
         print(f"stopped in {time.monotonic() - stopping:.1f}s")
         for replica in replicas:
             stop_all(replica.previous)
@@ -561,8 +561,9 @@ def _run(
     assert load_errors == []
     for change, lag in lags.items():
         print(
-            f"{change}: honoured after "
-            + ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in lag.items())
+            f"{change}: in force on "
+            + ", ".join(f"{n} by {s * 1000:.0f} ms" for n, s in lag.items())
+            + " (polled in turn)"
         )
 
     wrong = _wrong_answers(ledger, timeline)
