@@ -385,10 +385,13 @@ def _run(
         assert call.error is None, (op, call.error)
         return call
 
-    # The key and its first epoch key, made through A; a few recordings to start the load on.
+    # The key, made through A; at once its first recordings through all three at the same
+    # moment, so the three race to make its retention-epoch key.
     administer("CreateKey", test_key, admin_tokens, lambda: admin.create_key(test_key))
-    for n in range(6):
-        assert generate("a", pinned["a"], f"subj-{n % 3}").error is None
+    with ThreadPoolExecutor(6) as pool:
+        seeds = list(pool.map(lambda n: generate(replicas[n % 3].name, pinned[replicas[n % 3].name],
+                                                 f"subj-{n % 3}"), range(6)))  # fmt: skip
+    assert [call.error for call in seeds] == [None] * 6
     epoch_key = timeline.epoch_key
     assert epoch_key.startswith(f"{test_key}.e"), epoch_key
 
