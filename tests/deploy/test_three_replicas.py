@@ -553,7 +553,7 @@ def _run(
         assert refuses(victim)("c")
         assert serves_v1("c")
         after_restart = ledger.pick(random.Random(11))
-        while after_restart.recording in _erased(ledger, timeline):
+        while after_restart.recording in timeline.erased:
             after_restart = ledger.pick(random.Random())
         _erase(ledger, timeline, privacy, privacy_tokens, "recording", after_restart.recording)
         honoured("erase after the restart", refuses(after_restart))
@@ -637,10 +637,6 @@ def _erase(
         for rec in ledger.recordings:
             if rec.subject == target:
                 timeline.erased[rec.recording] = _span(call)
-
-
-def _erased(ledger: Ledger, timeline: Timeline) -> set[str]:
-    return set(timeline.erased)
 
 
 def _wrong_answers(ledger: Ledger, timeline: Timeline) -> list[str]:
