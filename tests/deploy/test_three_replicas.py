@@ -441,9 +441,16 @@ def _run(
         mark("load started")
         _settle(ledger, 150)
 
-        # -- rotation of the epoch key through A: B and C wrap under the new version
+        # -- rotation of the epoch key through A: B and C wrap under the new version; a key A
+        # wraps under it at once unwraps on B and C at once (never "invalid")
         timeline.rotated = _span(administer("RotateKey", epoch_key, admin_tokens,
                                             lambda: admin.rotate_key(epoch_key)))  # fmt: skip
+        first = generate("a", pinned["a"], "subj-0")
+        assert first.error is None and first.result.key_ref.version == 2, first
+        fresh = next(r for r in ledger.recordings if r.recording == first.recording)
+        for name in ("b", "c"):
+            unwrapped = unwrap(name, pinned[name], fresh)
+            assert unwrapped.error is None, (name, unwrapped.error)
 
         def wraps_v2(name: str) -> bool:
             call = generate(name, pinned[name], "subj-0")
