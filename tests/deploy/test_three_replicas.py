@@ -215,20 +215,34 @@ class Ledger:
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.recordings: list[Recording] = []
+        self.in_flight: Counter[str] = Counter()  # calls under way, by where they were sent
 
     def call(
         self, op: str, recording: str, where: str, tokens: Tokens, fn: Callable[[], T]
     ) -> Call:
+        with self.lock:
+            self.in_flight[where] += 1
         started = time.monotonic()
         try:
             result: Any = fn()
             error = None
         except errors.KeybrokerError as exc:
             result, error = None, exc
+        finally:
+            with self.lock:
+                self.in_flight[where] -= 1
         call = Call(op, recording, where, tokens.last(), started, time.monotonic(), result, error)
         with self.lock:
             self.calls.append(call)
         return call
+
+    def wait_in_flight(self, where: str, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.in_flight[where] >= count:
+                    return
+            time.sleep(0.001)
 
     def add(self, recording: Recording) -> None:
         with self.lock:
@@ -527,10 +541,26 @@ def _run(
             client.close()
         _settle(ledger, 100)
 
-        # -- C killed with SIGKILL under load, restarted on its journal
+        # -- C killed with SIGKILL under load (calls of its own in flight too), restarted on
+        # its journal
         assert c.process is not None
-        kill_at = time.monotonic()
-        c.process.kill_group()
+        burst_stop = threading.Event()
+
+        def burst(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(200):
+                if burst_stop.is_set():
+                    return
+                unwrap("c", pinned["c"], ledger.pick(rng))
+
+        with ThreadPoolExecutor(4) as pool:
+            bursts = [pool.submit(burst, seed) for seed in range(100, 104)]
+            ledger.wait_in_flight("c", 3, timeout=5.0)
+            kill_at = time.monotonic()
+            c.process.kill_group()
+            burst_stop.set()
+        for done in bursts:
+            done.result()
         mark("c killed")
         assert c.process.proc.wait(10) < 0
         c.previous.append(c.process)
