@@ -207,7 +207,10 @@ class KeyBroker:
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
         """The key version new wraps use: ``name``'s, or its retention epoch key's."""
         snapshot = self._catalog.snapshot()
-        if name not in snapshot.keys:  # made a moment ago elsewhere? decide on fresh state
+        known = snapshot.keys.get(name)
+        # Made a moment ago elsewhere, or read between CreateKey's two commits (the key without
+        # a current version yet)? Decide on fresh state.
+        if known is None or not known.current_version:
             snapshot = self._catalog.fresh_snapshot()
         snapshot.current(name)  # the requested key must exist either way
         if self._epochs is None:
