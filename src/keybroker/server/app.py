@@ -556,6 +556,29 @@ def create_server(
     return running
 
 
+def open_privacy(
+    settings: Settings, *, clock: Clock, record: Callable[[Decision], None], replay: bool
+) -> PrivacyCache:
+    """The privacy state (its own connection to the database), not loaded yet; with ``replay``,
+    first the journal's privacy changes the database lacks are re-applied (keybroker.server
+    .replay), so the first load serves nothing less strict than the journal."""
+    state = settings.state
+    cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+        on_conflict=registry_conflict_recorder(record),
+    )
+    if replay and settings.audit.dir is not None:
+        try:
+            replay_journal(settings.audit.dir, settings.audit.load_chain_key(), cache.store, record)
+        except BaseException:
+            cache.store.close()
+            raise
+    return cache
+
+
 def _create_server(
     settings: Settings,
     *,
@@ -599,20 +622,9 @@ def _create_server(
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(settings, keks, journal, span_processor, catalog, tls=tls)
-    privacy_cache = PrivacyCache(
-        SqlPrivacyStore(open_database(settings)),
-        max_staleness=state.max_staleness,
-        refresh_interval=state.refresh_interval,
-        clock=clock,
-        on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
+    privacy_cache = open_privacy(
+        settings, clock=clock, record=event_recorder(journal, obs.recorder), replay=replay
     )
-    if replay and settings.audit.dir is not None:  # before the first load: serve nothing less
-        replay_journal(
-            settings.audit.dir,
-            settings.audit.load_chain_key(),
-            privacy_cache.store,
-            event_recorder(journal, obs.recorder),
-        )
     lifecycle = KeyLifecycle(
         store,
         keks,
