@@ -640,7 +640,7 @@ def _default_journal(settings: Settings, sources: _Sources) -> Settings:
     if not audit.enabled:
         if audit.dir is not None:
             raise ConfigurationError(
-                f"[audit] enabled = false but [audit] dir is set ({sources.of('audit', 'dir')}): "
+                f"[audit] enabled = false but [audit] dir is set ({sources.of('audit', 'dir')}); "
                 "remove dir (or set KEYBROKER_AUDIT_DIR=) to run without a journal, or remove "
                 "enabled = false to keep it"
             )
