@@ -11,10 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.metrics import MeterProvider
@@ -32,7 +30,11 @@ from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
 from keybroker.adapters.journal_lock import JournalLock, lock_directory, lock_slot
 from keybroker.adapters.keystore import SqlKeyStore
-from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
+from keybroker.adapters.metrics import (
+    DecisionMetrics,
+    configure_metrics,
+    observe_certificate_expiry,
+)
 from keybroker.adapters.privacy_cache import PrivacyCache
 from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.adapters.prometheus import PrometheusEndpoint, check_ports
@@ -71,6 +73,7 @@ from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
+from keybroker.server.tls_reload import ServerTls
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import (
     admin_pb2,
@@ -109,6 +112,8 @@ class RunningBroker:
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
     prometheus: PrometheusEndpoint | None = None
+    tls: ServerTls | None = None
+    jwks: JwksKeys | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -125,6 +130,8 @@ class RunningBroker:
         if self.denials is not None:
             self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
+        if self.jwks is not None:
+            self.jwks.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
         if self.privacy is not None:
@@ -142,22 +149,6 @@ class RunningBroker:
             self.prometheus.stop()
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
-
-
-def _read(path: Path | None) -> bytes:
-    if path is None:  # validate_for_serving rejects this earlier
-        raise ConfigurationError("[tls] a certificate file is missing")
-    return path.read_bytes()
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """mTLS: the client CA is mandatory and client certificates are required."""
-    tls = settings.tls
-    return grpc.ssl_server_credentials(
-        [(_read(tls.key_file), _read(tls.cert_file))],
-        root_certificates=_read(tls.client_ca_file),
-        require_client_auth=True,
-    )
 
 
 def open_journal(settings: Settings, worker: int) -> Journal | None:
@@ -355,6 +346,7 @@ def build_observability(
     span_processor: SpanProcessor | None,
     catalog: CachedCatalog | None = None,
     *,
+    tls: ServerTls | None = None,
     worker: int = 0,
 ) -> Observability:
     telemetry = settings.telemetry
@@ -377,6 +369,8 @@ def build_observability(
             extra_readers=[prometheus.reader] if prometheus is not None else [],
         )
         decision_metrics = DecisionMetrics(meter_provider)
+        if tls is not None:
+            observe_certificate_expiry(meter_provider, tls.expires_in)
         keks.observe(decision_metrics.hsm_call)
         if journal is not None:
             journal.on_flush(decision_metrics.journal_flush)
@@ -456,10 +450,21 @@ def start_exporter(
     return exporter
 
 
-def start_prometheus(obs: Observability) -> None:
-    """Serve the scrape endpoint (before gRPC starts: a port in use stops start-up, exit 2)."""
+def start_telemetry(
+    settings: Settings,
+    obs: Observability,
+    *,
+    journal: Journal | None,
+    keks: Pkcs11Keks,
+    catalog: CachedCatalog,
+    privacy: PrivacyCache,
+) -> JournalExporter | None:
+    """Just before gRPC starts: the state gauges, the Prometheus endpoint (a port in use stops
+    start-up, exit 2, before anything serves) and the journal's OTLP export."""
+    register_gauges(obs, keks, catalog, privacy, journal)
     if obs.prometheus is not None:
         obs.prometheus.start()
+    return start_exporter(settings, journal, obs.metrics, obs.service)
 
 
 INLINE_METHODS = frozenset(
@@ -516,8 +521,11 @@ def grpc_server(
     admin: KeyAdminServicer,
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
+    *,
+    tls: ServerTls,
 ) -> tuple[LoopServer, int]:
-    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
+    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS
+    (client certificates required; ``tls`` follows the files as they are renewed)."""
     registry = HandlerRegistry()
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, registry)  # type: ignore[no-untyped-call]
@@ -550,7 +558,7 @@ def grpc_server(
         refusals=RefusalLog(),
     )
     try:
-        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
+        port = server.add_secure_port(settings.server.listen, tls.credentials())
     except RuntimeError:
         port = 0
     if port == 0:
@@ -618,6 +626,7 @@ def _create_server(
     span_processor: SpanProcessor | None,
     worker: int,
 ) -> RunningBroker:
+    tls = ServerTls(settings.tls)
     store = open_store(settings)
     keks = connect_hsm(settings)
     auth = settings.auth
@@ -626,7 +635,10 @@ def _create_server(
         url=auth.jwks_url,
         ca_file=auth.jwks_ca_file,
         min_interval=auth.jwks_refresh_interval,
+        max_interval=auth.jwks_max_refresh_interval,
+        max_stale=auth.jwks_max_staleness,
     )
+    jwks.start()
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
     state = settings.state
@@ -648,7 +660,9 @@ def _create_server(
         tick_interval=state.scheduler_interval,
     )
     catalog.on_change(_forget_unusable(keks))
-    obs = build_observability(settings, keks, journal, span_processor, catalog, worker=worker)
+    obs = build_observability(
+        settings, keks, journal, span_processor, catalog, tls=tls, worker=worker
+    )
     privacy_cache = PrivacyCache(
         SqlPrivacyStore(open_database(settings)),
         max_staleness=state.max_staleness,
@@ -669,7 +683,6 @@ def _create_server(
         after_change=catalog.refresh,
         held_under=privacy_cache.store.held_under,
     )
-    register_gauges(obs, keks, catalog, privacy_cache, journal)
     lifecycle.reconcile(full=True)
     catalog.refresh(force=True)
     privacy_cache.refresh()
@@ -722,7 +735,7 @@ def _create_server(
     health_state.publish()
     watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
-    probes = [keks.check, privacy_cache.check]
+    probes = [keks.check, privacy_cache.check, tls.probe]
     if journal is not None:
         journal.on_health_change(health_state.watch("journal", journal.healthy))
         probes.append(journal.check)
@@ -733,11 +746,13 @@ def _create_server(
         KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
         PrivacyServicer(privacy, broker, guard(privacy_servicer.SERVICE_NAME), settings.audit.dir),
         health_servicer,
+        tls=tls,
     )
-    start_prometheus(obs)
+    exporter = start_telemetry(
+        settings, obs, journal=journal, keks=keks, catalog=catalog, privacy=privacy_cache
+    )
     server.start()
     catalog.start()
-    exporter = start_exporter(settings, journal, obs.metrics, obs.service)
     starting(True)
     monitor = HealthMonitor(probes, settings.hsm.health_interval)
     monitor.start()
@@ -759,6 +774,8 @@ def _create_server(
         shredder,
         draining,
         denials=denials,
+        tls=tls,
+        jwks=jwks,
         prometheus=obs.prometheus,
     )
 

@@ -14,12 +14,13 @@ privacy calls need.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
-``max_turn`` calls), the loop writes the turn's records to the journal with one flush
-(``fdatasync``), records the decisions live, and only then sends the replies; calls that arrive
-meanwhile wait in gRPC core and make up the next turn. A record that cannot be made durable
-turns its call into UNAVAILABLE: no data key leaves without its durable decision. Everything a
-data-plane call needs thus happens on this one thread, gRPC core's socket I/O included
-(:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the disk.
+``max_turn`` calls), the loop hands the turn's replies to the commit thread and polls again at
+once: that thread writes the records to the journal with one flush (``fdatasync``, which
+releases the interpreter lock) for everything handed over meanwhile, records the decisions live,
+and only then sends the replies. The loop thus answers the next calls while the disk works. A
+record that cannot be made durable turns its call into UNAVAILABLE: no data key leaves without
+its durable decision. Everything else a data-plane call needs happens on the loop thread, gRPC
+core's socket I/O included (:mod:`keybroker.server.grpc_settings`).
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes, through one door: :mod:`keybroker.server.grpc_private` binds every
@@ -347,6 +348,9 @@ class LoopOptions:
     stream_threads: int = 4
     streams_per_connection: int = 4
     stream_queue: int = 16
+    commit_thread: bool = True
+    """Flush the journal and send the replies of a turn on a thread of their own, so the loop
+    answers the next calls while the disk works (False: on the loop thread, between polls)."""
 
 
 class _StreamGate:
@@ -416,6 +420,7 @@ class LoopServer:
             max_workers=options.stream_threads, thread_name_prefix="kb-stream"
         )
         self._stream_gate = _StreamGate(options)
+        self._committer = _Committer(self._start_batch) if options.commit_thread else None
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -523,6 +528,8 @@ class LoopServer:
             self.failed = True
             self._fail_all()
         finally:
+            if self._committer is not None:  # its last replies go out before the server goes
+                self._committer.close(_ABANDON_AFTER)
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -538,13 +545,14 @@ class LoopServer:
     def _end_turn(self, replies: list[_Reply]) -> None:
         """Group commit: make the turn's records durable (one flush per journal), then record
         them live and send the replies. A record that could not be made durable turns its
-        call into UNAVAILABLE (see :func:`_send`)."""
+        call into UNAVAILABLE (see :func:`_send`). With ``commit_thread`` (the default) a turn
+        whose records need a flush is handed to the commit thread (:class:`_Committer`)."""
         if not replies:
             return
-        records = [r for reply in replies for r in reply.context.deferred or ()]
-        commit_deferred(records)  # never raises: a failure fails its records closed
-        record_live(records)  # as for any call: durable, then live, then the reply
-        _send(replies)
+        if self._committer is not None and _needs_flush(replies):
+            self._committer.submit(replies)  # the loop goes back to gRPC core at once
+        else:
+            _commit_and_send(replies, _start_now)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
         if tag is _FINISHED:
@@ -652,7 +660,67 @@ class _CallDetails(grpc.HandlerCallDetails):
     invocation_metadata: Metadata
 
 
-def _send(replies: Sequence[_Reply]) -> None:
+def _needs_flush(replies: Sequence[_Reply]) -> bool:
+    return any(r.durable is not None for reply in replies for r in reply.context.deferred or ())
+
+
+def _start_now(call: Any, ops: tuple[Any, ...], tag: Any) -> bool:
+    """Start a batch on the loop thread (the server is alive while the loop runs)."""
+    call.start_server_batch(ops, tag)
+    return True
+
+
+def _commit_and_send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:
+    records = [r for reply in replies for r in reply.context.deferred or ()]
+    commit_deferred(records)  # never raises: a failure fails its records closed
+    record_live(records)  # as for any call: durable, then live, then the reply
+    _send(replies, start_batch)
+
+
+class _Committer:
+    """Group commit off the loop thread.
+
+    The loop hands each turn's replies here and goes back to gRPC core at once. This thread
+    makes their records durable — one flush for everything handed over while the previous flush
+    ran —, records them live and only then sends the replies. ``fdatasync`` releases the
+    interpreter lock, so the loop answers the next calls while the disk works instead of
+    waiting for it; the journal keeps one writer's order (one thread, first in first out)."""
+
+    def __init__(self, start_batch: BatchStarter) -> None:
+        self._start = start_batch
+        self._queue: list[_Reply] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kb-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, replies: Sequence[_Reply]) -> None:
+        with self._ready:
+            self._queue.extend(replies)
+            self._ready.notify()
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued, then stop (waits at most ``timeout`` seconds)."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                replies, self._queue = self._queue, []
+            try:
+                _commit_and_send(replies, self._start)
+            except Exception:  # a bug: the replies' calls end when the server stops
+                log.exception("committing a turn of decisions failed")
+
+
+def _send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:
     """Send each reply, or UNAVAILABLE where its decision could not be made durable. One reply
     that cannot be sent (a bug, or a call gRPC core refuses) does not hold up the others."""
     for reply in replies:
@@ -664,8 +732,10 @@ def _send(replies: Sequence[_Reply]) -> None:
             )  # fmt: skip
             context.trailing = ((REASON_METADATA, failed.reason),)
         try:
-            context._call.start_server_batch(
-                _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
+            start_batch(
+                context._call,
+                _final_ops(reply.code, reply.details, context.trailing, reply.response),
+                _FINISHED,
             )
         except Exception:
             log.exception("sending a reply failed")
