@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import logging
+import random
 import re
 import socket
 import time
@@ -153,9 +154,13 @@ def test_log_format_and_prometheus_listen_are_checked(tmp_path: Path) -> None:
 
 
 def _consecutive_free_ports(count: int) -> int:
-    """A port P such that P .. P + count - 1 are free now (bounded attempts)."""
+    """A port P such that P .. P + count - 1 are free now (bounded attempts), taken below the
+    kernel's ephemeral range so that no outgoing connection of a test running beside this one
+    takes P + 1 before the broker binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
     for _ in range(50):
-        first = free_port()
+        first = rng.randrange(max(1024, low - 8000), low - count)
         sockets = []
         try:
             for offset in range(count):
