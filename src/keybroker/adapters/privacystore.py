@@ -417,38 +417,81 @@ class SqlPrivacyStore:
             if existing is not None:
                 return _erasure(existing, already=True)
             self._refuse_if_held(cur, kind, target)
-            if kind is Target.RECORDING:
-                cur.execute(
-                    "UPDATE kb_recordings SET erased_at = ? "
-                    "WHERE recording_id = ? AND erased_at IS NULL",
-                    (now, target),
-                )
-                covered = 1
-            else:
-                cur.execute(
-                    "UPDATE kb_recordings SET erased_at = ? WHERE erased_at IS NULL AND "
-                    "recording_id IN (SELECT recording_id FROM kb_recording_subjects "
-                    "WHERE subject_id = ?)",
-                    (now, target),
-                )
-                cur.execute(
-                    "SELECT COUNT(*) FROM kb_recording_subjects WHERE subject_id = ?", (target,)
-                )
-                covered = int(cur.fetchone()[0])
-            cur.execute(
-                "INSERT INTO kb_erasures (kind, target, reason, erased_by, erased_at, recordings) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (kind.value, target, reason, erased_by, now, covered),
-            )
-            cur.execute(
-                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
-                (kind.value, target),
-            )
-            row = cur.fetchone()
-            self._changed(cur)
-            return _erasure(row)
+            return self._tombstone(cur, kind, target, reason=reason, erased_by=erased_by, now=now)
 
         return self._run(write, write=True)
+
+    def restore_erasure(
+        self,
+        kind: Target,
+        target: str,
+        *,
+        reason: str,
+        erased_by: str,
+        erased_at: float,
+        check_holds: bool,
+    ) -> Erasure | None:
+        """Privacy replay (keybroker.core.privacy_replay): the tombstone of an erasure the
+        journal holds, unless the database has it (None then)."""
+
+        def write(cur: Cursor) -> Erasure | None:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_erasures WHERE kind = ? AND target = ?", (kind.value, target)
+            )
+            if cur.fetchone() is not None:
+                return None
+            if check_holds:
+                self._refuse_if_held(cur, kind, target)
+            return self._tombstone(
+                cur, kind, target, reason=reason, erased_by=erased_by, now=erased_at
+            )
+
+        result: Erasure | None = self._run(write, write=True)
+        return result
+
+    def erased_targets(self) -> set[tuple[str, str]]:
+        def read(cur: Cursor) -> set[tuple[str, str]]:
+            cur.execute("SELECT kind, target FROM kb_erasures")
+            return {(str(r[0]), str(r[1])) for r in cur.fetchall()}
+
+        result: set[tuple[str, str]] = self._run(read, write=False)
+        return result
+
+    def _tombstone(
+        self, cur: Cursor, kind: Target, target: str, *, reason: str, erased_by: str, now: float
+    ) -> Erasure:
+        """Mark the covered recordings erased and insert the tombstone (under the lock)."""
+        if kind is Target.RECORDING:
+            cur.execute(
+                "UPDATE kb_recordings SET erased_at = ? "
+                "WHERE recording_id = ? AND erased_at IS NULL",
+                (now, target),
+            )
+            covered = 1
+        else:
+            cur.execute(
+                "UPDATE kb_recordings SET erased_at = ? WHERE erased_at IS NULL AND "
+                "recording_id IN (SELECT recording_id FROM kb_recording_subjects "
+                "WHERE subject_id = ?)",
+                (now, target),
+            )
+            cur.execute(
+                "SELECT COUNT(*) FROM kb_recording_subjects WHERE subject_id = ?", (target,)
+            )
+            covered = int(cur.fetchone()[0])
+        cur.execute(
+            "INSERT INTO kb_erasures (kind, target, reason, erased_by, erased_at, recordings) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind.value, target, reason, erased_by, now, covered),
+        )
+        cur.execute(
+            f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
+            (kind.value, target),
+        )
+        row = cur.fetchone()
+        self._changed(cur)
+        return _erasure(row)
 
     def _refuse_if_held(self, cur: Cursor, kind: Target, target: str) -> None:
         """A hold on the target, on the recording's subjects, or on the subject's recordings."""
@@ -569,6 +612,30 @@ class SqlPrivacyStore:
 
         return self._run(write, write=True)
 
+    def restore_hold(self, hold: Hold) -> bool:
+        """Privacy replay: place a journaled hold again unless it is there or its target is
+        erased; True if placed."""
+
+        def write(cur: Cursor) -> bool:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_holds WHERE kind = ? AND target = ? UNION ALL "
+                "SELECT 1 FROM kb_erasures WHERE kind = ? AND target = ?",
+                (hold.kind.value, hold.target, hold.kind.value, hold.target),
+            )
+            if cur.fetchone() is not None:
+                return False
+            cur.execute(
+                "INSERT INTO kb_holds (kind, target, reason, placed_by, placed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (hold.kind.value, hold.target, hold.reason, hold.placed_by, hold.placed_at),
+            )
+            self._changed(cur)
+            return True
+
+        placed: bool = self._run(write, write=True)
+        return placed
+
     def holds(self) -> list[Hold]:
         def read(cur: Cursor) -> list[Hold]:
             cur.execute(
@@ -613,6 +680,30 @@ class SqlPrivacyStore:
             self._changed(cur)
 
         self._run(write, write=True)
+
+    def restore_withdrawal(
+        self, recording_id: str, purpose: str, *, reason: str, by: str, at: float
+    ) -> bool:
+        """Privacy replay: store a journaled withdrawal again unless it is there."""
+
+        def write(cur: Cursor) -> bool:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_purpose_withdrawals WHERE recording_id = ? AND purpose = ?",
+                (recording_id, purpose),
+            )
+            if cur.fetchone() is not None:
+                return False
+            cur.execute(
+                "INSERT INTO kb_purpose_withdrawals (recording_id, purpose, reason, "
+                "withdrawn_by, withdrawn_at) VALUES (?, ?, ?, ?, ?)",
+                (recording_id, purpose, reason, by, at),
+            )
+            self._changed(cur)
+            return True
+
+        stored: bool = self._run(write, write=True)
+        return stored
 
     def purpose_withdrawals(self) -> list[tuple[str, str]]:
         """Every ``(recording id, purpose)`` withdrawn and not given back."""

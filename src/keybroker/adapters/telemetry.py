@@ -161,6 +161,10 @@ def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
         attrs["keybroker.purposes"] = list(d.purposes)
     if d.subject_ids:
         attrs["keybroker.subject.ids"] = list(d.subject_ids)
+    if d.purposes_added:
+        attrs["keybroker.purposes.added"] = list(d.purposes_added)
+    if d.purposes_removed:
+        attrs["keybroker.purposes.removed"] = list(d.purposes_removed)
     return attrs
 
 

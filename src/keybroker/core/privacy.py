@@ -306,6 +306,7 @@ class PrivacyService:
         validate_purposes(add, "add_purposes")
         validate_purposes(remove, "remove_purposes")
         policy.require_purposes_granted(principal, add)
+        decision.purposes_added, decision.purposes_removed = tuple(add), tuple(remove)
         record_intent(self._intent, decision)
         return apply()
 

@@ -57,6 +57,7 @@ from keybroker.core.keys import UNWRAPPABLE, KeySnapshot, VersionState
 from keybroker.core.lifecycle import KeyLifecycle, LifecycleConfig
 from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
+from keybroker.core.privacy_replay import ReplayReport
 from keybroker.core.retention import RetentionShredder
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import ConfigurationError, NotFoundError
@@ -71,6 +72,7 @@ from keybroker.server.logs import configure_logging, set_worker
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.refusals import RefusalLog
+from keybroker.server.replay import replay_journal
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
 from keybroker.server.tls_reload import ServerTls
@@ -174,6 +176,37 @@ def open_journal(settings: Settings, worker: int) -> Journal | None:
     )
 
 
+def replay_with_own_journal(
+    settings: Settings, *, dry_run: bool = False, quiet: bool = False
+) -> ReplayReport | None:
+    """Privacy replay (keybroker.server.replay) from a process that writes no journal itself:
+    the parent of ``serve`` with several processes, or ``keybroker privacy replay``. Its
+    re-applications go into chain ``w0``, taken for the time (the caller holds the journal
+    directory: no broker writes it). None without ``[audit] dir``. ``quiet``: no log lines (the
+    caller prints the report)."""
+    root = settings.audit.dir
+    if root is None:
+        return None
+    chain_key = settings.audit.load_chain_key()
+    store = SqlPrivacyStore(open_database(settings, migrate=False if dry_run else None))
+    try:
+        if dry_run:
+            return replay_journal(root, chain_key, store, None, dry_run=True, quiet=quiet)
+        lock = lock_slot(root, 0)
+        try:
+            journal = open_journal(settings, 0)
+            if journal is None:  # pragma: no cover - [audit] dir is set
+                return None
+            try:
+                return replay_journal(root, chain_key, store, journal.record, quiet=quiet)
+            finally:
+                journal.close()
+        finally:
+            lock.release()
+    finally:
+        store.close()
+
+
 def hsm_config(settings: Settings) -> HsmConfig:
     """The HSM adapter's configuration (reads the PIN file)."""
     hsm = settings.hsm
@@ -200,13 +233,13 @@ def connect_hsm(settings: Settings) -> Pkcs11Keks:
     return keks
 
 
-def open_database(settings: Settings) -> Database:
+def open_database(settings: Settings, *, migrate: bool | None = None) -> Database:
     """The metadata database named by ``[state] url``, migrated to this version's schema (or,
-    with ``[state] migrate = false``, checked to be at it)."""
+    with ``[state] migrate = false`` or ``migrate=False``, checked to be at it)."""
     state = settings.state
     db = Database(dialect_for(state.url, base=settings.state_dir(), password=state.read_password()))
     try:
-        if state.migrate:
+        if state.migrate if migrate is None else migrate:
             db.migrate()
         else:  # the schema is `keybroker migrate`'s job; this role may lack DDL rights
             require_current_schema(db)
@@ -602,14 +635,19 @@ def create_server(
     clock: Clock = time.time,
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
+    replay: bool = True,
 ) -> RunningBroker:
     """Check the settings and TLS files, take this worker's journal slot (one writer per
-    journal), connect to the HSM, wire the services and start listening. Fails fast."""
+    journal), connect to the HSM, wire the services and start listening. Fails fast.
+
+    ``replay``: before serving, re-apply the journal's privacy changes the metadata database
+    lacks (keybroker.server.replay); ``serve`` with several processes does it once, before
+    the workers start, and passes False."""
     check_before_start(settings)
     lock = lock_journal_slot(settings, worker)
     try:
         running = _create_server(
-            settings, clock=clock, span_processor=span_processor, worker=worker
+            settings, clock=clock, span_processor=span_processor, worker=worker, replay=replay
         )
     except BaseException:
         if lock is not None:
@@ -619,12 +657,36 @@ def create_server(
     return running
 
 
+def open_privacy(
+    settings: Settings, *, clock: Clock, record: Callable[[Decision], None], replay: bool
+) -> PrivacyCache:
+    """The privacy state (its own connection to the database), not loaded yet; with ``replay``,
+    first the journal's privacy changes the database lacks are re-applied (keybroker.server
+    .replay), so the first load serves nothing less strict than the journal."""
+    state = settings.state
+    cache = PrivacyCache(
+        SqlPrivacyStore(open_database(settings)),
+        max_staleness=state.max_staleness,
+        refresh_interval=state.refresh_interval,
+        clock=clock,
+        on_conflict=registry_conflict_recorder(record),
+    )
+    if replay and settings.audit.dir is not None:
+        try:
+            replay_journal(settings.audit.dir, settings.audit.load_chain_key(), cache.store, record)
+        except BaseException:
+            cache.store.close()
+            raise
+    return cache
+
+
 def _create_server(
     settings: Settings,
     *,
     clock: Clock,
     span_processor: SpanProcessor | None,
     worker: int,
+    replay: bool,
 ) -> RunningBroker:
     tls = ServerTls(settings.tls)
     store = open_store(settings)
@@ -663,12 +725,8 @@ def _create_server(
     obs = build_observability(
         settings, keks, journal, span_processor, catalog, tls=tls, worker=worker
     )
-    privacy_cache = PrivacyCache(
-        SqlPrivacyStore(open_database(settings)),
-        max_staleness=state.max_staleness,
-        refresh_interval=state.refresh_interval,
-        clock=clock,
-        on_conflict=registry_conflict_recorder(event_recorder(journal, obs.recorder)),
+    privacy_cache = open_privacy(
+        settings, clock=clock, record=event_recorder(journal, obs.recorder), replay=replay
     )
     lifecycle = KeyLifecycle(
         store,
@@ -780,8 +838,8 @@ def _create_server(
     )
 
 
-def _serve_one(settings: Settings, worker: int = 0) -> None:
-    broker = create_server(settings, worker=worker)
+def _serve_one(settings: Settings, worker: int = 0, *, replay: bool = True) -> None:
+    broker = create_server(settings, worker=worker, replay=replay)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -805,7 +863,7 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
 def _worker(settings: Settings, worker: int) -> None:
     configure_logging(settings.telemetry.log_level, settings.telemetry.log_format, worker)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
-    _serve_one(settings, worker)
+    _serve_one(settings, worker, replay=False)  # the parent replayed (serve)
 
 
 _held: list[JournalLock] = []
@@ -837,6 +895,7 @@ def serve(settings: Settings) -> None:
         return
     if settings.telemetry.prometheus_listen:
         check_ports(settings.telemetry.prometheus_listen, processes)
+    replay_with_own_journal(settings)  # once, before any worker serves
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     workers = [
         ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
