@@ -6,12 +6,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,7 +53,7 @@ from keybroker.core.ports import Clock, DecisionRecorder
 from keybroker.core.privacy import PrivacyService
 from keybroker.core.retention import RetentionShredder
 from keybroker.core.wrapped_key import KeyRef
-from keybroker.errors import ConfigurationError, NotFoundError
+from keybroker.errors import ConfigurationError, KeybrokerError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.cpus import available_cpus
@@ -61,6 +63,7 @@ from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
+from keybroker.server.probes import ProbeBoard, WorkerProbe, probe_server
 from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
@@ -101,6 +104,7 @@ class RunningBroker:
     draining: threading.Event = field(default_factory=threading.Event)
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
+    probe: WorkerProbe | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -111,6 +115,8 @@ class RunningBroker:
         is not safe for a client to retry blindly)."""
         self.health.enter_graceful_shutdown()
         self.draining.set()
+        if self.probe is not None:
+            self.probe.set_ready(False)
         if grace:
             time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
@@ -443,6 +449,8 @@ def grpc_server(
     admin: KeyAdminServicer,
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
+    *,
+    heartbeat: Callable[[], None] | None = None,
 ) -> tuple[LoopServer, int]:
     """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
     registry = HandlerRegistry()
@@ -475,6 +483,7 @@ def grpc_server(
             ),
         ),
         refusals=RefusalLog(),
+        heartbeat=heartbeat,
     )
     try:
         port = server.add_secure_port(settings.server.listen, server_credentials(settings))
@@ -502,14 +511,16 @@ def create_server(
     clock: Clock = time.time,
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
+    probe: WorkerProbe | None = None,
 ) -> RunningBroker:
     """Check the settings and TLS files, take this worker's journal slot (one writer per
-    journal), connect to the HSM, wire the services and start listening. Fails fast."""
+    journal), connect to the HSM, wire the services and start listening. Fails fast.
+    ``probe``: where this worker reports readiness and heartbeats for the health port."""
     check_before_start(settings)
     lock = lock_journal_slot(settings, worker)
     try:
         running = _create_server(
-            settings, clock=clock, span_processor=span_processor, worker=worker
+            settings, clock=clock, span_processor=span_processor, worker=worker, probe=probe
         )
     except BaseException:
         if lock is not None:
@@ -525,6 +536,7 @@ def _create_server(
     clock: Clock,
     span_processor: SpanProcessor | None,
     worker: int,
+    probe: WorkerProbe | None = None,
 ) -> RunningBroker:
     store = open_store(settings)
     keks = connect_hsm(settings)
@@ -554,6 +566,7 @@ def _create_server(
         listen=store.database.notifications,
         tick=scheduler_tick,
         tick_interval=state.scheduler_interval,
+        heartbeat=probe.heartbeat("catalog") if probe is not None else None,
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(settings, keks, journal, span_processor, catalog)
@@ -626,6 +639,8 @@ def _create_server(
         [SERVICE_NAME, admin_servicer.SERVICE_NAME, privacy_servicer.SERVICE_NAME],
     )
     starting = health_state.watch("starting", False)
+    if probe is not None:
+        health_state.follow(lambda ok: probe.set_ready(ok and not draining.is_set()))
     health_state.publish()
     watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
@@ -640,12 +655,17 @@ def _create_server(
         KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
         PrivacyServicer(privacy, broker, guard(privacy_servicer.SERVICE_NAME), settings.audit.dir),
         health_servicer,
+        heartbeat=probe.heartbeat("server") if probe is not None else None,
     )
     server.start()
     catalog.start()
     exporter = start_exporter(settings, journal, obs.metrics)
     starting(True)
-    monitor = HealthMonitor(probes, settings.hsm.health_interval)
+    monitor = HealthMonitor(
+        probes,
+        settings.hsm.health_interval,
+        heartbeat=probe.heartbeat("health-monitor") if probe is not None else None,
+    )
     monitor.start()
     log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
     return RunningBroker(
@@ -665,11 +685,12 @@ def _create_server(
         shredder,
         draining,
         denials=denials,
+        probe=probe,
     )
 
 
-def _serve_one(settings: Settings, worker: int = 0) -> None:
-    broker = create_server(settings, worker=worker)
+def _serve_one(settings: Settings, worker: int = 0, probe: WorkerProbe | None = None) -> None:
+    broker = create_server(settings, worker=worker, probe=probe)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -690,12 +711,26 @@ def _serve_one(settings: Settings, worker: int = 0) -> None:
         raise SystemExit("keybroker: the gRPC server loop failed (see the log); exiting")
 
 
-def _worker(settings: Settings, worker: int) -> None:
+class _Failures(Protocol):
+    def put(self, obj: BaseException, /) -> None: ...
+
+
+def _worker(
+    settings: Settings, worker: int, probe: WorkerProbe | None, failures: _Failures
+) -> None:
+    """A spawned worker process. A start-up error the command line would turn into one line
+    and an exit code (a configuration error: 2; an unavailable HSM or database: 1) goes to the
+    supervisor, which reports it as ``keybroker serve`` of a single process does; this process
+    then exits with that code, without a traceback."""
     from keybroker.server.logs import configure_logging
 
     configure_logging(settings.telemetry.log_level)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
-    _serve_one(settings, worker)
+    try:
+        _serve_one(settings, worker, probe)
+    except (KeybrokerError, OSError) as exc:
+        failures.put(exc)
+        sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
 _held: list[JournalLock] = []
@@ -713,24 +748,63 @@ def _hold_journal(settings: Settings, processes: int) -> None:
             lock_slot(settings.audit.dir, worker).release()
 
 
+def liveness_bound(settings: Settings) -> float:
+    """Seconds without a turn after which a loop counts as stuck: ``[server] liveness_timeout``
+    beyond the longest interval a loop sleeps between turns."""
+    longest = max(1.0, settings.state.refresh_interval, settings.hsm.health_interval)
+    return settings.server.liveness_timeout + longest
+
+
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
+    """Run until SIGTERM/SIGINT. With ``processes > 1``, or a health port, spawn workers (the
+    port shared with SO_REUSEPORT) and supervise them; the supervisor serves the health port."""
     disable_core_dumps()
     processes = settings.server.processes or available_cpus()
     if not settings.server.processes:
         log.info("[server] processes = auto: %d (CPU quota and affinity)", processes)
     check_before_start(settings)
     _hold_journal(settings, processes)
-    if processes == 1:
+    if processes == 1 and not settings.server.health_listen:
         _serve_one(settings)
         return
+    _supervise(settings, processes)
+
+
+def _supervise(settings: Settings, processes: int) -> None:
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
+    board = ProbeBoard.shared(processes, ctx)
+    probes: LoopServer | None = None
+    if settings.server.health_listen:
+        probes, _port = probe_server(board, settings.server.health_listen, liveness_bound(settings))
+    failures = ctx.SimpleQueue()
     workers = [
-        ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
+        ctx.Process(
+            target=_worker,
+            args=(settings, i, board.for_worker(i), failures),
+            name=f"keybroker-{i}",
+        )
         for i in range(processes)
     ]
-    for w in workers:
-        w.start()
+    try:
+        for w in workers:
+            w.start()
+        stopping = _watch_workers(workers)
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                os.kill(w.pid, signal.SIGTERM)
+        for w in workers:
+            w.join(settings.server.grace_period + 5)
+    finally:
+        if probes is not None:
+            probes.stop(None).wait(5)
+    if not failures.empty():  # a worker's start-up error, reported as a single process would
+        raise failures.get()
+    if any(w.exitcode not in (0, None) for w in workers) and not stopping:
+        raise SystemExit(1)
+
+
+def _watch_workers(workers: Sequence[multiprocessing.process.BaseProcess]) -> bool:
+    """Wait for SIGTERM/SIGINT (True) or for a worker to exit (False)."""
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -742,10 +816,4 @@ def serve(settings: Settings) -> None:
         if any(not w.is_alive() for w in workers):
             log.error("a worker process exited; stopping the others")
             break
-    for w in workers:
-        if w.pid is not None and w.is_alive():
-            os.kill(w.pid, signal.SIGTERM)
-    for w in workers:
-        w.join(settings.server.grace_period + 5)
-    if any(w.exitcode not in (0, None) for w in workers) and not stopping.is_set():
-        raise SystemExit(1)
+    return stopping.is_set()

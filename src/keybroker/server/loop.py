@@ -65,6 +65,7 @@ GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
 _MALFORMED = "malformed request message"
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
+_IDLE_WAKE = 1.0  # seconds an idle loop waits for an event before it turns anyway (heartbeat)
 
 
 class _Tag:
@@ -396,9 +397,11 @@ class LoopServer:
         inline: frozenset[str],
         options: LoopOptions,
         refusals: RefusalLog | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """``refusals`` counts calls refused before any handler ran; the server starts and
-        stops it (:mod:`keybroker.server.refusals`)."""
+        stops it (:mod:`keybroker.server.refusals`). ``heartbeat`` is called on every turn of
+        the loop, at least every second while idle (liveness: :mod:`keybroker.server.probes`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
             raise ValueError(f"inline methods without a handler: {unknown}")
@@ -422,6 +425,7 @@ class LoopServer:
         self._destroyed = False
         self._abandon_at: float | None = None
         self._lock = threading.Lock()
+        self._heartbeat = heartbeat or _no_heartbeat
         self.failed = False
         """Set when the loop died of a bug: the process should exit (``keybroker serve`` does)."""
 
@@ -430,6 +434,11 @@ class LoopServer:
             address.encode("utf-8"),
             cy.core_credentials(credentials),
         )
+        return port
+
+    def add_insecure_port(self, address: str) -> int:
+        """A plaintext port (the health probes' only: :mod:`keybroker.server.probes`)."""
+        port: int = self._server.add_http2_port(address.encode("utf-8"), None)
         return port
 
     def start(self) -> None:
@@ -498,11 +507,14 @@ class LoopServer:
     def _run(self) -> None:
         replies: list[_Reply] = []
         shut_down = False
+        beat = self._heartbeat
         try:
             while not (shut_down and (self._in_flight == 0 or self._abandoned())):
-                # replies waiting: only take what is ready; stopping: look at the clock now and then
-                deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
-                event = self._cq.poll(deadline)
+                beat()
+                # replies waiting: only take what is ready; stopping: look at the clock now and
+                # then; idle: wake up now and then, so that the heartbeat says the loop turns
+                wait = 0.0 if replies else (0.1 if shut_down else _IDLE_WAKE)
+                event = self._cq.poll(time.time() + wait)
                 if event.completion_type == cy.CompletionType.queue_timeout:
                     self._end_turn(replies)
                     replies = []
@@ -629,6 +641,10 @@ class LoopServer:
             self.refusals.note(peer, kind)
         except Exception:
             log.exception("counting a refused call failed")
+
+
+def _no_heartbeat() -> None:
+    pass
 
 
 def _peer_of(call: Any) -> str:
