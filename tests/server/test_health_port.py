@@ -81,9 +81,8 @@ def test_health_port_answers_readiness_and_liveness_and_nothing_else(
     both workers serve; any other service is NOT_FOUND; every broker method, reflection
     included, is UNIMPLEMENTED there; the mTLS port's health service is unchanged."""
     proc, probe, port = two_workers
-    _eventually(lambda: probe.status("readiness") == SERVING)
+    _eventually(lambda: probe.status("readiness") == probe.status("liveness") == SERVING)
     assert probe.status("") == SERVING
-    assert probe.status("liveness") == SERVING
     with pytest.raises(grpc.RpcError) as unknown:
         probe.status("keybroker.v1.KeyBroker")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -203,7 +202,7 @@ def test_health_command_prints_both_and_exits_by_them(
     alone still 0 (an exec readiness probe is not failed by liveness, nor the reverse)."""
     proc, probe, _port = two_workers
     config = _config_with_health(devenv, tmp_path, probe.target)
-    _eventually(lambda: probe.status("readiness") == SERVING)
+    _eventually(lambda: probe.status("readiness") == probe.status("liveness") == SERVING)
     out = run_cli("health", "--config", str(config))
     assert out.returncode == 0, out.stdout + out.stderr
     assert re.search(r"^readiness\s+SERVING$", out.stdout, re.M), out.stdout
