@@ -112,7 +112,14 @@ class AuthSettings:
     require_cnf: bool = False
     token_cache_size: int = 10000
     jwks_refresh_interval: int = 30
-    """Minimum seconds between JWKS refreshes triggered by an unknown ``kid``."""
+    """Minimum seconds between JWKS refreshes: those an unknown ``kid`` triggers, and the
+    periodic ones however short the issuer's ``Cache-Control: max-age``."""
+    jwks_max_refresh_interval: int = 300
+    """Maximum seconds between periodic JWKS refreshes (and the interval when the issuer sends
+    no ``max-age``): a ``kid`` removed at the issuer is refused at most this long after."""
+    jwks_max_staleness: int = 86400
+    """How long the last JWKS fetched from ``jwks_url`` stays in use while refreshes fail;
+    after that every token is refused until a refresh succeeds."""
     admin_require_mfa: bool = True
     """KeyAdmin calls need ``amr`` to contain ``mfa`` (administrative access needs MFA)."""
 
@@ -369,6 +376,8 @@ _DURATION_KEYS = {
     "auth.max_token_lifetime",
     "auth.leeway",
     "auth.jwks_refresh_interval",
+    "auth.jwks_max_refresh_interval",
+    "auth.jwks_max_staleness",
     "server.grace_period",
     "server.liveness_timeout",
     "keys.default_retention",
@@ -608,6 +617,7 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError("[auth] max_token_lifetime: must be positive, e.g. '24h'")
     if auth.token_cache_size < 0:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
+    _validate_jwks_refresh(auth)
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError(
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
@@ -661,6 +671,20 @@ def _validate_health_listen(server: ServerSettings) -> None:
         raise ConfigurationError(
             f"[server] health_listen: port {health[1]} is [server] listen's; the plaintext "
             "health port needs a port of its own, e.g. 0.0.0.0:8081"
+        )
+
+
+def _validate_jwks_refresh(auth: AuthSettings) -> None:
+    """A jwks_refresh_interval above jwks_max_refresh_interval (set before the maximum existed)
+    is honoured: it then is the refresh interval."""
+    if min(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval) < 0:
+        raise ConfigurationError(
+            "[auth] jwks_refresh_interval and jwks_max_refresh_interval: must be 0 or more"
+        )
+    if auth.jwks_max_staleness < max(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval):
+        raise ConfigurationError(
+            "[auth] jwks_max_staleness: must be at least jwks_max_refresh_interval (and "
+            "jwks_refresh_interval), e.g. '1d'"
         )
 
 

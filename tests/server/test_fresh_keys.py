@@ -148,6 +148,8 @@ def test_a_version_destroyed_meanwhile_is_destroyed_not_invalid(
     assert b.catalog is not None and a.lifecycle is not None
     b.catalog.refresh()  # B knows the version as enabled (and has no handle for it yet)
     assert made.key_ref.key_name in b.catalog.snapshot().keys
+    assert a.privacy is not None  # the registry keeps the blob A issued (flushed in seconds,
+    a.privacy.flush_registry()  # long before any real destruction): so B may say "destroyed"
     assert a.lifecycle.shred(made.key_ref.key_name, "test") == 1
     with pytest.raises(grpc.RpcError) as info:
         _unwrap(devenv, b.port, _record_of(made), made.wrapped_key)

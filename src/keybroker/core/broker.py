@@ -33,6 +33,7 @@ from keybroker.core.wrapped_key import (
 from keybroker.errors import (
     FailedPreconditionError,
     InvalidRequestError,
+    InvalidWrappedKeyError,
     KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
@@ -397,33 +398,48 @@ class KeyBroker:
         snapshot = self._catalog.snapshot()
         if not _loaded(snapshot, parsed.key):
             snapshot = self._catalog.fresh_snapshot()
-        parsed = self._with_material(snapshot, parsed, decision)
+        parsed = self._with_material(snapshot, parsed, wrapped_key, decision)
         try:
             data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         except KeyStateStaleError:
             # The catalog let the version through but the HSM has no object for it: one of the
             # two is behind. Reload; a version destroyed meanwhile is now said to be destroyed.
             snapshot = self._catalog.fresh_snapshot()
-            parsed = self._with_material(snapshot, parsed, decision)
+            parsed = self._with_material(snapshot, parsed, wrapped_key, decision)
             data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
         snapshot.require_usable(parsed.key)
         return parsed, data_key
 
     def _with_material(
-        self, snapshot: KeySnapshot, parsed: WrappedKey, decision: Decision
+        self, snapshot: KeySnapshot, parsed: WrappedKey, wrapped_key: bytes, decision: Decision
     ) -> WrappedKey:
-        """``parsed``, or its legal-hold copy when its own version is destroyed."""
+        """``parsed``, or its legal-hold copy when its own version is destroyed.
+
+        A blob under a destroyed version can no longer be authenticated by the HSM. It is told
+        genuine only if the registry keeps it byte for byte (the broker issued it): then the
+        caller learns the version is destroyed, or gets the recording's legal-hold copy. Any
+        other blob naming a destroyed version reads like one naming an unknown version
+        (InvalidWrappedKeyError): no oracle for which versions existed, and no hold copy for a
+        blob forged from a held recording's (public) bindings.
+        """
         try:
             snapshot.require_material(parsed.key)
         except FailedPreconditionError as exc:
-            held = self._hold_copy(parsed) if exc.reason == "key_version_destroyed" else None
+            if exc.reason != "key_version_destroyed":
+                raise
+            if not self._issued(parsed.bindings.recording_id, wrapped_key):
+                raise InvalidWrappedKeyError from None
+            held = self._hold_copy(parsed)
             if held is None:
                 raise
             decision.key_name, decision.key_version = held.key.name, held.key.version
             snapshot.require_material(held.key)
             return held
         return parsed
+
+    def _issued(self, recording_id: str, wrapped_key: bytes) -> bool:
+        return self._privacy is not None and self._privacy.issued(recording_id, wrapped_key)
 
     def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
         """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's

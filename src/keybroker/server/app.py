@@ -15,7 +15,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.metrics import MeterProvider
@@ -30,7 +29,11 @@ from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
 from keybroker.adapters.journal_lock import JournalLock, lock_directory, lock_slot
 from keybroker.adapters.keystore import SqlKeyStore
-from keybroker.adapters.metrics import DecisionMetrics, configure_metrics
+from keybroker.adapters.metrics import (
+    DecisionMetrics,
+    configure_metrics,
+    observe_certificate_expiry,
+)
 from keybroker.adapters.privacy_cache import PrivacyCache
 from keybroker.adapters.privacystore import SqlPrivacyStore
 from keybroker.adapters.schema import require_current_schema
@@ -67,6 +70,7 @@ from keybroker.server.probes import ProbeBoard, WorkerProbe, probe_server
 from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
 from keybroker.server.startup import bind_error, check_tls_material
+from keybroker.server.tls_reload import ServerTls
 from keybroker.settings import Settings, validate_for_serving
 from keybroker.v1 import (
     admin_pb2,
@@ -105,6 +109,8 @@ class RunningBroker:
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
     probe: WorkerProbe | None = None
+    tls: ServerTls | None = None
+    jwks: JwksKeys | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds to finish.
@@ -123,6 +129,8 @@ class RunningBroker:
         if self.denials is not None:
             self.denials.stop()  # journals the aggregates still open
         self.monitor.stop()
+        if self.jwks is not None:
+            self.jwks.stop()
         if self.catalog is not None:
             self.catalog.stop()  # flushes usage counts
         if self.privacy is not None:
@@ -138,22 +146,6 @@ class RunningBroker:
         self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
-
-
-def _read(path: Path | None) -> bytes:
-    if path is None:  # validate_for_serving rejects this earlier
-        raise ConfigurationError("[tls] a certificate file is missing")
-    return path.read_bytes()
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """mTLS: the client CA is mandatory and client certificates are required."""
-    tls = settings.tls
-    return grpc.ssl_server_credentials(
-        [(_read(tls.key_file), _read(tls.cert_file))],
-        root_certificates=_read(tls.client_ca_file),
-        require_client_auth=True,
-    )
 
 
 def open_journal(settings: Settings, worker: int) -> Journal | None:
@@ -302,6 +294,16 @@ def watch_hsm(keks: Pkcs11Keks, health_state: Health) -> None:
     keks.on_self_test_change(health_state.watch("kek_self_test", keks.self_tests_passed))
 
 
+def publish_health(
+    health_state: Health, probe: WorkerProbe | None, draining: threading.Event
+) -> None:
+    """Publish the health state now, and from now on also as this worker's readiness on the
+    health port (NOT_SERVING once draining)."""
+    if probe is not None:
+        health_state.follow(lambda ok: probe.set_ready(ok and not draining.is_set()))
+    health_state.publish()
+
+
 def require_default_key(settings: Settings, catalog: CachedCatalog) -> None:
     try:
         catalog.snapshot().current(settings.keys.default)
@@ -334,6 +336,8 @@ def build_observability(
     journal: Journal | None,
     span_processor: SpanProcessor | None,
     catalog: CachedCatalog | None = None,
+    *,
+    tls: ServerTls | None = None,
 ) -> Observability:
     telemetry = settings.telemetry
     provider, live_spans = configure_tracing(
@@ -348,6 +352,8 @@ def build_observability(
             resource(telemetry),
         )
         decision_metrics = DecisionMetrics(meter_provider)
+        if tls is not None:
+            observe_certificate_expiry(meter_provider, tls.expires_in)
         keks.observe(decision_metrics.hsm_call)
         if journal is not None:
             journal.on_flush(decision_metrics.journal_flush)
@@ -450,9 +456,11 @@ def grpc_server(
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
     *,
-    heartbeat: Callable[[], None] | None = None,
+    heartbeats: Callable[[str], Callable[[], None]] | None = None,
+    tls: ServerTls,
 ) -> tuple[LoopServer, int]:
-    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
+    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS
+    (client certificates required; ``tls`` follows the files as they are renewed)."""
     registry = HandlerRegistry()
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, registry)  # type: ignore[no-untyped-call]
@@ -483,10 +491,10 @@ def grpc_server(
             ),
         ),
         refusals=RefusalLog(),
-        heartbeat=heartbeat,
+        heartbeats=heartbeats,
     )
     try:
-        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
+        port = server.add_secure_port(settings.server.listen, tls.credentials())
     except RuntimeError:
         port = 0
     if port == 0:
@@ -538,6 +546,7 @@ def _create_server(
     worker: int,
     probe: WorkerProbe | None = None,
 ) -> RunningBroker:
+    tls = ServerTls(settings.tls)
     store = open_store(settings)
     keks = connect_hsm(settings)
     auth = settings.auth
@@ -546,7 +555,10 @@ def _create_server(
         url=auth.jwks_url,
         ca_file=auth.jwks_ca_file,
         min_interval=auth.jwks_refresh_interval,
+        max_interval=auth.jwks_max_refresh_interval,
+        max_stale=auth.jwks_max_staleness,
     )
+    jwks.start()
     verifier = TokenVerifier(auth, jwks, clock=clock)
     journal = open_journal(settings, worker)
     state = settings.state
@@ -569,7 +581,7 @@ def _create_server(
         heartbeat=probe.heartbeat("catalog") if probe is not None else None,
     )
     catalog.on_change(_forget_unusable(keks))
-    obs = build_observability(settings, keks, journal, span_processor, catalog)
+    obs = build_observability(settings, keks, journal, span_processor, catalog, tls=tls)
     privacy_cache = PrivacyCache(
         SqlPrivacyStore(open_database(settings)),
         max_staleness=state.max_staleness,
@@ -639,12 +651,10 @@ def _create_server(
         [SERVICE_NAME, admin_servicer.SERVICE_NAME, privacy_servicer.SERVICE_NAME],
     )
     starting = health_state.watch("starting", False)
-    if probe is not None:
-        health_state.follow(lambda ok: probe.set_ready(ok and not draining.is_set()))
-    health_state.publish()
+    publish_health(health_state, probe, draining)
     watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
-    probes = [keks.check, privacy_cache.check]
+    probes = [keks.check, privacy_cache.check, tls.probe]
     if journal is not None:
         journal.on_health_change(health_state.watch("journal", journal.healthy))
         probes.append(journal.check)
@@ -655,7 +665,8 @@ def _create_server(
         KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
         PrivacyServicer(privacy, broker, guard(privacy_servicer.SERVICE_NAME), settings.audit.dir),
         health_servicer,
-        heartbeat=probe.heartbeat("server") if probe is not None else None,
+        heartbeats=probe.heartbeat if probe is not None else None,
+        tls=tls,
     )
     server.start()
     catalog.start()
@@ -686,6 +697,8 @@ def _create_server(
         draining,
         denials=denials,
         probe=probe,
+        tls=tls,
+        jwks=jwks,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -75,8 +76,20 @@ def _public_bytes(key: PublicKeyTypes) -> bytes:
     )
 
 
-def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None:
-    """Raise a ConfigurationError naming the file and the problem, or return."""
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The server's TLS files, read and checked: what gRPC serves, and when each part expires."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    ca_pem: bytes
+    leaf: x509.Certificate
+    """The server certificate (the first of ``cert_pem``)."""
+    client_cas: tuple[x509.Certificate, ...]
+
+
+def load_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> TlsMaterial:
+    """The TLS files, checked; a ConfigurationError naming the file and the problem otherwise."""
     now = now or dt.datetime.now(dt.UTC)
     cert_file, cert_data = _read("cert_file", tls.cert_file)
     key_file, key_data = _read("key_file", tls.key_file)
@@ -108,7 +121,13 @@ def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None
             "bundle): no client could connect; give the PEM CA certificate(s) that sign "
             "client certificates"
         )
-    _certificates("client_ca_file", ca_file, ca_data, "the CA certificate(s) of your clients")
+    cas = _certificates("client_ca_file", ca_file, ca_data, "the CA certificate(s) of your clients")
+    return TlsMaterial(cert_data, key_data, ca_data, leaf, tuple(cas))
+
+
+def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None:
+    """Raise a ConfigurationError naming the file and the problem, or return."""
+    load_tls_material(tls, now)
 
 
 def bind_error(listen: str, key: str = "listen", *, reuseport: bool = True) -> ConfigurationError:
