@@ -727,6 +727,8 @@ def _serve_one(settings: Settings, worker: int = 0, probe: WorkerProbe | None = 
 class _Failures(Protocol):
     def put(self, obj: BaseException, /) -> None: ...
 
+    def empty(self) -> bool: ...
+
 
 def _worker(
     settings: Settings, worker: int, probe: WorkerProbe | None, failures: _Failures
@@ -742,7 +744,10 @@ def _worker(
     try:
         _serve_one(settings, worker, probe)
     except (KeybrokerError, OSError) as exc:
-        failures.put(exc)
+        try:
+            failures.put(exc)
+        except Exception:  # noqa: BLE001 - cannot be sent: say it here, as the CLI would
+            log.error("worker %d did not start: %s", worker, exc)  # noqa: TRY400 - no trace
         sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
@@ -801,7 +806,7 @@ def _supervise(settings: Settings, processes: int) -> None:
     try:
         for w in workers:
             w.start()
-        stopping = _watch_workers(workers)
+        stopping = _watch_workers(workers, failures)
         for w in workers:
             if w.pid is not None and w.is_alive():
                 os.kill(w.pid, signal.SIGTERM)
@@ -816,7 +821,9 @@ def _supervise(settings: Settings, processes: int) -> None:
         raise SystemExit(1)
 
 
-def _watch_workers(workers: Sequence[multiprocessing.process.BaseProcess]) -> bool:
+def _watch_workers(
+    workers: Sequence[multiprocessing.process.BaseProcess], failures: _Failures
+) -> bool:
     """Wait for SIGTERM/SIGINT (True) or for a worker to exit (False)."""
     stopping = threading.Event()
 
@@ -827,6 +834,7 @@ def _watch_workers(workers: Sequence[multiprocessing.process.BaseProcess]) -> bo
     signal.signal(signal.SIGINT, on_signal)
     while not stopping.wait(0.5):
         if any(not w.is_alive() for w in workers):
-            log.error("a worker process exited; stopping the others")
+            if failures.empty():  # else its start-up error is reported (serve)
+                log.error("a worker process exited; stopping the others")
             break
     return stopping.is_set()
