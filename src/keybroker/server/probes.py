@@ -20,9 +20,9 @@ Who answers: the supervisor process of ``keybroker serve``, never a worker. With
 configured the supervisor always spawns the workers (also when there is only one) and serves the
 health port itself; the workers write their readiness and heartbeats into a small block of shared
 memory (:class:`ProbeBoard`) that the supervisor reads on each probe. So a probe is never answered
-by a process that also serves the data plane (gRPC core's pollers are shared by every server of a
-process: a second server there would take socket I/O of data-plane connections off the server
-loop), and one probe speaks for every worker (with ``SO_REUSEPORT`` a per-worker listener would
+by a process that also serves the data plane (gRPC core polls every socket of a process from
+whichever thread waits on it: a second server's thread in a worker could take socket I/O of
+data-plane connections off the server loop), and one probe speaks for every worker (with ``SO_REUSEPORT`` a per-worker listener would
 answer for a random one). docs/OPERATIONS.md says the same for operators.
 """
 
