@@ -22,8 +22,9 @@ health port itself; the workers write their readiness and heartbeats into a smal
 memory (:class:`ProbeBoard`) that the supervisor reads on each probe. So a probe is never answered
 by a process that also serves the data plane (gRPC core polls every socket of a process from
 whichever thread waits on it: a second server's thread in a worker could take socket I/O of
-data-plane connections off the server loop), and one probe speaks for every worker (with ``SO_REUSEPORT`` a per-worker listener would
-answer for a random one). docs/OPERATIONS.md says the same for operators.
+data-plane connections off the server loop), and one probe speaks for every worker (with
+``SO_REUSEPORT`` a per-worker listener would answer for a random one). docs/OPERATIONS.md says
+the same for operators.
 """
 
 from __future__ import annotations
