@@ -142,6 +142,30 @@ def test_a_stuck_worker_is_not_live_but_still_ready(
     assert re.search(r"liveness: NOT_SERVING, no turn for over 2 s: worker \d: ", proc.output())
 
 
+def test_shutdown_is_not_ready_before_the_port_closes(
+    two_workers: tuple[BrokerProcess, Probe, int],
+) -> None:
+    """SIGTERM: `readiness` turns NOT_SERVING while the workers drain and stop (the pod leaves
+    the Service first); the health port closes after them and the broker exits 0."""
+    proc, probe, _port = two_workers
+    _eventually(lambda: probe.status("readiness") == SERVING)
+    proc.proc.send_signal(signal.SIGTERM)
+    seen: list[int] = []
+    closed = None
+    deadline = time.monotonic() + 30
+    while closed is None and time.monotonic() < deadline:
+        try:
+            seen.append(probe.status("readiness"))
+        except grpc.RpcError as exc:
+            closed = exc.code()
+        time.sleep(0.02)
+    assert closed == grpc.StatusCode.UNAVAILABLE
+    assert NOT_SERVING in seen, seen
+    first = seen.index(NOT_SERVING)
+    assert seen[first:] == [NOT_SERVING] * (len(seen) - first)  # never ready again
+    assert proc.proc.wait(30) == 0
+
+
 @pytest.fixture
 def own_env(tmp_path: Path) -> DevEnv:
     return provision(tmp_path / "state", listen="127.0.0.1:0")
