@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -175,8 +175,12 @@ class KeysSettings:
 class StateSettings:
     """Key metadata store: SQLite for one host, PostgreSQL for several replicas."""
 
+    dir: Path | None = None
+    """Where the broker keeps what it creates itself: relative ``sqlite:`` files and, unless
+    ``[audit] dir`` is set, the audit journal (``journal/``) and its keys (``audit/``). Unset: the
+    config file's folder (the working directory without one)."""
     url: str = "sqlite:keybroker.db"
-    """``sqlite:FILE`` (relative to the config file's folder) or ``postgresql://…``."""
+    """``sqlite:FILE`` (relative to the state directory) or ``postgresql://…``."""
     password_file: Path | None = None
     """PostgreSQL password, read from this file (never put it in the URL)."""
     refresh_interval: float = 0.25
@@ -212,14 +216,22 @@ class TelemetrySettings:
     otlp_timeout: float = 5.0
     service_name: str = "keybroker"
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` (for people) or ``json`` (one object a line; keybroker.server.logs)."""
     span_file: Path | None = None
     """Also append every span as one JSON line to this file (development and demos)."""
+    prometheus_listen: str = ""
+    """``HOST:PORT`` of a Prometheus scrape endpoint (``/metrics``); worker N listens on PORT + N
+    (port 0: any free port, logged). Empty: off."""
 
 
 @dataclass(frozen=True)
 class AuditSettings:
+    enabled: bool = True
+    """false: no durable journal (best-effort spans only; development and benchmarks)."""
     dir: Path | None = None
-    """Journal directory. Unset: no durable journal (best-effort spans only): not for production."""
+    """Journal directory. Unset: ``journal/`` under the state directory; its key files, unless
+    given, are then generated at first start under ``audit/`` there (:class:`AuditLayout`)."""
     chain_key_file: Path | None = None
     """32-byte HMAC key of the hash chain, as 64 hex characters. Never stored in the journal."""
     signing_key_file: Path | None = None
@@ -293,6 +305,39 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class AuditLayout:
+    """The default journal and key files under a state directory: what a broker without
+    ``[audit] dir`` uses, and generates when missing (key files 0600, directories 0700)."""
+
+    state_dir: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / "journal"
+
+    @property
+    def keys(self) -> Path:
+        return self.state_dir / "audit"
+
+    @property
+    def chain_key(self) -> Path:
+        return self.keys / "chain.key"
+
+    @property
+    def pseudonym_key(self) -> Path:
+        return self.keys / "pseudonym.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.keys / "checkpoint-signing.pem"
+
+    @property
+    def signing_public_key(self) -> Path:
+        """The checkpoint public key, for ``keybroker audit verify --public-key``."""
+        return self.keys / "checkpoint-signing.pub.pem"
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """For the ``keybroker encrypt | decrypt`` commands (the SDK takes arguments instead)."""
 
@@ -357,6 +402,15 @@ class Settings:
         if not pin:
             raise ConfigurationError(f"[hsm] pin_file: {path} is empty; write the user PIN into it")
         return pin
+
+    def state_dir(self) -> Path:
+        """``[state] dir``, or the config file's folder (the working directory without one)."""
+        if self.state.dir is not None:
+            return self.state.dir
+        return self.source.resolve().parent if self.source is not None else Path.cwd()
+
+    def audit_layout(self) -> AuditLayout:
+        return AuditLayout(self.state_dir())
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -590,9 +644,41 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
             built[section] = cls(**kwargs)
         except ValueError as exc:
             raise ConfigurationError(f"[{section}] {exc} ({sources.of(section)})") from None
-    settings = Settings(**built, source=path)
+    settings = _default_journal(Settings(**built, source=path), sources)
     validate(settings)
     return settings
+
+
+def _default_journal(settings: Settings, sources: _Sources) -> Settings:
+    """Unless ``[audit] enabled = false``, an unset ``[audit] dir`` and unset key files take their
+    default paths under the state directory (:class:`AuditLayout`). The broker generates missing
+    key files only for the default journal (``dir`` at its default path)."""
+    audit = settings.audit
+    if not audit.enabled:
+        if audit.dir is not None:
+            raise ConfigurationError(
+                f"[audit] enabled = false but [audit] dir is set ({sources.of('audit', 'dir')}); "
+                "remove dir (or set KEYBROKER_AUDIT_DIR=) to run without a journal, or remove "
+                "enabled = false to keep it"
+            )
+        return settings
+    layout = settings.audit_layout()
+    signing = audit.signing_key_file
+    if signing is None and not audit.signing_key_label:
+        signing = layout.signing_key
+    pseudonym = audit.pseudonym_key_file
+    if pseudonym is None and audit.pseudonymize:
+        pseudonym = layout.pseudonym_key
+    return replace(
+        settings,
+        audit=replace(
+            audit,
+            dir=audit.dir or layout.journal,
+            chain_key_file=audit.chain_key_file or layout.chain_key,
+            signing_key_file=signing,
+            pseudonym_key_file=pseudonym,
+        ),
+    )
 
 
 def validate(settings: Settings) -> None:
@@ -630,6 +716,7 @@ def validate(settings: Settings) -> None:
     if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
         raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
     _validate_limits(settings.limits)
+    _validate_telemetry(settings.telemetry)
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(
@@ -672,6 +759,20 @@ def _validate_health_listen(server: ServerSettings) -> None:
             f"[server] health_listen: port {health[1]} is [server] listen's; the plaintext "
             "health port needs a port of its own, e.g. 0.0.0.0:8081"
         )
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _validate_telemetry(telemetry: TelemetrySettings) -> None:
+    if telemetry.log_format not in LOG_FORMATS:
+        raise ConfigurationError(
+            f'[telemetry] log_format must be "text" or "json", got {telemetry.log_format!r}'
+        )
+    if telemetry.prometheus_listen:
+        key = "[telemetry] prometheus_listen"
+        if validate_listen(telemetry.prometheus_listen, key) is None:
+            raise ConfigurationError(f"{key}: expected HOST:PORT (no unix socket)")
 
 
 def _validate_jwks_refresh(auth: AuthSettings) -> None:

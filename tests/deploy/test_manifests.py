@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from keybroker import settings as settings_mod
 from keybroker.adapters.alerts import AlertDetector
+from keybroker.adapters.gauges import JournalState, StateGauges
 from keybroker.adapters.metrics import DecisionMetrics
 from keybroker.core.decision import Decision, Outcome
 from keybroker.errors import ConfigurationError
@@ -126,6 +127,7 @@ def test_configmap_settings_load_with_the_product_loader(
     assert loaded.server.processes == 0  # "auto": the container's CPU limit
     assert loaded.server.listen == "0.0.0.0:50051"
     assert loaded.audit.dir == Path("/var/lib/keybroker/journal")
+    assert loaded.telemetry.log_format == "json"  # one object a line for the log agent
     if name == "production":
         assert loaded.state.url.startswith("postgresql://keybroker_runtime@")
         assert loaded.state.migrate is False
@@ -302,6 +304,12 @@ def _exported_metric_names() -> set[str]:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     metrics = DecisionMetrics(provider, export_lag=lambda: 0)
+    StateGauges(
+        provider,
+        hsm_healthy=lambda: True,
+        staleness={"keys": lambda: 0.0},
+        journal=JournalState(lambda: 0, lambda: True),
+    )
     detector = AlertDetector(meter_provider=provider)
     decision = Decision(
         service="keybroker.v1.KeyBroker", operation="UnwrapDataKey", outcome=Outcome.DENY,
@@ -339,7 +347,9 @@ def _alert_rules() -> Iterator[dict[str, Any]]:
 def test_alert_rules_use_only_metrics_the_broker_exports() -> None:
     exported = _exported_metric_names()
     assert {"keybroker_decisions_total", "keybroker_alerts_total",
-            "keybroker_journal_export_lag"} <= exported  # fmt: skip
+            "keybroker_journal_export_lag", "keybroker_hsm_healthy",
+            "keybroker_state_staleness_seconds", "keybroker_journal_backlog",
+            "keybroker_journal_healthy"} <= exported  # fmt: skip
     rules = list(_alert_rules())
     assert len(rules) >= 8
     used = set()

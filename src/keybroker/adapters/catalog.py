@@ -111,6 +111,11 @@ class CachedCatalog:
         """Run ``refresher`` after every refresh of the key metadata (same wake-ups)."""
         self._refreshers.append(refresher)
 
+    def staleness(self) -> float:
+        """Seconds since the last successful read of the key metadata began (a gauge)."""
+        read_at = self._read_at
+        return time.monotonic() - read_at if read_at != float("-inf") else 0.0
+
     def refresh(self, *, force: bool = False) -> bool:
         """Reload if the store's generation moved; True if the snapshot changed."""
         with self._refresh_lock:

@@ -160,6 +160,10 @@ class PrivacyCache:
         """Seconds after its last acknowledgement during which a replica may still serve."""
         return self._max_staleness + _HEARTBEAT + _CLOCK_SKEW + self._refresh_interval
 
+    def staleness(self) -> float:
+        """Seconds since the erasure and hold state was last read successfully (a gauge)."""
+        return time.monotonic() - self._last_ok
+
     def require_current(self) -> None:
         if self._max_staleness and time.monotonic() - self._last_ok > self._max_staleness:
             raise UnavailableError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from keybroker.adapters.sqldb import Cursor, Database
 from keybroker.core.keys import VersionState
@@ -18,6 +18,8 @@ from keybroker.core.privacy import Erasure, Hold, RecordingEntry, Target
 from keybroker.core.retention import HOLD_SUFFIX
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import FailedPreconditionError
+
+T = TypeVar("T")
 
 _PRIVACY_LOCK_ID = 7_274_512
 _LIVE = (
@@ -71,7 +73,7 @@ class SqlPrivacyStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def _run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
+    def _run(self, fn: Callable[[Cursor], T], *, write: bool) -> T:
         return self._db.run(fn, write=write)
 
     def close(self) -> None:
@@ -164,16 +166,14 @@ class SqlPrivacyStore:
                 )
             return conflicts
 
-        result: list[str] = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def is_registered(self, recording_id: str) -> bool:
         def read(cur: Cursor) -> bool:
             cur.execute("SELECT 1 FROM kb_recordings WHERE recording_id = ?", (recording_id,))
             return cur.fetchone() is not None
 
-        result: bool = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def registered_ids(self, after: str | None, limit: int) -> list[str]:
         """Registered recording ids in id order after ``after`` (the first load of the cache)."""
@@ -192,8 +192,7 @@ class SqlPrivacyStore:
                 )
             return [str(r[0]) for r in cur.fetchall()]
 
-        result: list[str] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def last_key_seq(self) -> int:
         def read(cur: Cursor) -> int:
@@ -201,8 +200,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return int(row[0]) if row and row[0] is not None else 0
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def registrations_since(self, seq: int, limit: int) -> list[tuple[int, str]]:
         """``(seq, recording id)`` of the wrapped keys registered after ``seq``."""
@@ -215,8 +213,7 @@ class SqlPrivacyStore:
             )
             return [(int(r[0]), str(r[1])) for r in cur.fetchall()]
 
-        result: list[tuple[int, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def recordings_of(self, subject_id: str) -> list[RecordingEntry]:
         def read(cur: Cursor) -> list[RecordingEntry]:
@@ -229,8 +226,7 @@ class SqlPrivacyStore:
             rows = cur.fetchall()
             return [_entry(row, self._subjects(cur, row[0])) for row in rows]
 
-        result: list[RecordingEntry] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def recording(self, recording_id: str) -> RecordingEntry | None:
         def read(cur: Cursor) -> RecordingEntry | None:
@@ -241,8 +237,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return None if row is None else _entry(row, self._subjects(cur, recording_id))
 
-        result: RecordingEntry | None = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def wrapped_keys(self, recording_id: str) -> list[bytes]:
         """Every wrapped key registered for the recording, oldest first."""
@@ -254,8 +249,7 @@ class SqlPrivacyStore:
             )
             return [bytes(r[0]) for r in cur.fetchall()]
 
-        result: list[bytes] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def held_recordings(self, key_name: str) -> list[RecordingEntry]:
         """Every wrapped key under ``key_name`` of a recording under legal hold (directly or by
@@ -289,8 +283,7 @@ class SqlPrivacyStore:
                 )
             return out
 
-        result: list[RecordingEntry] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def held_under(self, key_name: str, version: int | None) -> int:
         """Wrapped keys under ``key_name`` (``version``, or any) of recordings under legal hold,
@@ -314,8 +307,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return int(row[0]) if row else 0
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def claim_shred_unless_held(self, key_name: str, now: float) -> list[int] | None:
         """Every live version of the epoch key ``key_name`` -> DESTROYING, in one transaction
@@ -350,8 +342,7 @@ class SqlPrivacyStore:
                 self._db.dialect.notify(cur)
             return versions
 
-        result: list[int] | None = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def store_hold_copy(self, seq: int, wrapped_key: bytes) -> None:
         def write(cur: Cursor) -> None:
@@ -400,8 +391,7 @@ class SqlPrivacyStore:
             )
             return [bytes(r[0]) for r in cur.fetchall()]
 
-        result: list[bytes] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     @staticmethod
     def _subjects(cur: Cursor, recording_id: str) -> tuple[str, ...]:
@@ -458,8 +448,7 @@ class SqlPrivacyStore:
             self._changed(cur)
             return _erasure(row)
 
-        result: Erasure = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def _refuse_if_held(self, cur: Cursor, kind: Target, target: str) -> None:
         """A hold on the target, on the recording's subjects, or on the subject's recordings."""
@@ -499,8 +488,7 @@ class SqlPrivacyStore:
             )
             return [(int(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
 
-        result: list[tuple[int, str, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def erasure_counts(self) -> dict[str, int]:
         """Erasures per kind (to size the cache before loading)."""
@@ -509,8 +497,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT kind, COUNT(*) FROM kb_erasures GROUP BY kind")
             return {str(r[0]): int(r[1]) for r in cur.fetchall()}
 
-        result: dict[str, int] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- legal holds -------------------------------------------------------------------------
 
@@ -580,8 +567,7 @@ class SqlPrivacyStore:
             self._changed(cur)
             return Hold(kind, target, row[0], row[1], float(row[2]))
 
-        result: Hold = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def holds(self) -> list[Hold]:
         def read(cur: Cursor) -> list[Hold]:
@@ -591,8 +577,7 @@ class SqlPrivacyStore:
             )
             return [Hold(Target(r[0]), r[1], r[2], r[3], float(r[4])) for r in cur.fetchall()]
 
-        result: list[Hold] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- purpose withdrawals -------------------------------------------------------------------
 
@@ -636,8 +621,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT recording_id, purpose FROM kb_purpose_withdrawals")
             return [(str(r[0]), str(r[1])) for r in cur.fetchall()]
 
-        result: list[tuple[str, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- replicas ----------------------------------------------------------------------------
 
@@ -646,8 +630,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT privacy_generation FROM kb_meta WHERE id = 1")
             return int(cur.fetchone()[0])
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def acknowledge(self, replica: str, generation: int, now: float) -> None:
         """This replica enforces everything up to ``generation`` (and is alive)."""
@@ -672,8 +655,7 @@ class SqlPrivacyStore:
             )
             return [r[0] for r in cur.fetchall()]
 
-        result: list[str] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def forget_replica(self, replica: str) -> None:
         def write(cur: Cursor) -> None:

@@ -33,7 +33,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from keybroker.server.logs import configure_logging
 
     loaded = settings.load(config_path(args.config))
-    configure_logging(loaded.telemetry.log_level)
+    configure_logging(loaded.telemetry.log_level, loaded.telemetry.log_format)
     if not cli.GRPC_PREPARED:  # grpc came first (keybroker embedded): gRPC's defaults apply
         logging.getLogger(__name__).warning(
             "grpc was imported before keybroker could set GRPC_EXPERIMENTS; serving with "

@@ -83,32 +83,50 @@ class GenerateRequest:
     context: Mapping[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class GeneratedKey:
+def _entry(
+    bindings: Bindings, key: KeyRef, now: float, wrapped: bytes, *, amendment: bool = False
+) -> RecordingEntry:
+    """The registry entry of a wrapped key the broker hands out (kept for holds and erasure)."""
+    return RecordingEntry(
+        bindings.recording_id,
+        bindings.subject_ids,
+        bindings.purposes,
+        bindings.retain_until,
+        key,
+        now,
+        wrapped_key=wrapped,
+        amendment=amendment,
+    )
+
+
+class _KeyResult:
+    """A use case's result: it carries a data key or a wrapped key, so its repr names only the
+    key version (tests/core/test_wrapped_key.py checks each of them)."""
+
+    __slots__ = ()
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self.key})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class GeneratedKey(_KeyResult):
     data_key: SecretBytes
     wrapped_key: bytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"GeneratedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class UnwrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class UnwrappedKey(_KeyResult):
     data_key: SecretBytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"UnwrappedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class RewrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class RewrappedKey(_KeyResult):
     wrapped_key: bytes
     key: KeyRef
-
-    def __repr__(self) -> str:
-        return f"RewrappedKey(key={self.key})"
 
 
 class KeyBroker:
@@ -183,23 +201,16 @@ class KeyBroker:
         wrapped = self._wrap(key, bindings, data_key)
         self._catalog.count(key, wraps=1)  # every encryption under the version counts
         if self._privacy is not None:  # claims the id (AlreadyExistsError if registered)
-            self._privacy.register(
-                RecordingEntry(
-                    bindings.recording_id,
-                    bindings.subject_ids,
-                    bindings.purposes,
-                    bindings.retain_until,
-                    key,
-                    now,
-                    wrapped_key=wrapped,
-                )
-            )
+            self._privacy.register(_entry(bindings, key, now, wrapped))
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
 
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
         """The key version new wraps use: ``name``'s, or its retention epoch key's."""
         snapshot = self._catalog.snapshot()
-        if name not in snapshot.keys:  # made a moment ago elsewhere? decide on fresh state
+        known = snapshot.keys.get(name)
+        # Made a moment ago elsewhere, or read between CreateKey's two commits (the key without
+        # a current version yet)? Decide on fresh state.
+        if known is None or not known.current_version:
             snapshot = self._catalog.fresh_snapshot()
         snapshot.current(name)  # the requested key must exist either way
         if self._epochs is None:
@@ -340,16 +351,7 @@ class KeyBroker:
                 by=principal.subject,
             )
             self._privacy.register(
-                RecordingEntry(
-                    bindings.recording_id,
-                    bindings.subject_ids,
-                    bindings.purposes,
-                    bindings.retain_until,
-                    current,
-                    self._clock(),
-                    wrapped_key=wrapped,
-                    amendment=True,
-                )
+                _entry(bindings, current, self._clock(), wrapped, amendment=True)
             )
         return RewrappedKey(wrapped, current)
 

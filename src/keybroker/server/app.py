@@ -6,24 +6,27 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from keybroker.adapters.alerts import AlertDetector
+from keybroker.adapters.audit_keys import ensure_default_keys
 from keybroker.adapters.catalog import CachedCatalog
 from keybroker.adapters.checkpoint_keys import checkpoint_signer
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
+from keybroker.adapters.gauges import JournalState, StateGauges
 from keybroker.adapters.hsm import HsmConfig, Pkcs11Keks
 from keybroker.adapters.hsm_sessions import Locking
 from keybroker.adapters.journal import Journal, JournalConfig
@@ -36,11 +39,13 @@ from keybroker.adapters.metrics import (
 )
 from keybroker.adapters.privacy_cache import PrivacyCache
 from keybroker.adapters.privacystore import SqlPrivacyStore
+from keybroker.adapters.prometheus import PrometheusEndpoint, check_ports
 from keybroker.adapters.schema import require_current_schema
 from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.adapters.telemetry import (
     SpanRecorder,
     configure_tracing,
+    instance_id,
     otlp_exporter,
     otlp_insecure,
     resource,
@@ -64,6 +69,7 @@ from keybroker.server.guard import CallGuard, FanOut
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.limits import DenialLimiter, RateLimits
+from keybroker.server.logs import configure_logging, set_worker
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.probes import ProbeBoard, WorkerProbe, probe_server
@@ -109,6 +115,7 @@ class RunningBroker:
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
     probe: WorkerProbe | None = None
+    prometheus: PrometheusEndpoint | None = None
     tls: ServerTls | None = None
     jwks: JwksKeys | None = None
 
@@ -144,15 +151,20 @@ class RunningBroker:
         if self.exporter is not None:
             self.exporter.stop()  # one last bounded attempt; the rest goes after restart
         self.tracer_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.stop()
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
 
 
 def open_journal(settings: Settings, worker: int) -> Journal | None:
-    """The audit journal of this worker process, or None when ``[audit] dir`` is unset."""
+    """The audit journal of this worker process, or None with ``[audit] enabled = false``."""
     audit = settings.audit
     if audit.dir is None:
-        log.warning("[audit] dir is unset: decisions are only exported as best-effort spans")
+        log.warning(
+            "[audit] enabled = false: no durable journal; decisions are only exported as "
+            "best-effort spans (not for production)"
+        )
         return None
     chain_key, signing_key = audit.load_chain_key(), checkpoint_signer(settings)
     return Journal(
@@ -198,8 +210,7 @@ def open_database(settings: Settings) -> Database:
     """The metadata database named by ``[state] url``, migrated to this version's schema (or,
     with ``[state] migrate = false``, checked to be at it)."""
     state = settings.state
-    base = settings.source.resolve().parent if settings.source else Path.cwd()
-    db = Database(dialect_for(state.url, base=base, password=state.read_password()))
+    db = Database(dialect_for(state.url, base=settings.state_dir(), password=state.read_password()))
     try:
         if state.migrate:
             db.migrate()
@@ -328,6 +339,20 @@ class Observability:
     journal keeps only in an aggregate record (keybroker.server.limits)."""
     spans: FanOut = field(default_factory=lambda: FanOut(()))
     """The live span recorder alone (for records the counters must not count twice)."""
+    service: Resource | None = None
+    """This worker's OpenTelemetry resource (service.instance.id: keybroker.adapters.telemetry)."""
+    prometheus: PrometheusEndpoint | None = None
+    """The scrape endpoint to start once the broker serves (``[telemetry] prometheus_listen``)."""
+
+
+def worker_resource(settings: Settings, worker: int) -> Resource:
+    """The OpenTelemetry resource of worker ``worker``: its own ``service.instance.id``."""
+    place = settings.audit.dir or settings.state_dir()
+    return resource(
+        settings.telemetry,
+        instance=instance_id(socket.gethostname(), place, worker),
+        worker=worker,
+    )
 
 
 def build_observability(
@@ -338,18 +363,26 @@ def build_observability(
     catalog: CachedCatalog | None = None,
     *,
     tls: ServerTls | None = None,
+    worker: int = 0,
 ) -> Observability:
     telemetry = settings.telemetry
+    service = worker_resource(settings, worker)
     provider, live_spans = configure_tracing(
-        telemetry, extra_processor=span_processor, otlp=journal is None
+        telemetry, extra_processor=span_processor, otlp=journal is None, service=service
     )
     meter_provider, decision_metrics = None, None
-    if telemetry.otlp_endpoint:
+    prometheus = (
+        PrometheusEndpoint(telemetry.prometheus_listen, worker)
+        if telemetry.prometheus_listen
+        else None
+    )
+    if telemetry.otlp_endpoint or prometheus is not None:
         meter_provider = configure_metrics(
             telemetry.otlp_endpoint,
-            otlp_insecure(telemetry),
+            otlp_insecure(telemetry) if telemetry.otlp_endpoint else False,
             telemetry.otlp_timeout,
-            resource(telemetry),
+            service,
+            extra_readers=[prometheus.reader] if prometheus is not None else [],
         )
         decision_metrics = DecisionMetrics(meter_provider)
         if tls is not None:
@@ -375,12 +408,44 @@ def build_observability(
     counters = FanOut(list(live))
     spans: list[DecisionRecorder] = [SpanRecorder(provider)] if live_spans else []
     return Observability(
-        FanOut(live + spans), provider, meter_provider, decision_metrics, counters, FanOut(spans)
+        FanOut(live + spans),
+        provider,
+        meter_provider,
+        decision_metrics,
+        counters,
+        FanOut(spans),
+        service,
+        prometheus,
+    )
+
+
+def register_gauges(
+    obs: Observability,
+    keks: Pkcs11Keks,
+    catalog: CachedCatalog,
+    privacy: PrivacyCache,
+    journal: Journal | None,
+) -> None:
+    """The state gauges (keybroker.adapters.gauges), when metrics are exported at all."""
+    if obs.meter_provider is None:
+        return
+    StateGauges(
+        obs.meter_provider,
+        hsm_healthy=lambda: keks.healthy,
+        staleness={"keys": catalog.staleness, "privacy": privacy.staleness},
+        journal=(
+            JournalState(lambda: journal.backlog, lambda: journal.healthy)
+            if journal is not None
+            else None
+        ),
     )
 
 
 def start_exporter(
-    settings: Settings, journal: Journal | None, metrics: DecisionMetrics | None
+    settings: Settings,
+    journal: Journal | None,
+    metrics: DecisionMetrics | None,
+    service: Resource | None = None,
 ) -> JournalExporter | None:
     """Export the journal over OTLP when both exist (see keybroker.adapters.export)."""
     if journal is None or not settings.telemetry.otlp_endpoint:
@@ -389,7 +454,7 @@ def start_exporter(
     exporter = JournalExporter(
         journal.directory,
         otlp_exporter(settings.telemetry),
-        resource(settings.telemetry),
+        service or resource(settings.telemetry),
         durable_seq=lambda: journal.durable_seq,
         pseudonymize=Pseudonymizer(pseudonym_key) if pseudonym_key else None,
         batch_size=settings.audit.export_batch_size,
@@ -399,6 +464,23 @@ def start_exporter(
     if metrics is not None:
         metrics.observe_export_lag(lambda: journal.durable_seq - exporter.position)
     return exporter
+
+
+def start_telemetry(
+    settings: Settings,
+    obs: Observability,
+    *,
+    journal: Journal | None,
+    keks: Pkcs11Keks,
+    catalog: CachedCatalog,
+    privacy: PrivacyCache,
+) -> JournalExporter | None:
+    """Just before gRPC starts: the state gauges, the Prometheus endpoint (a port in use stops
+    start-up, exit 2, before anything serves) and the journal's OTLP export."""
+    register_gauges(obs, keks, catalog, privacy, journal)
+    if obs.prometheus is not None:
+        obs.prometheus.start()
+    return start_exporter(settings, journal, obs.metrics, obs.service)
 
 
 INLINE_METHODS = frozenset(
@@ -503,9 +585,28 @@ def grpc_server(
 
 
 def check_before_start(settings: Settings) -> None:
-    """What must hold before anything is opened or bound: settings, then the TLS files."""
+    """What must hold before anything is opened or bound: settings, then the TLS files; then the
+    default journal's keys, generated if missing (first start without ``[audit] dir``)."""
     validate_for_serving(settings)
     check_tls_material(settings.tls)
+    prepare_default_journal(settings)
+
+
+def prepare_default_journal(settings: Settings) -> None:
+    """Generate the key files of the default journal that do not exist yet (a first start
+    without ``[audit] dir``); several processes may race here safely (keybroker.adapters.
+    audit_keys). A journal elsewhere (``[audit] dir`` given) needs its key files to exist."""
+    layout = settings.audit_layout()
+    if settings.audit.dir != layout.journal:
+        return
+    created = ensure_default_keys(settings.audit, layout)
+    if created:
+        log.info(
+            "[audit] generated %s in %s for the journal in %s (back them up)",
+            ", ".join(p.name for p in created),
+            layout.keys,
+            settings.audit.dir,
+        )
 
 
 def lock_journal_slot(settings: Settings, worker: int) -> JournalLock | None:
@@ -581,7 +682,9 @@ def _create_server(
         heartbeat=probe.heartbeat("catalog") if probe is not None else None,
     )
     catalog.on_change(_forget_unusable(keks))
-    obs = build_observability(settings, keks, journal, span_processor, catalog, tls=tls)
+    obs = build_observability(
+        settings, keks, journal, span_processor, catalog, tls=tls, worker=worker
+    )
     privacy_cache = PrivacyCache(
         SqlPrivacyStore(open_database(settings)),
         max_staleness=state.max_staleness,
@@ -668,9 +771,11 @@ def _create_server(
         heartbeats=probe.heartbeat if probe is not None else None,
         tls=tls,
     )
+    exporter = start_telemetry(
+        settings, obs, journal=journal, keks=keks, catalog=catalog, privacy=privacy_cache
+    )
     server.start()
     catalog.start()
-    exporter = start_exporter(settings, journal, obs.metrics)
     starting(True)
     monitor = HealthMonitor(
         probes,
@@ -699,6 +804,7 @@ def _create_server(
         probe=probe,
         tls=tls,
         jwks=jwks,
+        prometheus=obs.prometheus,
     )
 
 
@@ -737,9 +843,7 @@ def _worker(
     and an exit code (a configuration error: 2; an unavailable HSM or database: 1) goes to the
     supervisor, which reports it as ``keybroker serve`` of a single process does; this process
     then exits with that code, without a traceback."""
-    from keybroker.server.logs import configure_logging
-
-    configure_logging(settings.telemetry.log_level)
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format, worker)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
     try:
         _serve_one(settings, worker, probe)
@@ -783,8 +887,11 @@ def serve(settings: Settings) -> None:
     check_before_start(settings)
     _hold_journal(settings, processes)
     if processes == 1 and not settings.server.health_listen:
+        set_worker(0)  # log lines name the worker as in a multi-process broker
         _serve_one(settings)
         return
+    if settings.telemetry.prometheus_listen:
+        check_ports(settings.telemetry.prometheus_listen, processes)
     _supervise(settings, processes)
 
 
