@@ -59,6 +59,13 @@ class ServerSettings:
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536
+    health_listen: str = ""
+    """A plaintext port serving only ``grpc.health.v1`` (services ``readiness`` and
+    ``liveness``) for kubelet probes, e.g. ``0.0.0.0:8081``; empty: none
+    (keybroker.server.probes)."""
+    liveness_timeout: int = 60
+    """Seconds a loop may go without a turn (beyond its own interval) before the health port
+    reports ``liveness`` NOT_SERVING."""
 
 
 @dataclass(frozen=True)
@@ -426,6 +433,7 @@ _DURATION_KEYS = {
     "auth.jwks_max_refresh_interval",
     "auth.jwks_max_staleness",
     "server.grace_period",
+    "server.liveness_timeout",
     "keys.default_retention",
     "keys.destruction_window",
     "keys.min_destruction_window",
@@ -701,6 +709,7 @@ def validate(settings: Settings) -> None:
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
         )
     validate_listen(settings.server.listen)
+    _validate_health_listen(settings.server)
     _validate_keys(settings.keys)
     if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
         raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
@@ -730,6 +739,26 @@ def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigurationError(f"{key}: {listen!r} has no valid port (0..65535); {hint}")
     return host.strip("[]"), int(port)
+
+
+def _validate_health_listen(server: ServerSettings) -> None:
+    if server.liveness_timeout < 1:
+        raise ConfigurationError("[server] liveness_timeout: must be at least 1 s, e.g. '60s'")
+    if not server.health_listen:
+        return
+    health = validate_listen(server.health_listen, "[server] health_listen")
+    listen = validate_listen(server.listen)
+    if health is None:
+        raise ConfigurationError(
+            "[server] health_listen: kubelet probes need a TCP address, e.g. 0.0.0.0:8081"
+        )
+    if health[1] == 0:
+        raise ConfigurationError("[server] health_listen: give a fixed port, e.g. 0.0.0.0:8081")
+    if listen is not None and listen[1] == health[1]:
+        raise ConfigurationError(
+            f"[server] health_listen: port {health[1]} is [server] listen's; the plaintext "
+            "health port needs a port of its own, e.g. 0.0.0.0:8081"
+        )
 
 
 LOG_FORMATS = ("text", "json")

@@ -187,9 +187,18 @@ def test_statefulset_shape(overlay: tuple[str, list[dict[str, Any]]], tmp_path: 
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert sc["seccompProfile"]["type"] == "RuntimeDefault", c["name"]
         assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
-    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(container)
-    assert "--ready" in container["readinessProbe"]["exec"]["command"]
-    assert "--live" in container["livenessProbe"]["exec"]["command"]
+    # kubelet's gRPC probes on the plaintext health port the settings name
+    health_port = int(_config(objects, tmp_path).server.health_listen.rpartition(":")[2])
+    assert {"name": "health", "containerPort": health_port, "protocol": "TCP"} in container["ports"]
+    for probe, service in (
+        ("startupProbe", "liveness"),
+        ("readinessProbe", "readiness"),
+        ("livenessProbe", "liveness"),
+    ):
+        assert container[probe]["grpc"] == {"port": health_port, "service": service}, probe
+    # liveness gives a stuck broker longer than [server] liveness_timeout to turn again
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
     volumes = {v["name"]: v for v in pod["volumes"]}
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     for c in [*pod["containers"], *pod.get("initContainers", [])]:
@@ -209,8 +218,7 @@ def test_statefulset_shape(overlay: tuple[str, list[dict[str, Any]]], tmp_path: 
     assert account["automountServiceAccountToken"] is False
     # The server certificate Secret is made by the Certificate of that name.
     certificates = {o["spec"]["secretName"] for o in objects if o["kind"] == "Certificate"}
-    for volume in ("tls-server", "tls-probe"):
-        assert volumes[volume]["secret"]["secretName"] in certificates
+    assert volumes["tls-server"]["secret"]["secretName"] in certificates
 
 
 def test_network_policy_admits_clients_and_reaches_only_dependencies(
@@ -219,13 +227,16 @@ def test_network_policy_admits_clients_and_reaches_only_dependencies(
     _, objects = overlay
     policy = _one(objects, "NetworkPolicy", "keybroker")["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-    (ingress,) = policy["ingress"]
+    ingress, probes = policy["ingress"]
     (source,) = ingress["from"]
     assert set(source) == {"namespaceSelector"}
     assert source["namespaceSelector"]["matchLabels"] == {
         "keybroker.example.internal/client": "true"
     }
     assert [p["port"] for p in ingress["ports"]] == [50051]
+    # kubelet reaches the health port (and only that port) from the nodes' network
+    assert [set(s) for s in probes["from"]] == [{"ipBlock"}]
+    assert [p["port"] for p in probes["ports"]] == [8081]
     ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert ports == {53, 5432, 4317, 1792, 443}  # DNS, PostgreSQL, collector, HSM, JWKS
     assert all(rule.get("to") for rule in policy["egress"])  # never "anywhere"

@@ -89,6 +89,8 @@ def on_this_machine(devenv: DevEnv, postgres: str, port: int, journal: Path) -> 
     return {
         # three replicas on one host: a port each, loopback only (the pod: 0.0.0.0:50051)
         "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}",
+        # and a health port each (the pod: 0.0.0.0:8081, for kubelet)
+        "KEYBROKER_SERVER_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
         # three pods of 2 CPUs each ("auto": a worker per CPU) on this 2-core host: one each
         "KEYBROKER_SERVER_PROCESSES": "1",
         # the mounted Secrets (cert-manager, the issuer's JWKS, the HSM PIN, the audit keys)
@@ -116,6 +118,7 @@ def on_this_machine(devenv: DevEnv, postgres: str, port: int, journal: Path) -> 
 #: The settings on_this_machine may change (section, key); the test fails if any other differs.
 ADAPTED = {
     ("server", "listen"),
+    ("server", "health_listen"),
     ("server", "processes"),
     ("tls", "cert_file"),
     ("tls", "key_file"),

@@ -177,6 +177,17 @@ CASES: dict[str, tuple[Case, str]] = {
         "[server] listen: '…' has no valid port (0..65535); …",
     ),
     "port in use": (_busy_port, "[server] listen: cannot bind …: Address already in use …"),
+    "health port in use": (
+        _serve(KEYBROKER_SERVER_HEALTH_LISTEN="BUSY"),
+        "[server] health_listen: cannot bind …: Address already in use …",
+    ),
+    "health port is the broker's": (
+        _serve(
+            KEYBROKER_SERVER_LISTEN="127.0.0.1:50999",
+            KEYBROKER_SERVER_HEALTH_LISTEN="0.0.0.0:50999",
+        ),
+        "[server] health_listen: port … is [server] listen's; …",
+    ),
     "address not on this host": (
         _serve(KEYBROKER_SERVER_LISTEN="192.0.2.1:50051"),
         "[server] listen: cannot bind …: Cannot assign requested address …",
@@ -286,7 +297,11 @@ def test_each_start_up_error_exits_2_with_its_documented_message(
         "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),  # never the session broker's
         **env,
     }
-    for var in ("KEYBROKER_SERVER_LISTEN", "KEYBROKER_TELEMETRY_PROMETHEUS_LISTEN"):
+    for var in (
+        "KEYBROKER_SERVER_LISTEN",
+        "KEYBROKER_SERVER_HEALTH_LISTEN",
+        "KEYBROKER_TELEMETRY_PROMETHEUS_LISTEN",
+    ):
         if env.get(var) == "BUSY":
             env[var] = f"127.0.0.1:{busy_port}"
     out = run_cli(*args, env=env)

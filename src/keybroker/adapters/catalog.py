@@ -62,8 +62,12 @@ class CachedCatalog:
         tick_interval: float = 10.0,
         miss_refresh_burst: int = MISS_REFRESH_BURST,
         miss_refresh_rate: float = MISS_REFRESH_RATE,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
+        """``heartbeat`` is called on every turn of the background loop and after each of its
+        steps (the broker's liveness)."""
         self._store = store
+        self._heartbeat = heartbeat or (lambda: None)
         self._refresh_interval = refresh_interval
         self._flush_interval = usage_flush_interval
         self._listen = listen
@@ -201,6 +205,7 @@ class CachedCatalog:
         next_flush = time.monotonic() + self._flush_interval
         next_tick = time.monotonic() + self._tick_interval
         while not self._stopping.is_set():
+            self._heartbeat()
             self._wake.wait(self._refresh_interval)
             self._wake.clear()
             if self._stopping.is_set():
@@ -216,14 +221,14 @@ class CachedCatalog:
                 next_tick = now + self._tick_interval
                 self._step("lifecycle tick", self._tick)
 
-    @staticmethod
-    def _step(what: str, fn: Callable[[], object]) -> None:
+    def _step(self, what: str, fn: Callable[[], object]) -> None:
         try:
             fn()
         except KeybrokerError as exc:
             log.warning("key catalog %s failed: %s", what, exc.reason)
         except Exception:
             log.exception("key catalog %s failed", what)
+        self._heartbeat()
 
     def _listen_loop(self) -> None:
         """PostgreSQL: wake the refresh loop on NOTIFY; reconnect with a pause on failure."""

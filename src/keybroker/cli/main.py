@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keybroker import __version__
-from keybroker.cli import audit, kek, migrate, privacy, recordings
+from keybroker.cli import audit, health, kek, migrate, privacy, recordings
 from keybroker.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config_path
 from keybroker.errors import ConfigurationError, KeybrokerError
 
 DEFAULT_STATE_DIR = Path(".keybroker")
 # the subcommands besides `serve` and `dev`, in the order `keybroker --help` lists them; each
 # module's register() adds its parser(s)
-SUBCOMMANDS = (migrate, kek, privacy, recordings, audit)
+SUBCOMMANDS = (migrate, health, kek, privacy, recordings, audit)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -7,11 +7,13 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Protocol
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -60,7 +62,7 @@ from keybroker.core.privacy import PrivacyService
 from keybroker.core.privacy_replay import ReplayReport
 from keybroker.core.retention import RetentionShredder
 from keybroker.core.wrapped_key import KeyRef
-from keybroker.errors import ConfigurationError, NotFoundError
+from keybroker.errors import ConfigurationError, KeybrokerError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.cpus import available_cpus
@@ -71,6 +73,7 @@ from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.logs import configure_logging, set_worker
 from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
+from keybroker.server.probes import ProbeBoard, WorkerProbe, probe_server
 from keybroker.server.refusals import RefusalLog
 from keybroker.server.replay import replay_journal
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
@@ -113,6 +116,7 @@ class RunningBroker:
     draining: threading.Event = field(default_factory=threading.Event)
     journal_lock: JournalLock | None = None
     denials: DenialLimiter | None = None
+    probe: WorkerProbe | None = None
     prometheus: PrometheusEndpoint | None = None
     tls: ServerTls | None = None
     jwks: JwksKeys | None = None
@@ -126,6 +130,8 @@ class RunningBroker:
         is not safe for a client to retry blindly)."""
         self.health.enter_graceful_shutdown()
         self.draining.set()
+        if self.probe is not None:
+            self.probe.set_ready(False)
         if grace:
             time.sleep(min(_DRAIN_SECONDS, grace))
         self.server.stop(grace).wait()
@@ -330,6 +336,16 @@ def watch_hsm(keks: Pkcs11Keks, health_state: Health) -> None:
     """Health follows the HSM connection and the KEK self-tests."""
     keks.on_health_change(health_state.watch("hsm", keks.healthy))
     keks.on_self_test_change(health_state.watch("kek_self_test", keks.self_tests_passed))
+
+
+def publish_health(
+    health_state: Health, probe: WorkerProbe | None, draining: threading.Event
+) -> None:
+    """Publish the health state now, and from now on also as this worker's readiness on the
+    health port (NOT_SERVING once draining)."""
+    if probe is not None:
+        health_state.follow(lambda ok: probe.set_ready(ok and not draining.is_set()))
+    health_state.publish()
 
 
 def require_default_key(settings: Settings, catalog: CachedCatalog) -> None:
@@ -555,6 +571,7 @@ def grpc_server(
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
     *,
+    heartbeats: Callable[[str], Callable[[], None]] | None = None,
     tls: ServerTls,
 ) -> tuple[LoopServer, int]:
     """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS
@@ -589,6 +606,7 @@ def grpc_server(
             ),
         ),
         refusals=RefusalLog(),
+        heartbeats=heartbeats,
     )
     try:
         port = server.add_secure_port(settings.server.listen, tls.credentials())
@@ -636,18 +654,25 @@ def create_server(
     span_processor: SpanProcessor | None = None,
     worker: int = 0,
     replay: bool = True,
+    probe: WorkerProbe | None = None,
 ) -> RunningBroker:
     """Check the settings and TLS files, take this worker's journal slot (one writer per
     journal), connect to the HSM, wire the services and start listening. Fails fast.
 
     ``replay``: before serving, re-apply the journal's privacy changes the metadata database
     lacks (keybroker.server.replay); ``serve`` with several processes does it once, before
-    the workers start, and passes False."""
+    the workers start, and passes False. ``probe``: where this worker reports readiness and
+    heartbeats for the health port."""
     check_before_start(settings)
     lock = lock_journal_slot(settings, worker)
     try:
         running = _create_server(
-            settings, clock=clock, span_processor=span_processor, worker=worker, replay=replay
+            settings,
+            clock=clock,
+            span_processor=span_processor,
+            worker=worker,
+            replay=replay,
+            probe=probe,
         )
     except BaseException:
         if lock is not None:
@@ -687,6 +712,7 @@ def _create_server(
     span_processor: SpanProcessor | None,
     worker: int,
     replay: bool,
+    probe: WorkerProbe | None = None,
 ) -> RunningBroker:
     tls = ServerTls(settings.tls)
     store = open_store(settings)
@@ -720,6 +746,7 @@ def _create_server(
         listen=store.database.notifications,
         tick=scheduler_tick,
         tick_interval=state.scheduler_interval,
+        heartbeat=probe.heartbeat("catalog") if probe is not None else None,
     )
     catalog.on_change(_forget_unusable(keks))
     obs = build_observability(
@@ -790,7 +817,7 @@ def _create_server(
         [SERVICE_NAME, admin_servicer.SERVICE_NAME, privacy_servicer.SERVICE_NAME],
     )
     starting = health_state.watch("starting", False)
-    health_state.publish()
+    publish_health(health_state, probe, draining)
     watch_hsm(keks, health_state)
     privacy_cache.on_health_change(health_state.watch("privacy", True))
     probes = [keks.check, privacy_cache.check, tls.probe]
@@ -804,6 +831,7 @@ def _create_server(
         KeyAdminServicer(admin, guard(admin_servicer.SERVICE_NAME)),
         PrivacyServicer(privacy, broker, guard(privacy_servicer.SERVICE_NAME), settings.audit.dir),
         health_servicer,
+        heartbeats=probe.heartbeat if probe is not None else None,
         tls=tls,
     )
     exporter = start_telemetry(
@@ -812,7 +840,11 @@ def _create_server(
     server.start()
     catalog.start()
     starting(True)
-    monitor = HealthMonitor(probes, settings.hsm.health_interval)
+    monitor = HealthMonitor(
+        probes,
+        settings.hsm.health_interval,
+        heartbeat=probe.heartbeat("health-monitor") if probe is not None else None,
+    )
     monitor.start()
     log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
     return RunningBroker(
@@ -832,14 +864,17 @@ def _create_server(
         shredder,
         draining,
         denials=denials,
+        probe=probe,
         tls=tls,
         jwks=jwks,
         prometheus=obs.prometheus,
     )
 
 
-def _serve_one(settings: Settings, worker: int = 0, *, replay: bool = True) -> None:
-    broker = create_server(settings, worker=worker, replay=replay)
+def _serve_one(
+    settings: Settings, worker: int = 0, probe: WorkerProbe | None = None, *, replay: bool = True
+) -> None:
+    broker = create_server(settings, worker=worker, replay=replay, probe=probe)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -860,10 +895,29 @@ def _serve_one(settings: Settings, worker: int = 0, *, replay: bool = True) -> N
         raise SystemExit("keybroker: the gRPC server loop failed (see the log); exiting")
 
 
-def _worker(settings: Settings, worker: int) -> None:
+class _Failures(Protocol):
+    def put(self, obj: BaseException, /) -> None: ...
+
+    def empty(self) -> bool: ...
+
+
+def _worker(
+    settings: Settings, worker: int, probe: WorkerProbe | None, failures: _Failures
+) -> None:
+    """A spawned worker process. A start-up error the command line would turn into one line
+    and an exit code (a configuration error: 2; an unavailable HSM or database: 1) goes to the
+    supervisor, which reports it as ``keybroker serve`` of a single process does; this process
+    then exits with that code, without a traceback."""
     configure_logging(settings.telemetry.log_level, settings.telemetry.log_format, worker)
     disable_core_dumps()  # dumpability is reset by exec: each spawned worker sets its own
-    _serve_one(settings, worker, replay=False)  # the parent replayed (serve)
+    try:
+        _serve_one(settings, worker, probe, replay=False)  # the parent replayed (serve)
+    except (KeybrokerError, OSError) as exc:
+        try:
+            failures.put(exc)
+        except Exception:  # noqa: BLE001 - cannot be sent: say it here, as the CLI would
+            log.error("worker %d did not start: %s", worker, exc)  # noqa: TRY400 - no trace
+        sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
 _held: list[JournalLock] = []
@@ -881,28 +935,69 @@ def _hold_journal(settings: Settings, processes: int) -> None:
             lock_slot(settings.audit.dir, worker).release()
 
 
+def liveness_bound(settings: Settings) -> float:
+    """Seconds without a turn after which a loop counts as stuck: ``[server] liveness_timeout``
+    beyond the longest interval a loop sleeps between turns."""
+    longest = max(1.0, settings.state.refresh_interval, settings.hsm.health_interval)
+    return settings.server.liveness_timeout + longest
+
+
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT. With ``processes > 1``, spawn workers sharing the port."""
+    """Run until SIGTERM/SIGINT. With ``processes > 1``, or a health port, spawn workers (the
+    port shared with SO_REUSEPORT) and supervise them; the supervisor serves the health port."""
     disable_core_dumps()
     processes = settings.server.processes or available_cpus()
     if not settings.server.processes:
         log.info("[server] processes = auto: %d (CPU quota and affinity)", processes)
     check_before_start(settings)
     _hold_journal(settings, processes)
-    if processes == 1:
+    if processes == 1 and not settings.server.health_listen:
         set_worker(0)  # log lines name the worker as in a multi-process broker
         _serve_one(settings)
         return
     if settings.telemetry.prometheus_listen:
         check_ports(settings.telemetry.prometheus_listen, processes)
     replay_with_own_journal(settings)  # once, before any worker serves
+    _supervise(settings, processes)
+
+
+def _supervise(settings: Settings, processes: int) -> None:
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
+    board = ProbeBoard.shared(processes, ctx)
+    probes: LoopServer | None = None
+    if settings.server.health_listen:
+        probes, _port = probe_server(board, settings.server.health_listen, liveness_bound(settings))
+    failures = ctx.SimpleQueue()
     workers = [
-        ctx.Process(target=_worker, args=(settings, i), name=f"keybroker-{i}")
+        ctx.Process(
+            target=_worker,
+            args=(settings, i, board.for_worker(i), failures),
+            name=f"keybroker-{i}",
+        )
         for i in range(processes)
     ]
-    for w in workers:
-        w.start()
+    try:
+        for w in workers:
+            w.start()
+        stopping = _watch_workers(workers, failures)
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                os.kill(w.pid, signal.SIGTERM)
+        for w in workers:
+            w.join(settings.server.grace_period + 5)
+    finally:
+        if probes is not None:
+            probes.stop(None).wait(5)
+    if not failures.empty():  # a worker's start-up error, reported as a single process would
+        raise failures.get()
+    if any(w.exitcode not in (0, None) for w in workers) and not stopping:
+        raise SystemExit(1)
+
+
+def _watch_workers(
+    workers: Sequence[multiprocessing.process.BaseProcess], failures: _Failures
+) -> bool:
+    """Wait for SIGTERM/SIGINT (True) or for a worker to exit (False)."""
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -912,12 +1007,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGINT, on_signal)
     while not stopping.wait(0.5):
         if any(not w.is_alive() for w in workers):
-            log.error("a worker process exited; stopping the others")
+            if failures.empty():  # else its start-up error is reported (serve)
+                log.error("a worker process exited; stopping the others")
             break
-    for w in workers:
-        if w.pid is not None and w.is_alive():
-            os.kill(w.pid, signal.SIGTERM)
-    for w in workers:
-        w.join(settings.server.grace_period + 5)
-    if any(w.exitcode not in (0, None) for w in workers) and not stopping.is_set():
-        raise SystemExit(1)
+    return stopping.is_set()

@@ -66,6 +66,8 @@ GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
 _MALFORMED = "malformed request message"
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
+_IDLE_WAKE = 1.0  # seconds an idle loop waits for an event before it turns anyway (heartbeat)
+_BEAT_INTERVAL = 0.25  # a turning loop beats at most this often (a beat costs ~0.4 µs)
 
 
 class _Tag:
@@ -400,9 +402,13 @@ class LoopServer:
         inline: frozenset[str],
         options: LoopOptions,
         refusals: RefusalLog | None = None,
+        heartbeats: Callable[[str], Callable[[], None]] | None = None,
     ) -> None:
         """``refusals`` counts calls refused before any handler ran; the server starts and
-        stops it (:mod:`keybroker.server.refusals`)."""
+        stops it (:mod:`keybroker.server.refusals`). ``heartbeats`` gives the heartbeat of a
+        thread by name, ``"server"`` (the loop) and ``"commit"`` (the commit thread; the loop's
+        own turns without one), each called as its thread turns, at least every second while
+        idle (liveness: :mod:`keybroker.server.probes`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
             raise ValueError(f"inline methods without a handler: {unknown}")
@@ -420,7 +426,12 @@ class LoopServer:
             max_workers=options.stream_threads, thread_name_prefix="kb-stream"
         )
         self._stream_gate = _StreamGate(options)
-        self._committer = _Committer(self._start_batch) if options.commit_thread else None
+        beats = heartbeats or _no_heartbeats
+        loop_beat, commit_beat = beats("server"), beats("commit")
+        self._committer = (
+            _Committer(self._start_batch, commit_beat) if options.commit_thread else None
+        )
+        self._heartbeat = loop_beat if self._committer else _both(loop_beat, commit_beat)
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -435,6 +446,11 @@ class LoopServer:
             address.encode("utf-8"),
             cy.core_credentials(credentials),
         )
+        return port
+
+    def add_insecure_port(self, address: str) -> int:
+        """A plaintext port (the health probes' only: :mod:`keybroker.server.probes`)."""
+        port: int = self._server.add_http2_port(address.encode("utf-8"), None)
         return port
 
     def start(self) -> None:
@@ -503,11 +519,15 @@ class LoopServer:
     def _run(self) -> None:
         replies: list[_Reply] = []
         shut_down = False
+        pulse = _Pulse(self._heartbeat)
+        pulse()
         try:
             while not (shut_down and (self._in_flight == 0 or self._abandoned())):
-                # replies waiting: only take what is ready; stopping: look at the clock now and then
-                deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
-                event = self._cq.poll(deadline)
+                # replies waiting: only take what is ready; stopping: look at the clock now and
+                # then; idle: wake up now and then, so that the heartbeat says the loop turns
+                wait = 0.0 if replies else (0.1 if shut_down else _IDLE_WAKE)
+                event = self._cq.poll(time.time() + wait)
+                pulse()
                 if event.completion_type == cy.CompletionType.queue_timeout:
                     self._end_turn(replies)
                     replies = []
@@ -639,6 +659,39 @@ class LoopServer:
             log.exception("counting a refused call failed")
 
 
+def _no_heartbeat() -> None:
+    pass
+
+
+class _Pulse:
+    """Calls a heartbeat at once, then at most every ``_BEAT_INTERVAL`` seconds (a beat costs
+    more than a look at the clock)."""
+
+    __slots__ = ("_beat", "_next")
+
+    def __init__(self, beat: Callable[[], None]) -> None:
+        self._beat = beat
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._beat()
+            self._next = now + _BEAT_INTERVAL
+
+
+def _no_heartbeats(_name: str) -> Callable[[], None]:
+    return _no_heartbeat
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def beat() -> None:
+        first()
+        second()
+
+    return beat
+
+
 def _peer_of(call: Any) -> str:
     return bytes(call.peer()).decode("utf-8", "replace")
 
@@ -686,8 +739,9 @@ class _Committer:
     interpreter lock, so the loop answers the next calls while the disk works instead of
     waiting for it; the journal keeps one writer's order (one thread, first in first out)."""
 
-    def __init__(self, start_batch: BatchStarter) -> None:
+    def __init__(self, start_batch: BatchStarter, heartbeat: Callable[[], None]) -> None:
         self._start = start_batch
+        self._beat = heartbeat
         self._queue: list[_Reply] = []
         self._ready = threading.Condition()
         self._closed = False
@@ -710,7 +764,8 @@ class _Committer:
         while True:
             with self._ready:
                 while not self._queue and not self._closed:
-                    self._ready.wait()
+                    self._beat()  # idle: a heartbeat at every wake-up
+                    self._ready.wait(_IDLE_WAKE)
                 if not self._queue:
                     return
                 replies, self._queue = self._queue, []
@@ -718,6 +773,7 @@ class _Committer:
                 _commit_and_send(replies, self._start)
             except Exception:  # a bug: the replies' calls end when the server stops
                 log.exception("committing a turn of decisions failed")
+            self._beat()
 
 
 def _send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:

@@ -130,14 +130,16 @@ def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None
     load_tls_material(tls, now)
 
 
-def bind_error(listen: str) -> ConfigurationError:
-    """Why gRPC could not bind ``listen``: the address and the OS reason, found by trying it.
+def bind_error(listen: str, key: str = "listen", *, reuseport: bool = True) -> ConfigurationError:
+    """Why gRPC could not bind ``listen`` (the setting ``[server] key``): the address and the OS
+    reason, found by trying it.
 
-    The probe binds like the server does (SO_REUSEPORT), so a port held by another keybroker
-    of this user is not reported as busy (that case is caught earlier by the journal lock)."""
+    The probe binds like the server does (SO_REUSEPORT for the broker's port, so a port held by
+    another keybroker of this user is not reported as busy: that case is caught earlier by the
+    journal lock; the health port binds without it)."""
     reason = "gRPC refused the address (see the log above)"
     try:
-        target = validate_listen(listen)
+        target = validate_listen(listen, f"[server] {key}")
     except ConfigurationError as exc:
         return exc
     if target is not None:
@@ -150,7 +152,7 @@ def bind_error(listen: str) -> ConfigurationError:
         for family, kind, proto, _name, address in infos:
             try:
                 with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
                     probe.bind(address)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
@@ -162,6 +164,6 @@ def bind_error(listen: str) -> ConfigurationError:
                     reason += " (no network interface of this host has that address)"
                 break
     return ConfigurationError(
-        f"[server] listen: cannot bind {listen}: {reason}; change [server] listen "
-        "(or KEYBROKER_SERVER_LISTEN) or free the port"
+        f"[server] {key}: cannot bind {listen}: {reason}; change [server] {key} "
+        f"(or KEYBROKER_SERVER_{key.upper()}) or free the port"
     )
