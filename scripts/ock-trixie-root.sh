@@ -7,7 +7,7 @@
 set -euo pipefail
 
 STAMP=v1  # bump when what is built here changes: roots with another stamp are rebuilt
-MIRROR=${KEYBROKER_TRIXIE_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${TRIXIE_MIRROR:-http://deb.debian.org/debian}
 # the same range as pyproject.toml
 PKCS11_PIN='python-pkcs11>=0.10.1,<0.11'
 

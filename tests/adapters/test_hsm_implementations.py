@@ -252,6 +252,11 @@ def test_opencryptoki_38_soft_token_has_no_aes_gcm(ock: opencryptoki.OpenCryptok
     assert out["self_test"] == ["HsmUnavailableError", "hsm_refused"]
 
 
+def test_the_debian_13_root_has_opencryptoki_3_23(ock3: ock_trixie.Trixie) -> None:
+    """The version docs/HSM.md names (fails, on purpose, if Debian 13 moves on: update them)."""
+    assert ock3.version.startswith("3.23."), ock3.version
+
+
 def test_lifecycle(implementation: Implementation) -> None:
     """Create, add a version, list, destroy: the same on every implementation that can run the
     broker, and the keys are sensitive, never extractable and generated on the token. (Each new
