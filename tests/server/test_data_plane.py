@@ -20,14 +20,14 @@ from keybroker.devenv import TOKEN_LABEL, DevEnv, softhsm_module
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from tests.conftest import HSM_MODULES, Clock, TokenFactory, code_of
+from tests.conftest import SESSION_BROKERS, Clock, TokenFactory, code_of
 from tests.support.clients import auth, channel, generate_request, new_recording_id, stub
 from tests.support.process import run_fresh
 
 Spans = Callable[[], Sequence[ReadableSpan]]
 
 
-@pytest.fixture(params=HSM_MODULES)
+@pytest.fixture(params=SESSION_BROKERS)
 def data_broker(request: pytest.FixtureRequest) -> RunningBroker:
     """The broker on SoftHSM, then the one on the strict module."""
     running: RunningBroker = request.getfixturevalue(

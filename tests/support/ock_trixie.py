@@ -7,8 +7,8 @@ runs ``pkcsslotd`` inside it, in namespaces of its own:
 
 - a mount namespace: the root is mounted read-only, with fresh tmpfs on ``/run``, ``/tmp``,
   ``/dev/shm``, ``/var/log`` and ``/var/lib/opencryptoki`` (the token state, copied from the
-  pristine state saved at build time), and this repository's ``src`` read-only at
-  ``/opt/keybroker/src``; nothing is mounted on the host, and everything goes with the namespace;
+  pristine state saved at build time), and this repository read-only at
+  ``/opt/keybroker/repo``; nothing is mounted on the host, and everything goes with the namespace;
 - an IPC namespace: openCryptoki's shared memory never meets the host's openCryptoki;
 - a PID namespace: when its first process dies (:func:`stop`, or this process dying) every
   process in it, pkcsslotd too, is killed.
@@ -39,22 +39,23 @@ REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / ".venv" / "ock-trixie"
 BUILD = REPO / "scripts" / "ock-trixie-root.sh"
 PYTHON = "/opt/venv/bin/python"
-SRC = "/opt/keybroker/src"
+REPO_INSIDE = "/opt/keybroker/repo"
+SRC = f"{REPO_INSIDE}/src"
 LABEL = "keybroker-ock3"
 LIBRARY_GLOB = "usr/lib/*/pkcs11/libopencryptoki.so"
 
 # Run as the first process of the new PID namespace, before the chroot: mounts, then pkcsslotd.
 HOLDER = r"""
 set -eu
-R=$1 SRC=$2
+R=$1 REPO=$2
 mount --bind "$R" "$R"
 mount -o remount,bind,ro "$R"
 mount --rbind /dev "$R/dev"
 mount -t tmpfs tmpfs "$R/dev/shm"
 mount -t proc proc "$R/proc"
 for dir in run tmp var/log var/lib/opencryptoki; do mount -t tmpfs tmpfs "$R/$dir"; done
-mount --bind "$SRC" "$R/opt/keybroker/src"
-mount -o remount,bind,ro "$R/opt/keybroker/src"
+mount --bind "$REPO" "$R/opt/keybroker/repo"
+mount -o remount,bind,ro "$R/opt/keybroker/repo"
 exec chroot "$R" /bin/sh -euc '
   cp -a /opt/keybroker/ock-state/. /var/lib/opencryptoki/
   chown root:pkcs11 /var/lib/opencryptoki && chmod 0770 /var/lib/opencryptoki
@@ -80,14 +81,22 @@ class Trixie:
     pin: str
     version: str
 
-    def command(self, *args: str) -> list[str]:
+    def command(self, *args: str, env: dict[str, str] | None = None) -> list[str]:
         """``args`` run inside the root (its Python is :data:`PYTHON`), in a clean environment
-        with keybroker's ``src`` on the path."""
+        (plus ``env``) with keybroker's ``src`` on the path, in the root's ``/tmp``."""
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]
         return [
-            "nsenter", f"--target={self.pid}", "--mount", "--ipc", "--pid", "--root", "--wd",
-            "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"PYTHONPATH={SRC}",
-            "LANG=C.UTF-8", *args,
+            "nsenter", f"--target={self.pid}", "--mount", "--ipc", "--pid", "--root",
+            "--wd", "/usr/bin/env", "-i", "--chdir=/tmp", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            f"PYTHONPATH={SRC}", "PYTHONDONTWRITEBYTECODE=1", "LANG=C.UTF-8", *extra, *args,
         ]  # fmt: skip
+
+    def write_secret(self, path: str, text: str) -> None:
+        """A file only root can read inside the root (its ``/tmp`` is the namespace's tmpfs)."""
+        subprocess.run(
+            self.command("/bin/sh", "-c", 'umask 077 && cat > "$1"', "sh", path),
+            input=text, text=True, check=True, timeout=30,
+        )  # fmt: skip
 
 
 def build() -> Path:
@@ -135,7 +144,7 @@ def start() -> Trixie:
     slot = soft_token_slot(root)
     holder = subprocess.Popen(
         ["unshare", "--mount", "--ipc", "--pid", "--fork", "--kill-child",
-         "--propagation", "private", "sh", "-c", HOLDER, "holder", str(root), str(REPO / "src")],
+         "--propagation", "private", "sh", "-c", HOLDER, "holder", str(root), str(REPO)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
     )  # fmt: skip
