@@ -136,6 +136,48 @@ def strict_broker(
 OPENCRYPTOKI = os.environ.get("OPENCRYPTOKI_TEST_TOKEN", "")
 
 
+@pytest.fixture(scope="session")
+def opencryptoki_settings(devenv: DevEnv) -> dict[str, str]:
+    """Settings overrides for openCryptoki 3.23's token (only inside the Debian 13 root), with
+    the key the dev environment made on its SoftHSM token made on this token too."""
+    ock = json.loads(OPENCRYPTOKI)
+    overrides = {
+        "hsm_module": ock["module"],
+        "hsm_token_label": ock["label"],
+        "hsm_pin_file": ock["pin_file"],
+    }
+    settings = load_settings(devenv, **overrides)
+    keks = connect_hsm(settings)
+    if not keks.versions(settings.keys.default):
+        keks.create(settings.keys.default)
+    return overrides
+
+
+@pytest.fixture(scope="session")
+def opencryptoki_broker(
+    devenv: DevEnv,
+    span_exporter: InMemorySpanExporter,
+    clock: Clock,
+    opencryptoki_settings: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningBroker]:
+    """A broker in this process on openCryptoki 3.23's token (inside the Debian 13 root only),
+    with its own metadata database and journal."""
+    state = tmp_path_factory.mktemp("ock-broker")
+    running = create_server(
+        load_settings(
+            devenv,
+            **opencryptoki_settings,
+            state_url=f"sqlite:{state / 'keybroker.db'}",
+            audit_dir=str(state / "journal"),
+        ),
+        clock=clock,
+        span_processor=SimpleSpanProcessor(span_exporter),
+    )
+    yield running
+    running.stop(1)
+
+
 @pytest.fixture
 def hsm_settings(request: pytest.FixtureRequest) -> dict[str, str]:
     """Settings overrides choosing the PKCS#11 module: SoftHSM2 unless a test parametrises this
@@ -145,17 +187,7 @@ def hsm_settings(request: pytest.FixtureRequest) -> dict[str, str]:
         overrides: dict[str, str] = request.getfixturevalue("strict_settings")
         return overrides
     if param == "opencryptoki":
-        ock = json.loads(OPENCRYPTOKI)
-        overrides = {
-            "hsm_module": ock["module"],
-            "hsm_token_label": ock["label"],
-            "hsm_pin_file": ock["pin_file"],
-        }
-        # the key the dev environment made on its SoftHSM token, made on this token too
-        settings = load_settings(request.getfixturevalue("devenv"), **overrides)
-        keks = connect_hsm(settings)
-        if not keks.versions(settings.keys.default):
-            keks.create(settings.keys.default)
+        overrides = request.getfixturevalue("opencryptoki_settings")
         return overrides
     return {}
 
@@ -163,8 +195,6 @@ def hsm_settings(request: pytest.FixtureRequest) -> dict[str, str]:
 #: The PKCS#11 modules lifecycle and retention tests run on (indirect params of hsm_settings):
 #: openCryptoki 3.23 too inside the Debian 13 root.
 HSM_MODULES = ("softhsm", "strict", *(("opencryptoki",) if OPENCRYPTOKI else ()))
-#: The brokers of the session (``broker``, ``strict_broker``) the data-plane tests run on.
-SESSION_BROKERS = ("softhsm", "strict")
 
 
 @pytest.fixture
