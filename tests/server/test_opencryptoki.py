@@ -40,7 +40,7 @@ def ock3() -> Iterator[ock_trixie.Trixie]:
 
 
 @pytest.mark.slow
-def test_key_admin_and_retention_pass_on_opencryptoki_3_23(ock3: ock_trixie.Trixie) -> None:
+def test_the_hsm_server_tests_pass_on_opencryptoki_3_23(ock3: ock_trixie.Trixie) -> None:
     pin_file = "/tmp/opencryptoki.pin"
     ock3.write_secret(pin_file, ock3.pin)
     env = {
