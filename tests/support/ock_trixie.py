@@ -1,4 +1,4 @@
-"""openCryptoki 3.23's software token (Debian 13's), for the HSM adapter tests on a Debian 12 host.
+"""openCryptoki 3.23's software token (Debian 13's), for the HSM tests on a Debian 12 host.
 
 Debian 12's openCryptoki 3.8 soft token has no CKM_AES_GCM (tests/support/opencryptoki.py);
 3.23 has, but needs a newer C library than the host's. So scripts/ock-trixie-root.sh builds a
@@ -14,8 +14,8 @@ runs ``pkcsslotd`` inside it, in namespaces of its own:
   process in it, pkcsslotd too, is killed.
 
 :meth:`Trixie.command` gives the command line that runs a program inside (``nsenter``): the
-adapter tests run their driver with the root's Python, python-pkcs11 and keybroker's own
-``src``. The token is initialised here with a fresh user PIN (PINs go through stdin).
+adapter tests run their driver there, tests/server/test_opencryptoki.py runs pytest there, with
+the root's Python and venv and keybroker's own ``src``. The token is initialised here with a fresh user PIN (PINs go through stdin).
 """
 
 from __future__ import annotations
