@@ -34,9 +34,10 @@ DAY = 86400
 
 
 @pytest.fixture
-def base_key(devenv: DevEnv) -> Iterator[str]:
-    """A key of this test's own, version 1 made offline (the broker adopts it)."""
-    keks = connect_hsm(load_settings(devenv))
+def base_key(devenv: DevEnv, hsm_settings: dict[str, str]) -> Iterator[str]:
+    """A key of this test's own, version 1 made offline on the test's token (the broker
+    adopts it)."""
+    keks = connect_hsm(load_settings(devenv, **hsm_settings))
     name = f"ret-{uuid.uuid4().hex[:8]}"
     keks.create_version(KeyRef(name, 1))
     yield name
