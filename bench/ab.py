@@ -17,9 +17,9 @@ work shares the machine).
 
     .venv/bin/python bench/ab.py old=79d1136 new=. --rounds 3
     .venv/bin/python bench/ab.py p2=.:2 p3=.:3
-    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR=
+    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_ENABLED=false
     .venv/bin/python bench/ab.py new=. defaults=.,GRPC_EXPERIMENTS=
-    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR= --concurrency 16,32,64
+    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_ENABLED=false --concurrency 16,32,64
     .venv/bin/python bench/ab.py before=01bba6d after=. --methods unwrap,generate --rounds 5
 
 A ``GRPC_*`` setting (e.g. ``GRPC_EXPERIMENTS``, whose value may hold commas) reaches the broker's

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         kb = stack.enter_context(broker.running_broker(WORK, **start))
         off = stack.enter_context(
             broker.running_broker(
-                WORK, **start, name="nojournal", overrides={"KEYBROKER_AUDIT_DIR": ""}
+                WORK, **start, name="nojournal", overrides={"KEYBROKER_AUDIT_ENABLED": "false"}
             )
         )
 

@@ -53,7 +53,7 @@ ROWS: tuple[Row, ...] = (
     Row(
         "kb_unwrap_nojournal",
         "keybroker UnwrapDataKey, audit journal off",
-        "a second broker with `[audit] dir` unset: no durable record (not for production)",
+        "a second broker with `[audit] enabled = false`: no durable record (not for production)",
     ),
     Row(
         "kb_unwrap_nofsync",

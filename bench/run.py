@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         # The same broker without the durable journal, and with it but without fsync: the cost
         # of durability, measured in the same run (issue: journal on >= 85 % of off).
         journal_variants = {
-            "nojournal": {"KEYBROKER_AUDIT_DIR": ""},
+            "nojournal": {"KEYBROKER_AUDIT_ENABLED": "false"},
             "nofsync": {"KEYBROKER_AUDIT_FSYNC": "false"},
         }
         others = {
