@@ -291,7 +291,7 @@ class KeyBroker:
         self._require_not_erased(parsed.bindings)
         policy.require_retention(parsed.bindings, self._clock())
         current = self._catalog.snapshot().current(parsed.key.name)
-        wrapped = self._wrap(current, parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key, parsed.parsed_bindings)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -443,9 +443,12 @@ class KeyBroker:
     def _issued(self, recording_id: str, wrapped_key: bytes) -> bool:
         return self._privacy is not None and self._privacy.issued(recording_id, wrapped_key)
 
-    def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
+    def _wrap(
+        self, key: KeyRef, bindings: Bindings, data_key: bytes, encoded: bytes = b""
+    ) -> bytes:
         """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's
-        encryption gives the nonce it used, and the blob is built from both."""
-        aad = WrappedKey.aad_v2(key, bindings)
+        encryption gives the nonce it used, and the blob is built from both. ``encoded``: the
+        bindings' encoding, when known (a parsed key's)."""
+        aad = WrappedKey.aad_v2(key, bindings, encoded)
         nonce, ciphertext = self._keks.encrypt(key, data_key, aad)
         return WrappedKey.join_v2(aad, nonce, ciphertext)
