@@ -14,13 +14,14 @@ privacy calls need.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
-``max_turn`` calls), the loop hands the turn's replies to the commit thread and polls again at
-once: that thread writes the records to the journal with one flush (``fdatasync``, which
-releases the interpreter lock) for everything handed over meanwhile, records the decisions live,
-and only then sends the replies. The loop thus answers the next calls while the disk works. A
-record that cannot be made durable turns its call into UNAVAILABLE: no data key leaves without
-its durable decision. Everything else a data-plane call needs happens on the loop thread, gRPC
-core's socket I/O included (:mod:`keybroker.server.grpc_settings`).
+``max_turn`` calls), the loop writes the turn's records to the journal with one flush
+(``fdatasync``), records the decisions live, and only then sends the replies; calls that arrive
+meanwhile wait in gRPC core and make up the next turn. A record that cannot be made durable
+turns its call into UNAVAILABLE: no data key leaves without its durable decision. Everything a
+data-plane call needs thus happens on this one thread, gRPC core's socket I/O included
+(:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the
+disk. (Flushing on a thread of its own while the loop went on was tried and measured slower:
+bench/NOTES.md, "A commit thread".)
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes, through one door: :mod:`keybroker.server.grpc_private` binds every
@@ -350,9 +351,6 @@ class LoopOptions:
     stream_threads: int = 4
     streams_per_connection: int = 4
     stream_queue: int = 16
-    commit_thread: bool = True
-    """Flush the journal and send the replies of a turn on a thread of their own, so the loop
-    answers the next calls while the disk works (False: on the loop thread, between polls)."""
 
 
 class _StreamGate:
@@ -406,8 +404,7 @@ class LoopServer:
     ) -> None:
         """``refusals`` counts calls refused before any handler ran; the server starts and
         stops it (:mod:`keybroker.server.refusals`). ``heartbeats`` gives the heartbeat of a
-        thread by name, ``"server"`` (the loop) and ``"commit"`` (the commit thread; the loop's
-        own turns without one), each called as its thread turns, at least every second while
+        thread by name (``"server"``: the loop), called as it turns, at least every second while
         idle (liveness: :mod:`keybroker.server.probes`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
@@ -427,11 +424,7 @@ class LoopServer:
         )
         self._stream_gate = _StreamGate(options)
         beats = heartbeats or _no_heartbeats
-        loop_beat, commit_beat = beats("server"), beats("commit")
-        self._committer = (
-            _Committer(self._start_batch, commit_beat) if options.commit_thread else None
-        )
-        self._heartbeat = loop_beat if self._committer else _both(loop_beat, commit_beat)
+        self._heartbeat = beats("server")
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -548,8 +541,6 @@ class LoopServer:
             self.failed = True
             self._fail_all()
         finally:
-            if self._committer is not None:  # its last replies go out before the server goes
-                self._committer.close(_ABANDON_AFTER)
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -565,14 +556,10 @@ class LoopServer:
     def _end_turn(self, replies: list[_Reply]) -> None:
         """Group commit: make the turn's records durable (one flush per journal), then record
         them live and send the replies. A record that could not be made durable turns its
-        call into UNAVAILABLE (see :func:`_send`). With ``commit_thread`` (the default) a turn
-        whose records need a flush is handed to the commit thread (:class:`_Committer`)."""
+        call into UNAVAILABLE (see :func:`_send`)."""
         if not replies:
             return
-        if self._committer is not None and _needs_flush(replies):
-            self._committer.submit(replies)  # the loop goes back to gRPC core at once
-        else:
-            _commit_and_send(replies, _start_now)
+        _commit_and_send(replies, _start_now)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
         if tag is _FINISHED:
@@ -684,14 +671,6 @@ def _no_heartbeats(_name: str) -> Callable[[], None]:
     return _no_heartbeat
 
 
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    def beat() -> None:
-        first()
-        second()
-
-    return beat
-
-
 def _peer_of(call: Any) -> str:
     return bytes(call.peer()).decode("utf-8", "replace")
 
@@ -713,10 +692,6 @@ class _CallDetails(grpc.HandlerCallDetails):
     invocation_metadata: Metadata
 
 
-def _needs_flush(replies: Sequence[_Reply]) -> bool:
-    return any(r.durable is not None for reply in replies for r in reply.context.deferred or ())
-
-
 def _start_now(call: Any, ops: tuple[Any, ...], tag: Any) -> bool:
     """Start a batch on the loop thread (the server is alive while the loop runs)."""
     call.start_server_batch(ops, tag)
@@ -728,52 +703,6 @@ def _commit_and_send(replies: Sequence[_Reply], start_batch: BatchStarter) -> No
     commit_deferred(records)  # never raises: a failure fails its records closed
     record_live(records)  # as for any call: durable, then live, then the reply
     _send(replies, start_batch)
-
-
-class _Committer:
-    """Group commit off the loop thread.
-
-    The loop hands each turn's replies here and goes back to gRPC core at once. This thread
-    makes their records durable — one flush for everything handed over while the previous flush
-    ran —, records them live and only then sends the replies. ``fdatasync`` releases the
-    interpreter lock, so the loop answers the next calls while the disk works instead of
-    waiting for it; the journal keeps one writer's order (one thread, first in first out)."""
-
-    def __init__(self, start_batch: BatchStarter, heartbeat: Callable[[], None]) -> None:
-        self._start = start_batch
-        self._beat = heartbeat
-        self._queue: list[_Reply] = []
-        self._ready = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kb-commit", daemon=True)
-        self._thread.start()
-
-    def submit(self, replies: Sequence[_Reply]) -> None:
-        with self._ready:
-            self._queue.extend(replies)
-            self._ready.notify()
-
-    def close(self, timeout: float) -> None:
-        """Send what is queued, then stop (waits at most ``timeout`` seconds)."""
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._closed:
-                    self._beat()  # idle: a heartbeat at every wake-up
-                    self._ready.wait(_IDLE_WAKE)
-                if not self._queue:
-                    return
-                replies, self._queue = self._queue, []
-            try:
-                _commit_and_send(replies, self._start)
-            except Exception:  # a bug: the replies' calls end when the server stops
-                log.exception("committing a turn of decisions failed")
-            self._beat()
 
 
 def _send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:

@@ -11,7 +11,7 @@ restarting it:
   usable and it is not shutting down: the same state the mTLS health service publishes.
 - **liveness** (service ``"liveness"``): SERVING while every loop of every worker turns: the
   server loop, the key catalog's background loop and the health monitor each record a heartbeat
-  on every turn (and the journal's commit thread: at every wake-up and after every flush); a
+  on every turn; a
   heartbeat older than ``[server] liveness_timeout`` (plus the loop's own
   interval) means a stuck process, which a restart cures. An unreachable HSM or database is no
   reason: those loops keep turning (each call to them has its own timeout).
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 READINESS = "readiness"
 LIVENESS = "liveness"
 #: The loops each worker reports a heartbeat for, in board order.
-LOOPS = ("server", "commit", "catalog", "health-monitor")
+LOOPS = ("server", "catalog", "health-monitor")
 _READY, _FIRST_BEAT = 0, 1
 _SLOTS = _FIRST_BEAT + len(LOOPS)
 _WATCH_INTERVAL = 1.0  # seconds between the checks a Watch stream makes
@@ -181,7 +181,6 @@ class ProbeServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
 PROBE_OPTIONS = LoopOptions(
     pool_threads=1,
-    commit_thread=False,  # health answers record no decisions
     stream_threads=2,  # Watch streams: kubelet uses Check; a person may watch
     streams_per_connection=1,
     stream_queue=2,
