@@ -26,6 +26,8 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MAX_LEEWAY_SECONDS = 60
+SERVER_ENGINES = ("loop", "grpc")
+"""``[server] engine``: keybroker.server.engines (the settings import no server code)."""
 PROCESSES_AUTO = "auto"
 """``[server] processes = "auto"``: one worker per CPU the container or host grants."""
 
@@ -59,6 +61,9 @@ class ServerSettings:
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536
+    engine: str = "loop"
+    """The gRPC server: "loop" (grpcio's private layer, fastest) or "grpc" (grpcio's public
+    server API, any grpcio release); see keybroker.server.engines."""
 
 
 @dataclass(frozen=True)
@@ -603,6 +608,10 @@ def validate(settings: Settings) -> None:
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError(
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
+        )
+    if settings.server.engine not in SERVER_ENGINES:
+        raise ConfigurationError(
+            f'[server] engine: expected "loop" or "grpc", got {settings.server.engine!r}'
         )
     validate_listen(settings.server.listen)
     _validate_keys(settings.keys)

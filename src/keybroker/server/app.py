@@ -55,11 +55,12 @@ from keybroker.errors import ConfigurationError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.cpus import available_cpus
+from keybroker.server.engines import Engine, create_engine
 from keybroker.server.guard import CallGuard, FanOut
+from keybroker.server.handlers import HandlerRegistry, ServerOptions
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.limits import DenialLimiter, RateLimits
-from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.refusals import RefusalLog
 from keybroker.server.servicer import SERVICE_NAME, KeyBrokerServicer
@@ -84,7 +85,7 @@ _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 class RunningBroker:
     """A started server and what it owns."""
 
-    server: LoopServer
+    server: Engine
     port: int
     keks: Pkcs11Keks
     monitor: HealthMonitor
@@ -398,7 +399,8 @@ INLINE_METHODS = frozenset(
         "/grpc.health.v1.Health/Check",
     }
 )
-"""Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
+"""Answered on the loop thread (engine "loop": keybroker.server.loop); every other method, and
+every method on the "grpc" engine, runs on a pool thread."""
 
 
 def guards(
@@ -443,8 +445,9 @@ def grpc_server(
     admin: KeyAdminServicer,
     privacy: PrivacyServicer,
     health_servicer: health.HealthServicer,
-) -> tuple[LoopServer, int]:
-    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS."""
+) -> tuple[Engine, int]:
+    """The gRPC server (``[server] engine``) with the KeyBroker, health and reflection services,
+    bound over mTLS."""
     registry = HandlerRegistry()
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, registry)  # type: ignore[no-untyped-call]
@@ -460,10 +463,11 @@ def grpc_server(
         ),
         registry,  # type: ignore[arg-type]  # it only calls add_*_handlers
     )
-    server = LoopServer(
+    server = create_engine(
+        settings.server.engine,
         registry,
         inline=INLINE_METHODS,
-        options=LoopOptions(
+        options=ServerOptions(
             pool_threads=settings.server.threads,
             stream_threads=settings.limits.stream_threads,
             streams_per_connection=settings.limits.streams_per_connection,
