@@ -109,7 +109,7 @@ def served(
             pool_threads=2,
             stream_threads=1,
             streams_per_connection=3,
-            stream_queue=2,
+            stream_queue=1,
             channel_options=(("grpc.max_receive_message_length", 1024),),
         ),
         refusals=RefusalLog(),
@@ -211,33 +211,27 @@ def test_streams_on_both_engines(served: tuple[Service, Engine, grpc.Channel]) -
 
 
 def test_stream_limits_on_both_engines(served: tuple[Service, Engine, grpc.Channel]) -> None:
-    """One stream thread, 3 streams per connection and in total: with 3 open the 4th is refused
-    at once with RESOURCE_EXHAUSTED and counted. The loop queues the 2nd and 3rd for the stream
-    thread; grpcio's server has one thread pool, so the grpc engine refuses a stream that needs a
-    thread beyond ``stream_threads`` instead of queueing it (health Watch needs none there)."""
+    """One stream thread, one more waiting for it, 3 per connection: the first stream runs,
+    the second waits for the thread, the third is refused at once with RESOURCE_EXHAUSTED and
+    counted; once the running one ends, the waiting one runs."""
     _svc, server, ch = served
     count = _stream(ch, "Count")
-    beyond_thread = {"loop": 0, "grpc": 2}[server.engine]
-    assert server.refusals is not None
-    open_ = [count(b"1000", timeout=20) for _ in range(3)]
-    try:
-        deadline = time.monotonic() + 5
-        while server.refusals.totals["127.0.0.1", TOO_MANY_STREAMS] < beyond_thread:
-            assert time.monotonic() < deadline, "the streams beyond the thread were not refused"
-            time.sleep(0.02)
-        time.sleep(0.3)  # all three have arrived
-        extra = count(b"1", timeout=5)
-        with pytest.raises(grpc.RpcError) as info:
-            list(extra)
-        err: Any = info.value
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        refused = [s for s in open_ if s.done()]
-        assert len(refused) == beyond_thread
-        assert {s.code() for s in refused} <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert _counted(server, TOO_MANY_STREAMS, 1 + beyond_thread)
-    finally:
-        for s in open_:
-            s.cancel()
+    running = count(b"1000", timeout=20)
+    assert next(running) == b"0"
+    waiting = count(b"2", timeout=20)
+    time.sleep(0.3)
+    refused = count(b"1", timeout=5)
+    with pytest.raises(grpc.RpcError) as info:
+        list(refused)
+    err: Any = info.value
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many streaming calls; retry later",
+    )
+    assert _counted(server, TOO_MANY_STREAMS, 1)
+    assert not waiting.done()
+    running.cancel()
+    assert list(waiting) == [b"0", b"1"]
 
 
 def test_stop_waits_for_in_flight_calls(served: tuple[Service, Engine, grpc.Channel]) -> None:

@@ -20,15 +20,14 @@ the same answers:
   here each refusal is made by a wrapper at the start of the handler: unknown methods reach a
   catch-all handler, unary methods are registered as stream-unary so that a missing message is
   seen, and request parsing never raises into grpcio;
-* the same stream limits (``[limits] streams_per_connection`` and the total of
-  ``stream_threads + stream_queue``). grpcio has one thread pool, so a stream that holds a thread
-  (reflection) is admitted only while fewer than ``stream_threads`` such streams run, and
-  refused (RESOURCE_EXHAUSTED) rather than queued beyond; health ``Watch`` holds no thread here
-  (grpcio's non-blocking streaming), so every admitted ``Watch`` is served at once.
+* the same stream limits: at most ``[limits] streams_per_connection`` per connection,
+  ``stream_threads`` running and ``stream_queue`` waiting for one; beyond, RESOURCE_EXHAUSTED.
+  grpcio has one thread pool, so a waiting stream waits on one of its threads (idle): the pool
+  has ``threads + stream_threads + stream_queue`` threads, and streams never take the
+  ``threads`` that other calls need.
 
-Threads: ``[server] threads + [limits] stream_threads`` pool threads per process run every call,
-the data plane included; processes, ``SO_REUSEPORT``, TLS, message-size limits and graceful
-shutdown are gRPC's, configured exactly as for the loop.
+Threads: every call runs on that pool, the data plane included. Processes, ``SO_REUSEPORT``, TLS,
+message-size limits and graceful shutdown are gRPC's, configured exactly as for the loop.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from keybroker.server.handlers import (
     MALFORMED,
     METHOD_NOT_FOUND,
     ONE_REQUEST,
-    TOO_MANY_STREAMS_IN_TOTAL,
     Handler,
     HandlerRegistry,
     ServerOptions,
@@ -64,6 +62,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 Context = grpc.ServicerContext
 _INTERNAL = "internal error"
+_SLOT_POLL = 0.5  # seconds between checks that a stream waiting for a thread is still wanted
 _NOT_AN_ABORT = frozenset({None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN})
 
 
@@ -128,7 +127,8 @@ class GrpcServer:
         self._gate = StreamGate(options)
         self._stream_slots = threading.BoundedSemaphore(options.stream_threads)
         self._pool = futures.ThreadPoolExecutor(
-            max_workers=options.pool_threads + options.stream_threads,
+            # the calls' threads, the running streams' and the waiting streams' (idle)
+            max_workers=options.pool_threads + options.stream_threads + options.stream_queue,
             thread_name_prefix="kb-grpc",
         )
         self._wrapped: dict[str, Handler] = {}
@@ -207,13 +207,16 @@ class GrpcServer:
         )
 
     def _wrap_stream(self, handler: Handler) -> Handler:
+        """Streams as on the loop: admitted through the gate, then run holding one of
+        ``stream_threads`` slots (those admitted beyond wait for one, as in the loop's queue)."""
         behaviour: Any = handler.stream_stream or handler.unary_stream
-        if getattr(behaviour, "experimental_non_blocking", False) and not handler.request_streaming:
-            return self._non_blocking(handler, behaviour)
 
         def stream(requests: Iterator[Any], context: Context) -> Iterator[Any]:
             peer = context.peer()
-            self._admit(peer, context, holds_thread=True)
+            self._admit(peer, context)
+            while not self._stream_slots.acquire(timeout=_SLOT_POLL):
+                if not context.is_active():
+                    return  # gave up waiting: the client went away
             try:
                 if handler.request_streaming:
                     responses = behaviour(requests, context)
@@ -222,31 +225,13 @@ class GrpcServer:
                 yield from responses
             except Exception:  # noqa: BLE001 - every failure ends as a status
                 _fail(context)
+            finally:
+                self._stream_slots.release()
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _non_blocking(self, handler: Handler, behaviour: Any) -> Handler:
-        """A unary-stream handler that sends through a callback (health ``Watch``): it returns
-        at once, and the stream holds no thread while it stays open."""
-
-        def stream(
-            requests: Iterator[Any],
-            context: Context,
-            send_response_callback: Callable[[Any], None] | None = None,
-        ) -> None:
-            peer = context.peer()
-            self._admit(peer, context, holds_thread=False)
-            request = self._one_request(requests, context, peer)
-            _guarded(
-                lambda: behaviour(request, context, send_response_callback=send_response_callback),
-                context,
-            )
-
-        stream.experimental_non_blocking = True  # type: ignore[attr-defined]
+        # Never grpcio's non-blocking streaming (health Watch offers it): with grpcio's server,
+        # HealthServicer.set waits for the send under the servicer's lock while the server's
+        # polling thread, running a closed Watch's callback, waits for that lock (a deadlock seen
+        # in this suite). Without it, Watch blocks a stream thread, exactly as on the loop.
         return grpc.stream_stream_rpc_method_handler(
             stream,
             request_deserializer=handler.request_deserializer,
@@ -265,23 +250,14 @@ class GrpcServer:
             self._refused(peer, NO_MESSAGE)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, ONE_REQUEST)
 
-    def _admit(self, peer: str, context: Context, *, holds_thread: bool) -> None:
+    def _admit(self, peer: str, context: Context) -> None:
         """Admit a streaming call through the gate, or refuse it with RESOURCE_EXHAUSTED."""
         refusal = self._gate.enter(peer)
-        if refusal is None and holds_thread and not self._stream_slots.acquire(blocking=False):
-            self._gate.leave(peer)
-            refusal = TOO_MANY_STREAMS_IN_TOTAL
         if refusal is not None:
             self._refused(peer, TOO_MANY_STREAMS)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-
-        def leave() -> None:
+        if not context.add_callback(lambda: self._gate.leave(peer)):  # already over
             self._gate.leave(peer)
-            if holds_thread:
-                self._stream_slots.release()
-
-        if not context.add_callback(leave):  # already over
-            leave()
 
     def _unknown_method(self, _requests: Iterator[Any], context: Context) -> NoReturn:
         self._refused(context.peer(), UNKNOWN_METHOD)
