@@ -651,7 +651,9 @@ def _create_server(
     starting(True)
     monitor = HealthMonitor(probes, settings.hsm.health_interval)
     monitor.start()
-    log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
+    log.info(
+        "keybroker listening on port %d (pid %d, engine %s)", port, os.getpid(), server.engine
+    )
     return RunningBroker(
         server,
         port,
