@@ -5,6 +5,8 @@ behaviour on each engine is covered by running tests/server on both (``make test
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -208,6 +210,26 @@ def test_streams_on_both_engines(served: tuple[Service, Engine, grpc.Channel]) -
     watch: Any = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+
+
+def test_a_stream_its_client_cancels_ends_quietly(
+    served: tuple[Service, Engine, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reflection stream the client cancels while the server waits for its next request ends
+    without an error in the log (it is no handler failure), and frees its stream thread."""
+    _svc, _server, ch = served
+    reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    requests.put(request)
+    stream: Any = reflect.ServerReflectionInfo(iter(requests.get, None), timeout=10)
+    with caplog.at_level(logging.ERROR):
+        assert next(stream).list_services_response.service
+        stream.cancel()
+        time.sleep(0.5)
+        again: Any = reflect.ServerReflectionInfo(iter([request]), timeout=5)
+        assert len(list(again)) == 1  # the one stream thread is free again
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_stream_limits_on_both_engines(served: tuple[Service, Engine, grpc.Channel]) -> None:

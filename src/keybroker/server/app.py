@@ -651,9 +651,7 @@ def _create_server(
     starting(True)
     monitor = HealthMonitor(probes, settings.hsm.health_interval)
     monitor.start()
-    log.info(
-        "keybroker listening on port %d (pid %d, engine %s)", port, os.getpid(), server.engine
-    )
+    log.info("keybroker listening on port %d (pid %d, engine %s)", port, os.getpid(), server.engine)
     return RunningBroker(
         server,
         port,

@@ -223,6 +223,9 @@ class GrpcServer:
                 else:
                     responses = behaviour(self._one_request(requests, context, peer), context)
                 yield from responses
+            except grpc.RpcError:
+                if context.is_active():  # not the client going away: a handler's own failure
+                    _fail(context)
             except Exception:  # noqa: BLE001 - every failure ends as a status
                 _fail(context)
             finally:
