@@ -38,7 +38,7 @@ run: system-deps venv
 ## server tests once more on the grpc engine ([server] engine, docs/CONCURRENCY.md#engines)
 test: venv lint
 	@scripts/ensure-system-deps.sh --test
-	KEYBROKER_SERVER_ENGINE=loop $(BIN)/pytest
+	env -u KEYBROKER_SERVER_ENGINE $(BIN)/pytest
 	KEYBROKER_SERVER_ENGINE=grpc $(BIN)/pytest tests/server
 
 ## check-grpcio-latest: the server tests (loop engine) on the newest grpcio release, in a scratch
@@ -52,7 +52,7 @@ check-grpcio-latest: system-deps
 	$(GRPCIO_LATEST)/bin/pip install --quiet --upgrade grpcio grpcio-health-checking grpcio-reflection
 	@scripts/ensure-system-deps.sh --test
 	@$(GRPCIO_LATEST)/bin/python -c 'import grpc; print("check-grpcio-latest: grpcio", grpc.__version__)'
-	KEYBROKER_SERVER_ENGINE=loop $(GRPCIO_LATEST)/bin/pytest tests/server
+	env -u KEYBROKER_SERVER_ENGINE $(GRPCIO_LATEST)/bin/pytest tests/server
 	@$(GRPCIO_LATEST)/bin/python -c 'import grpc; print("check-grpcio-latest: the server tests pass on grpcio", grpc.__version__, "with the loop engine")'
 
 lint: venv
