@@ -5,16 +5,22 @@ working tree), ``KEY=VALUE`` any ``KEYBROKER_*`` setting or ``GRPC_*`` variable.
 than ``.`` is checked out with ``git worktree`` under bench/.work/ab/ and run through
 ``PYTHONPATH`` with this checkout's virtual environment, so only keybroker's own code differs.
 Every round starts a fresh broker for each variant in turn (the order reversed every other round),
-runs one closed-loop UnwrapDataKey phase with bench/loadgen.cc (16 in flight on 16 connections, or
-each of ``--concurrency``'s levels, one connection per call in flight), and stops it. Prints one
-line per phase and, at the end, each variant's rates and every variant's per-round ratio to the
-first at the same level.
+runs one closed-loop phase per method of ``--methods`` with bench/loadgen.cc (16 in flight on 16
+connections, or each of ``--concurrency``'s levels, one connection per call in flight), and stops
+it. Methods: UnwrapDataKey (``unwrap``, the default); GenerateDataKey (``generate``, a new
+recording id per call); RewrapDataKeys (``rewrap``: 100 version-1 keys after one rotation, 4
+calls in flight whatever ``--concurrency`` says, counted per item; retention epochs are then off
+in every variant, as in bench/versions_and_rewrap.py). Prints one line per phase and, at the end,
+each variant's rates and server CPU per call, and every variant's per-round ratios to the first
+at the same method and level: ops/s, and server CPU per call (the steadier figure while other
+work shares the machine).
 
     .venv/bin/python bench/ab.py old=79d1136 new=. --rounds 3
     .venv/bin/python bench/ab.py p2=.:2 p3=.:3
-    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR=
+    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_ENABLED=false
     .venv/bin/python bench/ab.py new=. defaults=.,GRPC_EXPERIMENTS=
-    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_DIR= --concurrency 16,32,64
+    .venv/bin/python bench/ab.py on=. off=.,KEYBROKER_AUDIT_ENABLED=false --concurrency 16,32,64
+    .venv/bin/python bench/ab.py before=01bba6d after=. --methods unwrap,generate --rounds 5
 
 A ``GRPC_*`` setting (e.g. ``GRPC_EXPERIMENTS``, whose value may hold commas) reaches the broker's
 environment too; an empty ``GRPC_EXPERIMENTS`` runs gRPC core's defaults (``keybroker`` only sets
@@ -36,10 +42,16 @@ from pathlib import Path
 
 import broker
 import deps
+from report import Measurement
+from versions_and_rewrap import NO_EPOCHS, REWRAP, prepare
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORK = BENCH / ".work" / "ab"
+METHODS = {"unwrap": broker.UNWRAP, "generate": broker.GENERATE, "rewrap": REWRAP}
+REWRAP_ITEMS = 100
+REWRAP_IN_FLIGHT = 4
+Key = tuple[str, str, int]  # variant, method, calls in flight
 
 
 @dataclass(frozen=True)
@@ -95,13 +107,22 @@ def main() -> None:
         default="16",
         help="calls in flight, or a comma-separated list of levels each variant runs at (16)",
     )
+    p.add_argument(
+        "--methods",
+        default="unwrap",
+        help="comma-separated: unwrap, generate, rewrap (each runs on the same broker start)",
+    )
     args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or not set(methods) <= set(METHODS):
+        raise SystemExit(f"bench/ab.py: --methods must name some of {', '.join(METHODS)}")
     variants = [parse_variant(v) for v in args.variants]
     levels = [int(c) for c in args.concurrency.split(",")]
     if not all(1 <= c <= 256 for c in levels):
         raise SystemExit("bench/ab.py: --concurrency levels must be 1..256")
     loadgen, _ = deps.tools(openbao=False)
-    rates: dict[tuple[str, int], list[float]] = {(v.name, c): [] for v in variants for c in levels}
+    rates: dict[Key, list[float]] = {}
+    cpus: dict[Key, list[float]] = {}
     for round_no in range(args.rounds):
         order = variants if round_no % 2 == 0 else variants[::-1]
         for c, v in [(c, v) for c in levels for v in order]:
@@ -110,29 +131,81 @@ def main() -> None:
             work = WORK / f"run-{v.name}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
+            overrides = {**(NO_EPOCHS if "rewrap" in methods else {}), **v.overrides}
             with broker.running_broker(
-                work, processes=v.processes, threads=4, overrides=v.overrides
+                work, processes=v.processes, threads=4, overrides=overrides
             ) as kb:
-                m = broker.run_load(loadgen, kb, broker.UNWRAP, spec, work / "loadgen.log")
-            rates[v.name, c].append(m.rate)
-            print(
-                f"round {round_no + 1} {v.name} ({c} in flight): {m.rate:,.0f} ops/s, p50 "
-                f"{m.p50_ms or 0:.2f} ms, server "
-                f"{m.server_cpu_us or 0:,.0f} µs/op, machine busy {m.machine_busy or 0:.0%}, "
-                f"errors {m.errors}",
-                flush=True,
-            )
+                files = prepare(kb, 2) if "rewrap" in methods else {}
+                for method in methods if round_no % 2 == 0 else methods[::-1]:
+                    m, per = _phase(
+                        loadgen, kb, method, spec, files=files, log=work / "loadgen.log"
+                    )
+                    rates.setdefault((v.name, method, c), []).append(m.rate * per)
+                    cpus.setdefault((v.name, method, c), []).append((m.server_cpu_us or 0) / per)
+                    print(
+                        f"round {round_no + 1} {v.name} {method} "
+                        f"({REWRAP_IN_FLIGHT if per > 1 else c} in flight): "
+                        f"{m.rate * per:,.0f} {'items' if per > 1 else 'ops'}/s, p50 "
+                        f"{m.p50_ms or 0:.2f} ms, server {(m.server_cpu_us or 0) / per:,.0f} "
+                        f"µs/{'item' if per > 1 else 'op'}, machine busy "
+                        f"{m.machine_busy or 0:.0%}, errors {m.errors}",
+                        flush=True,
+                    )
+                    if m.errors:
+                        raise SystemExit(f"bench/ab.py: {m.errors} calls failed: {m.extra}")
     base = variants[0].name
-    for c, v in [(c, v) for c in levels for v in variants]:
-        got = rates[v.name, c]
-        line = f"{v.name} ({c} in flight): ops/s {', '.join(f'{r:,.0f}' for r in got)}"
+    for c, method, v in [(c, m, v) for c in levels for m in methods for v in variants]:
+        key = (v.name, method, c)
+        got, cpu = rates[key], cpus[key]
+        line = (
+            f"{v.name} {method} ({REWRAP_IN_FLIGHT if method == 'rewrap' else c} in flight): "
+            f"ops/s {', '.join(f'{r:,.0f}' for r in got)}"
+            f" (median {statistics.median(got):,.0f}); server µs/op "
+            f"{', '.join(f'{u:,.0f}' for u in cpu)} (median {statistics.median(cpu):,.0f})"
+        )
         if v.name != base:
-            ratios = [a / b for a, b in zip(got, rates[base, c], strict=True)]
             line += (
-                f"; ÷ {base} per round {', '.join(f'{r:.2f}' for r in ratios)}"
-                f" (median {statistics.median(ratios):.2f}x)"
+                f"; ÷ {base} per round: ops/s {_ratios(got, rates[base, method, c])},"
+                f" server µs/op {_ratios(cpu, cpus[base, method, c])}"
             )
         print(line)
+
+
+def _phase(
+    loadgen: Path,
+    kb: broker.Broker,
+    method: str,
+    spec: broker.LoadSpec,
+    *,
+    files: dict[str, Path],
+    log: Path,
+) -> tuple[Measurement, int]:
+    """One phase; the measurement and the items per call."""
+    if method != "rewrap":
+        return broker.run_load(loadgen, kb, METHODS[method], spec, log), 1
+    batch = broker.LoadSpec(
+        REWRAP_IN_FLIGHT, REWRAP_IN_FLIGHT, spec.warmup, spec.duration, spec.max_calls
+    )
+    m = broker.run_load(
+        loadgen,
+        kb,
+        REWRAP,
+        batch,
+        log,
+        request=files[f"rewrap_{REWRAP_ITEMS}"],
+        token=files["rewrap_token"],
+    )
+    return m, REWRAP_ITEMS
+
+
+def _ratios(got: list[float], base: list[float]) -> str:
+    ratios = [a / b for a, b in zip(got, base, strict=True) if b]
+    if not ratios:
+        return "-"
+    return (
+        f"{', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f}x,"
+        f" range {min(ratios):.3f}-{max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from report import Measurement
 
 from keybroker import settings as settings_mod
 from keybroker.devenv import DevEnv, mint_token, provision
+from keybroker.server.cpus import available_cpus
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
@@ -92,11 +93,17 @@ def running_broker(
     name: str = "",
     overrides: dict[str, str] | None = None,
     start_timeout: float = 60.0,
+    wrapper: list[str] | None = None,
+    call_timeout: float = 10.0,
 ) -> Iterator[Broker]:
     """Provision a fresh state directory, start the broker, prepare the requests; stop it after.
+    ``processes`` 0: as many as ``[server] processes = "auto"`` starts (the default).
 
     ``name`` separates the state, requests and log of a second broker (``overrides``: its
-    KEYBROKER_* settings, e.g. the journal turned off)."""
+    KEYBROKER_* settings, e.g. the journal turned off). ``wrapper``: a command the broker runs
+    under (e.g. valgrind), given the interpreter and ``-m keybroker.cli.main serve``."""
+    if processes == 0:  # "auto", the default: one per CPU the broker may use
+        processes = available_cpus()
     suffix = f"-{name}" if name else ""
     state = work / f"state{suffix}"
     if state.exists():
@@ -108,17 +115,18 @@ def running_broker(
     environ = {
         **os.environ,
         "KEYBROKER_SERVER_LISTEN": f"127.0.0.1:{port}",
-        "KEYBROKER_SERVER_PROCESSES": str(processes),
+        "KEYBROKER_SERVER_PROCESSES": str(processes),  # what "auto" gives, when asked for it
         "KEYBROKER_SERVER_THREADS": str(threads),
         **(overrides or {}),
     }
-    argv = [*_serve_argv(), "--config", str(env.config)]
+    serve = [sys.executable, "-m", "keybroker.cli.main", "serve"] if wrapper else _serve_argv()
+    argv = [*(wrapper or []), *serve, "--config", str(env.config)]
     with _started(
         argv, work / f"broker{suffix}.log", environ, processes, timeout=start_timeout
     ) as child:
         files = work / f"requests{suffix}"
         files.mkdir(exist_ok=True)
-        _prepare_requests(env, port, files)
+        _prepare_requests(env, port, files, call_timeout)
         yield Broker(env, port, child, processes, files)
 
 
@@ -158,7 +166,7 @@ def _started(
     timeout: float = 60.0,
 ) -> Iterator[procs.Child]:
     """Start the broker; retry a start whose worker lost a race for the token (see
-    docs/PERFORMANCE.md: workers starting at once sometimes fail to find the SoftHSM token)."""
+    bench/NOTES.md: workers starting at once sometimes fail to find the SoftHSM token)."""
     for attempt in range(1, attempts + 1):
         child = procs.Child(argv, log=log, env=environ)
         try:
@@ -188,7 +196,7 @@ def _wait_listening(child: procs.Child, processes: int, timeout: float = 60.0) -
     raise SystemExit(f"bench: the broker did not start in {timeout:.0f}s:\n{child.output()}")
 
 
-def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
+def _prepare_requests(env: DevEnv, port: int, files: Path, timeout: float = 10.0) -> None:
     """Check the broker end to end once and write the requests the load generator replays."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=env.ca_cert.read_bytes(),
@@ -207,7 +215,7 @@ def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
     health_request = health_pb2.HealthCheckRequest(service="")
     with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        status = health.Check(health_request, timeout=10).status
+        status = health.Check(health_request, timeout=timeout).status
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise SystemExit(f"bench: broker health is {status}, not SERVING")
         stub = pb_grpc.KeyBrokerStub(channel)  # type: ignore[no-untyped-call]
@@ -215,7 +223,7 @@ def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
         check.CopyFrom(generate)
         check.recording_id = recording_id
         generated: pb.GenerateDataKeyResponse = stub.GenerateDataKey(
-            check, metadata=metadata, timeout=10
+            check, metadata=metadata, timeout=timeout
         )
         unwrap = pb.UnwrapDataKeyRequest(
             recording_id=recording_id,
@@ -224,7 +232,7 @@ def _prepare_requests(env: DevEnv, port: int, files: Path) -> None:
             context=CONTEXT,
         )
         unwrapped: pb.UnwrapDataKeyResponse = stub.UnwrapDataKey(
-            unwrap, metadata=metadata, timeout=10
+            unwrap, metadata=metadata, timeout=timeout
         )
         if unwrapped.data_key != generated.data_key or len(generated.data_key) != 32:
             raise SystemExit("bench: UnwrapDataKey did not return the generated data key")
@@ -244,6 +252,8 @@ class LoadSpec:
     warmup: float
     duration: float
     max_calls: int
+    call_timeout: float = 10.0
+    """Each call's deadline, seconds."""
 
 
 def run_load(
@@ -255,9 +265,11 @@ def run_load(
     *,
     request: Path | None = None,
     token: Path | None = None,
+    on_mark: Callable[[str], None] | None = None,
 ) -> Measurement:
     """One closed-loop phase of the C++ load generator; server CPU sampled at its window marks.
-    ``request`` and ``token`` replace the broker's prepared ones (other methods, scopes)."""
+    ``request`` and ``token`` replace the broker's prepared ones (other methods, scopes);
+    ``on_mark("start" | "end")`` is called at the window marks too (e.g. callgrind_control)."""
     argv = [
         str(loadgen),
         "--target", broker.target,
@@ -271,6 +283,7 @@ def run_load(
         "--warmup", str(spec.warmup),
         "--duration", str(spec.duration),
         "--max-calls", str(spec.max_calls),
+        "--call-timeout", f"{spec.call_timeout:g}",
     ]  # fmt: skip
     if method != HEALTH:
         argv += ["--token-file", str(token or broker.token_file)]
@@ -284,15 +297,19 @@ def run_load(
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
         )
-        watchdog = threading.Timer(spec.warmup + spec.duration + 60, proc.kill)
+        watchdog = threading.Timer(spec.warmup + spec.duration + spec.call_timeout + 60, proc.kill)
         watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith("MEASURE_START"):
+                    if on_mark is not None:
+                        on_mark("start")
                     before = procs.snapshot(roots)
                 elif line.startswith("MEASURE_END"):
                     after = procs.snapshot(roots)
+                    if on_mark is not None:
+                        on_mark("end")
                 elif line.startswith("RESULT "):
                     result = json.loads(line.removeprefix("RESULT "))
             code = proc.wait(30)

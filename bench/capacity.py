@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/capacity.py [--levels 16,64,128,256] [--rounds R] [--duration S]
 
-bench/run.py measures every row at one level of load (16 calls in flight). A closed-loop load
-that light measures latency as much as capacity: a server that answers in batches (keybroker's
-group commit) or one that is slowed by a lock (OpenBao's token lookup) shows it differently at
-different levels. This sweep runs the rows the issue targets — keybroker UnwrapDataKey with the
-durable journal, the same broker with the journal off, OpenBao transit decrypt with a typical and
-a lean token — and the broker's empty call (Health/Check, answered by the same loop as unwrap: the
-most any handler on this server can reach) at each level, in rounds (each level's phases next to
-each other in time, their order reversed every other round; the servers not under test frozen, as
-in run.py), and reports:
+bench/run.py measures every row at one level of load (16 calls in flight). A closed-loop load that
+light measures latency as much as capacity: a server that answers in batches (keybroker's group
+commit) or one that is slowed by a lock (OpenBao's token lookup) shows it differently at different
+levels. This sweep runs the rows the issue targets — keybroker UnwrapDataKey with the durable
+journal, the same broker with the journal off, OpenBao transit decrypt with a typical and a lean
+token on an OpenBao with its file audit device on — and the broker's empty call (Health/Check,
+answered by the same loop as unwrap: the most any handler on this server can reach) at each level,
+in rounds (each level's phases next to each other in time, their order reversed every other round;
+the servers not under test frozen, as in run.py), and reports:
 
 * ops/s, p50 and p99 per row and level (medians over the rounds);
 * each ratio per level, and **at capacity**: per round, the best level of one row against the
@@ -51,8 +51,8 @@ RESULTS = BENCH / "results"
 ROWS = {
     "kb_unwrap": "keybroker UnwrapDataKey (durable journal)",
     "kb_unwrap_nojournal": "keybroker UnwrapDataKey, audit journal off",
-    "bao_decrypt_typical": "OpenBao transit decrypt, typical token",
-    "bao_decrypt_lean": "OpenBao transit decrypt, lean token",
+    "bao_decrypt_typical": "OpenBao transit decrypt, typical token + file audit",
+    "bao_decrypt_lean": "OpenBao transit decrypt, lean token + file audit",
     "kb_health": "keybroker Health/Check (empty call: the server's floor)",
 }
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
@@ -74,7 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0, help="seconds per phase (8)")
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--processes", type=int, default=3, help="broker processes (3)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help='broker processes (0, the default: [server] processes = "auto", as deployed)',
+    )
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--skip-openbao", action="store_true", help="keybroker rows only")
     args = p.parse_args(argv)
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         kb = stack.enter_context(broker.running_broker(WORK, **start))
         off = stack.enter_context(
             broker.running_broker(
-                WORK, **start, name="nojournal", overrides={"KEYBROKER_AUDIT_DIR": ""}
+                WORK, **start, name="nojournal", overrides={"KEYBROKER_AUDIT_ENABLED": "false"}
             )
         )
 
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if bao_bin is not None:
             aad = WrappedKey.parse(kb.wrapped_key_file.read_bytes()).aad
-            bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad))
+            # with its file audit device on, as the broker has its durable journal (issue #16)
+            bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad, audit=True))
             for kind in ("typical", "lean"):
 
                 def wrk_phase(level: int, kind: str = kind) -> Measurement:

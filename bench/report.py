@@ -53,7 +53,7 @@ ROWS: tuple[Row, ...] = (
     Row(
         "kb_unwrap_nojournal",
         "keybroker UnwrapDataKey, audit journal off",
-        "a second broker with `[audit] dir` unset: no durable record (not for production)",
+        "a second broker with `[audit] enabled = false`: no durable record (not for production)",
     ),
     Row(
         "kb_unwrap_nofsync",
@@ -112,6 +112,17 @@ ROWS: tuple[Row, ...] = (
         "OpenBao transit datakey/plaintext, typical token + file audit",
         "likewise",
     ),
+    Row(
+        "bao_decrypt_audit_lean",
+        "OpenBao transit decrypt, lean token + file audit",
+        "the lean token on the OpenBao with the file audit device: the baseline of issue #16 "
+        "(every comparison with OpenBao's file audit device on)",
+    ),
+    Row(
+        "bao_datakey_audit_lean",
+        "OpenBao transit datakey/plaintext, lean token + file audit",
+        "likewise",
+    ),
 )
 
 #: (label, numerator row, denominator row, target or None)
@@ -132,6 +143,18 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
         "bao_datakey_audit",
         None,
     ),
+    (
+        "unwrap ÷ OpenBao decrypt (lean token + file audit)",
+        "kb_unwrap",
+        "bao_decrypt_audit_lean",
+        None,
+    ),
+    (
+        "generate ÷ OpenBao datakey (lean token + file audit)",
+        "kb_generate",
+        "bao_datakey_audit_lean",
+        None,
+    ),
     ("unwrap ÷ empty gRPC call", "kb_unwrap", "kb_health", None),
     ("unwrap, journal on (fsync) ÷ journal off", "kb_unwrap", "kb_unwrap_nojournal", 0.85),
     (
@@ -140,6 +163,29 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
         "kb_unwrap_nojournal",
         0.85,
     ),
+)
+#: Server CPU per call, keybroker ÷ OpenBao (same round; lower is better): (label, numerator
+#: row, denominator row, the most it may be or None).
+CPU_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    (
+        "unwrap CPU ÷ OpenBao decrypt CPU (lean token + file audit)",
+        "kb_unwrap",
+        "bao_decrypt_audit_lean",
+        0.8,
+    ),
+    (
+        "unwrap CPU ÷ OpenBao decrypt CPU (typical token + file audit)",
+        "kb_unwrap",
+        "bao_decrypt_audit",
+        None,
+    ),
+    (
+        "generate CPU ÷ OpenBao datakey CPU (lean token + file audit)",
+        "kb_generate",
+        "bao_datakey_audit_lean",
+        None,
+    ),
+    ("unwrap CPU ÷ OpenBao decrypt CPU (lean token)", "kb_unwrap", "bao_decrypt_lean", None),
 )
 ISSUE_TARGET = 1.5
 X = "\u00d7"  # multiplication sign
@@ -194,6 +240,36 @@ def ratio_stats(
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
+def cpu_ratio_stats(
+    results: Mapping[str, Sequence[Measurement]], num: str, den: str
+) -> tuple[float, float, float] | None:
+    """(median, min, max) of the per-round ratios of two rows' server CPU per call."""
+    pairs = list(zip(results.get(num, ()), results.get(den, ()), strict=False))
+    ratios = [
+        a.server_cpu_us / b.server_cpu_us
+        for a, b in pairs
+        if a.server_cpu_us is not None and b.server_cpu_us
+    ]
+    if not ratios:
+        return None
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def _cpu_ratio_lines(results: Mapping[str, Sequence[Measurement]]) -> list[str]:
+    lines = []
+    for label, num, den, most in CPU_RATIOS:
+        stats = cpu_ratio_stats(results, num, den)
+        if stats is None:
+            continue
+        med, lo, hi = stats
+        limit = DASH if most is None else f"≤ {most}{X}"
+        verdict = "" if most is None else ("yes" if med <= most else "no")
+        lines.append(
+            f"| {label} | {med:.2f}{X} | {lo:.2f}{DASH}{hi:.2f}{X} | {limit} | {verdict} |"
+        )
+    return lines
+
+
 def render(
     results: Mapping[str, Sequence[Measurement]],
     *,
@@ -243,6 +319,15 @@ def render(
         lines.append(
             f"| {label} | {med:.2f}{X} | {lo:.2f}{DASH}{hi:.2f}{X} | {target_text} | {verdict} |"
         )
+    cpu_lines = _cpu_ratio_lines(results)
+    if cpu_lines:
+        lines += [
+            "",
+            "| ratio (server CPU per call, same round; lower is better) | median | range "
+            "| target | met? |",
+            "|---|--:|--:|--:|---|",
+            *cpu_lines,
+        ]
     lines += [
         "",
         "These ratios are at one level of load (the settings' concurrency); the targets are read "

@@ -4,10 +4,11 @@
 
 Issue #3: unwrap throughput with 100 versions of a key within 10 % of one version; and
 ``RewrapDataKeys`` throughput in keys/s beside OpenBao transit batch rewrap with a policy-scoped
-token, in the same run. Two brokers (2 processes x 4 threads, retention epochs off so both wrap
-under ``recordings`` itself) start from fresh dev environments; the second one's key is rotated 99
-times through KeyAdmin after 200 wrapped keys were made under version 1. Phases, each with the
-other servers frozen, in R interleaved rounds:
+token, in the same run, OpenBao with its file audit device on. Two brokers (``processes = "auto"`` x
+4 threads, durable journal, retention epochs off so both wrap under ``recordings`` itself) start
+from fresh dev environments; the second one's key is rotated 99 times through KeyAdmin after 200
+wrapped keys were made under version 1. Phases, each with the other servers frozen, in R interleaved
+rounds:
 
 * UnwrapDataKey of a v1 key on the 1-version broker, of the same kind of v1 key and of a
   current-version key on the 100-version broker (C++ load generator, mTLS);
@@ -40,6 +41,7 @@ from keybroker.client import KeyBrokerClient, TlsFiles  # noqa: E402
 from keybroker.client.admin import KeyAdminClient  # noqa: E402
 from keybroker.core.wrapped_key import WrappedKey  # noqa: E402
 from keybroker.devenv import mint_token  # noqa: E402
+from keybroker.server.cpus import available_cpus  # noqa: E402
 from keybroker.v1 import keybroker_pb2 as pb  # noqa: E402
 
 WORK = BENCH / ".work" / "lifecycle"
@@ -48,7 +50,7 @@ BATCHES = openbao.REWRAP_BATCHES
 NO_EPOCHS = {"KEYBROKER_KEYS_RETENTION_EPOCHS": "false"}
 
 
-def prepare(b: broker.Broker, versions: int) -> dict[str, Path]:
+def prepare(b: broker.Broker, versions: int, timeout: float | None = None) -> dict[str, Path]:
     """On broker ``b``: 200 wrapped keys under v1, then ``versions - 1`` rotations; request files
     for unwrap (v1, current) and RewrapDataKeys (100, 200 items), and a keys:rewrap token."""
     env = b.env
@@ -58,28 +60,32 @@ def prepare(b: broker.Broker, versions: int) -> dict[str, Path]:
     rewrap = b.files / "token_rewrap.txt"
     rewrap.write_text(mint_token(env, scopes=["keys:rewrap"]))
     files = {"rewrap_token": rewrap}
-    with KeyBrokerClient(b.target, tls=tls, token=data) as kb:
+    with KeyBrokerClient(b.target, tls=tls, token=data, timeout=timeout) as kb:
         old = [
             (f"rec-{i:04d}", kb.generate_wrapped_data_key(f"rec-{i:04d}", purposes=["support"]))
             for i in range(max(BATCHES))
         ]
-        with KeyAdminClient(b.target, tls=tls, token=admin) as keys:
+        with KeyAdminClient(b.target, tls=tls, token=admin, timeout=timeout) as keys:
             for _ in range(versions - 1):
                 keys.rotate_key("recordings")
             if len(keys.get_key("recordings").versions) != versions:
                 raise SystemExit("bench: rotation did not make the versions asked for")
         deadline = time.monotonic() + 10  # every worker process sees the rotations (<= 0.25 s)
-        current = kb.generate_wrapped_data_key("rec-current", purposes=["support"])
+        attempt = 0  # a recording id is registered once: a new one per attempt
+        current_id = f"rec-current-{attempt}"
+        current = kb.generate_wrapped_data_key(current_id, purposes=["support"])
         while current.key_ref.version != versions and time.monotonic() < deadline:
             time.sleep(0.1)
-            current = kb.generate_wrapped_data_key("rec-current", purposes=["support"])
+            attempt += 1
+            current_id = f"rec-current-{attempt}"
+            current = kb.generate_wrapped_data_key(current_id, purposes=["support"])
         if current.key_ref.version != versions or old[0][1].key_ref.version != 1:
             raise SystemExit("bench: unexpected key versions")
-        for recording, wrapped in (("rec-0000", old[0][1]), ("rec-current", current)):
+        for recording, wrapped in (("rec-0000", old[0][1]), (current_id, current)):
             kb.unwrap_data_key(recording, wrapped.wrapped, purpose="support")  # they work
     for name, (recording, wrapped) in (
         ("unwrap_v1", old[0]),
-        ("unwrap_current", ("rec-current", current)),
+        ("unwrap_current", (current_id, current)),
     ):
         request = pb.UnwrapDataKeyRequest(
             recording_id=recording, wrapped_key=wrapped.wrapped, purpose=broker.PURPOSE
@@ -119,20 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Measurement]] = {}
     with ExitStack() as stack:
         one = stack.enter_context(
-            broker.running_broker(WORK, processes=2, threads=4, name="v1", overrides=NO_EPOCHS)
+            broker.running_broker(WORK, processes=0, threads=4, name="v1", overrides=NO_EPOCHS)
         )
         many = stack.enter_context(
-            broker.running_broker(WORK, processes=2, threads=4, name="v100", overrides=NO_EPOCHS)
+            broker.running_broker(WORK, processes=0, threads=4, name="v100", overrides=NO_EPOCHS)
         )
         print("bench: preparing keys and rotating to 100 versions", file=sys.stderr)
         files_one, files_many = prepare(one, 1), prepare(many, 100)
         request = pb.UnwrapDataKeyRequest.FromString(files_one["unwrap_v1"].read_bytes())
         aad = WrappedKey.parse(request.wrapped_key).aad  # OpenBao gets the same additional data
-        bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad))
+        bao = stack.enter_context(openbao.running_openbao(bao_bin, WORK, aad, audit=True))
         servers = [one.child, many.child, bao.child]
 
-        def kb(b: broker.Broker, method: str, spec: broker.LoadSpec, **kw: Path) -> Measurement:
-            return broker.run_load(loadgen, b, method, spec, log, **kw)
+        def kb(
+            b: broker.Broker,
+            method: str,
+            spec: broker.LoadSpec,
+            *,
+            request: Path | None = None,
+            token: Path | None = None,
+        ) -> Measurement:
+            return broker.run_load(loadgen, b, method, spec, log, request=request, token=token)
 
         phases: dict[str, tuple[procs.Child, Callable[[], Measurement]]] = {
             "unwrap 1 version (v1 key)": (
@@ -175,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                         body=f"rewrap-{size}",
                     )
 
-                phases[f"OpenBao batch rewrap x{size} ({kind})"] = (bao.child, bao_rewrap)
+                phases[f"OpenBao batch rewrap x{size} ({kind}, file audit)"] = (
+                    bao.child,
+                    bao_rewrap,
+                )
         names = list(phases)
         for round_no in range(1, args.rounds + 1):
             # the three unwrap phases take turns going first (no phase always follows another)
@@ -212,8 +228,9 @@ def render(args: argparse.Namespace, results: dict[str, list[Measurement]]) -> s
     only = " --unwrap-only" if args.unwrap_only else ""
     lines = [
         f"`.venv/bin/python bench/versions_and_rewrap.py --rounds {args.rounds} --duration"
-        f" {args.duration:g}{only}` (brokers: 2 processes x 4 threads; unwrap concurrency"
-        f" {args.concurrency}, batch calls in flight {args.batch_concurrency}, for OpenBao as many"
+        f" {args.duration:g}{only}` (brokers: processes = auto ({available_cpus()}) x 4 threads,"
+        f" durable journal; unwrap concurrency {args.concurrency}, batch calls in flight"
+        f" {args.batch_concurrency}, for OpenBao, with its file audit device, as many"
         f" connections; medians of {args.rounds} interleaved rounds)",
         "",
         "| phase | calls/s | keys/s | p50 ms | p99 ms | server CPU µs/call | errors |",
@@ -241,7 +258,8 @@ def render(args: argparse.Namespace, results: dict[str, list[Measurement]]) -> s
             continue  # --unwrap-only
         for kind in ("typical", "lean"):
             value = ratio(
-                f"keybroker RewrapDataKeys x{size}", f"OpenBao batch rewrap x{size} ({kind})"
+                f"keybroker RewrapDataKeys x{size}",
+                f"OpenBao batch rewrap x{size} ({kind}, file audit)",
             )
             lines.append(
                 f"- keys/s, keybroker RewrapDataKeys x{size} / OpenBao batch rewrap x{size}"

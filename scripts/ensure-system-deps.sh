@@ -30,6 +30,8 @@ if [ "${1:-}" = "--test" ]; then
   have_postgres_server || missing+=(postgresql)
   command -v node >/dev/null 2>&1 || missing+=(nodejs)  # interop/node: the recording format in Node.js
   [ -x /usr/sbin/pkcsslotd ] || missing+=(opencryptoki)  # a second PKCS#11 implementation (tests/support/opencryptoki.py)
+  # openCryptoki 3.23 (AES-GCM) runs in a Debian 13 root that mmdebstrap builds (scripts/ock-trixie-root.sh)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from keybroker import settings as settings_mod
 from keybroker.devenv import DevEnv, issue_cert, make_ca, mint_token, provision
-from keybroker.server.app import RunningBroker, create_server
+from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from tests.support.clients import channel, stub
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
@@ -136,18 +137,71 @@ def strict_broker(
     running.stop(1)
 
 
+#: openCryptoki 3.23's software token as JSON ``{"module", "label", "pin_file"}``, set when these
+#: tests run inside the Debian 13 root (tests/server/test_opencryptoki.py starts them there; not a
+#: KEYBROKER_* name: the CLI the tests start refuses unknown ones).
+OPENCRYPTOKI = os.environ.get("OPENCRYPTOKI_TEST_TOKEN", "")
+
+
+@pytest.fixture(scope="session")
+def opencryptoki_settings(devenv: DevEnv) -> dict[str, str]:
+    """Settings overrides for openCryptoki 3.23's token (only inside the Debian 13 root), with
+    the key the dev environment made on its SoftHSM token made on this token too."""
+    ock = json.loads(OPENCRYPTOKI)
+    overrides = {
+        "hsm_module": ock["module"],
+        "hsm_token_label": ock["label"],
+        "hsm_pin_file": ock["pin_file"],
+    }
+    settings = load_settings(devenv, **overrides)
+    keks = connect_hsm(settings)
+    if not keks.versions(settings.keys.default):
+        keks.create(settings.keys.default)
+    return overrides
+
+
+@pytest.fixture(scope="session")
+def opencryptoki_broker(
+    devenv: DevEnv,
+    span_exporter: InMemorySpanExporter,
+    clock: Clock,
+    opencryptoki_settings: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningBroker]:
+    """A broker in this process on openCryptoki 3.23's token (inside the Debian 13 root only),
+    with its own metadata database and journal."""
+    state = tmp_path_factory.mktemp("ock-broker")
+    running = create_server(
+        load_settings(
+            devenv,
+            **opencryptoki_settings,
+            state_url=f"sqlite:{state / 'keybroker.db'}",
+            audit_dir=str(state / "journal"),
+        ),
+        clock=clock,
+        span_processor=SimpleSpanProcessor(span_exporter),
+    )
+    yield running
+    running.stop(1)
+
+
 @pytest.fixture
 def hsm_settings(request: pytest.FixtureRequest) -> dict[str, str]:
     """Settings overrides choosing the PKCS#11 module: SoftHSM2 unless a test parametrises this
-    fixture indirectly with "strict" (see HSM_MODULES)."""
-    if getattr(request, "param", "softhsm") == "strict":
+    fixture indirectly with "strict" or "opencryptoki" (see HSM_MODULES)."""
+    param = getattr(request, "param", "softhsm")
+    if param == "strict":
         overrides: dict[str, str] = request.getfixturevalue("strict_settings")
+        return overrides
+    if param == "opencryptoki":
+        overrides = request.getfixturevalue("opencryptoki_settings")
         return overrides
     return {}
 
 
-#: The PKCS#11 modules data-plane and lifecycle tests run on (indirect params of hsm_settings).
-HSM_MODULES = ("softhsm", "strict")
+#: The PKCS#11 modules lifecycle and retention tests run on (indirect params of hsm_settings):
+#: openCryptoki 3.23 too inside the Debian 13 root.
+HSM_MODULES = ("softhsm", "strict", *(("opencryptoki",) if OPENCRYPTOKI else ()))
 
 
 @pytest.fixture

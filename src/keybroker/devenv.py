@@ -30,11 +30,13 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keybroker.adapters.audit_keys import ensure_default_keys
 from keybroker.adapters.files import private_dir, write_private
 from keybroker.errors import ConfigurationError
+from keybroker.settings import AuditLayout, AuditSettings
 
 TOKEN_LABEL = "keybroker-dev"  # noqa: S105 - a label, not a secret
 ISSUER = "https://issuer.keybroker.dev"
@@ -96,24 +98,29 @@ class DevEnv:
         return self.pki / "ca.key"
 
     @property
+    def audit_layout(self) -> AuditLayout:
+        """The default journal and its keys: the config has no ``[audit] dir``."""
+        return AuditLayout(self.root)
+
+    @property
     def journal_dir(self) -> Path:
-        return self.root / "journal"
+        return self.audit_layout.journal
 
     @property
     def chain_key(self) -> Path:
-        return self.root / "audit" / "chain.key"
+        return self.audit_layout.chain_key
 
     @property
     def pseudonym_key(self) -> Path:
-        return self.root / "audit" / "pseudonym.key"
+        return self.audit_layout.pseudonym_key
 
     @property
     def checkpoint_key(self) -> Path:
-        return self.root / "audit" / "checkpoint-signing.pem"
+        return self.audit_layout.signing_key
 
     @property
     def checkpoint_public_key(self) -> Path:
-        return self.root / "audit" / "checkpoint-signing.pub.pem"
+        return self.audit_layout.signing_public_key
 
     @property
     def signing_key(self) -> Path:
@@ -356,24 +363,18 @@ def mint_token(
 
 
 def provision_audit(env: DevEnv) -> None:
-    """The journal's chain key (HMAC) and checkpoint signing key (Ed25519)."""
-    for path in (env.chain_key, env.pseudonym_key):
-        if not path.exists():
-            _write_secret(path, secrets.token_hex(32).encode() + b"\n")
-    if not env.checkpoint_key.exists():
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_secret(env.checkpoint_key, pem)
-        write_private(
-            env.checkpoint_public_key,
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-        )
+    """The journal's chain key (HMAC), pseudonym key and checkpoint signing key (Ed25519), at the
+    default journal's paths: the same code the broker runs at its first start."""
+    layout = env.audit_layout
+    ensure_default_keys(
+        AuditSettings(
+            dir=layout.journal,
+            chain_key_file=layout.chain_key,
+            signing_key_file=layout.signing_key,
+            pseudonym_key_file=layout.pseudonym_key,
+        ),
+        layout,
+    )
 
 
 # -- settings and KEK -----------------------------------------------------------------------
@@ -422,12 +423,9 @@ otlp_endpoint = ""
 # Decision spans as JSON lines, for `make demo` and curious developers.
 span_file = "spans.jsonl"
 
-# The durable, hash-chained audit journal (one chain per worker process under journal/w<N>/).
-[audit]
-dir = "journal"
-chain_key_file = "audit/chain.key"
-signing_key_file = "audit/checkpoint-signing.pem"
-pseudonym_key_file = "audit/pseudonym.key"
+# The durable, hash-chained audit journal is on by default: without [audit] dir it is journal/
+# next to this file (one chain per worker process, journal/w<N>/), with its chain, checkpoint
+# signing and pseudonym keys in audit/ (generated at first start if missing).
 
 # For `keybroker encrypt | decrypt` (mint a token into client.token with `keybroker dev token`).
 [client]

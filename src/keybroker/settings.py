@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -61,6 +61,13 @@ class ServerSettings:
     grace_period: int = 10
     """Seconds in-flight calls may take to finish after SIGTERM."""
     max_message_bytes: int = 65536
+    health_listen: str = ""
+    """A plaintext port serving only ``grpc.health.v1`` (services ``readiness`` and
+    ``liveness``) for kubelet probes, e.g. ``0.0.0.0:8081``; empty: none
+    (keybroker.server.probes)."""
+    liveness_timeout: int = 60
+    """Seconds a loop may go without a turn (beyond its own interval) before the health port
+    reports ``liveness`` NOT_SERVING."""
     engine: str = "loop"
     """The gRPC server: "loop" (grpcio's private layer, fastest) or "grpc" (grpcio's public
     server API, any grpcio release); see keybroker.server.engines."""
@@ -110,7 +117,14 @@ class AuthSettings:
     require_cnf: bool = False
     token_cache_size: int = 10000
     jwks_refresh_interval: int = 30
-    """Minimum seconds between JWKS refreshes triggered by an unknown ``kid``."""
+    """Minimum seconds between JWKS refreshes: those an unknown ``kid`` triggers, and the
+    periodic ones however short the issuer's ``Cache-Control: max-age``."""
+    jwks_max_refresh_interval: int = 300
+    """Maximum seconds between periodic JWKS refreshes (and the interval when the issuer sends
+    no ``max-age``): a ``kid`` removed at the issuer is refused at most this long after."""
+    jwks_max_staleness: int = 86400
+    """How long the last JWKS fetched from ``jwks_url`` stays in use while refreshes fail;
+    after that every token is refused until a refresh succeeds."""
     admin_require_mfa: bool = True
     """KeyAdmin calls need ``amr`` to contain ``mfa`` (administrative access needs MFA)."""
 
@@ -166,8 +180,12 @@ class KeysSettings:
 class StateSettings:
     """Key metadata store: SQLite for one host, PostgreSQL for several replicas."""
 
+    dir: Path | None = None
+    """Where the broker keeps what it creates itself: relative ``sqlite:`` files and, unless
+    ``[audit] dir`` is set, the audit journal (``journal/``) and its keys (``audit/``). Unset: the
+    config file's folder (the working directory without one)."""
     url: str = "sqlite:keybroker.db"
-    """``sqlite:FILE`` (relative to the config file's folder) or ``postgresql://…``."""
+    """``sqlite:FILE`` (relative to the state directory) or ``postgresql://…``."""
     password_file: Path | None = None
     """PostgreSQL password, read from this file (never put it in the URL)."""
     refresh_interval: float = 0.25
@@ -203,14 +221,22 @@ class TelemetrySettings:
     otlp_timeout: float = 5.0
     service_name: str = "keybroker"
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` (for people) or ``json`` (one object a line; keybroker.server.logs)."""
     span_file: Path | None = None
     """Also append every span as one JSON line to this file (development and demos)."""
+    prometheus_listen: str = ""
+    """``HOST:PORT`` of a Prometheus scrape endpoint (``/metrics``); worker N listens on PORT + N
+    (port 0: any free port, logged). Empty: off."""
 
 
 @dataclass(frozen=True)
 class AuditSettings:
+    enabled: bool = True
+    """false: no durable journal (best-effort spans only; development and benchmarks)."""
     dir: Path | None = None
-    """Journal directory. Unset: no durable journal (best-effort spans only): not for production."""
+    """Journal directory. Unset: ``journal/`` under the state directory; its key files, unless
+    given, are then generated at first start under ``audit/`` there (:class:`AuditLayout`)."""
     chain_key_file: Path | None = None
     """32-byte HMAC key of the hash chain, as 64 hex characters. Never stored in the journal."""
     signing_key_file: Path | None = None
@@ -284,6 +310,39 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class AuditLayout:
+    """The default journal and key files under a state directory: what a broker without
+    ``[audit] dir`` uses, and generates when missing (key files 0600, directories 0700)."""
+
+    state_dir: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / "journal"
+
+    @property
+    def keys(self) -> Path:
+        return self.state_dir / "audit"
+
+    @property
+    def chain_key(self) -> Path:
+        return self.keys / "chain.key"
+
+    @property
+    def pseudonym_key(self) -> Path:
+        return self.keys / "pseudonym.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.keys / "checkpoint-signing.pem"
+
+    @property
+    def signing_public_key(self) -> Path:
+        """The checkpoint public key, for ``keybroker audit verify --public-key``."""
+        return self.keys / "checkpoint-signing.pub.pem"
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """For the ``keybroker encrypt | decrypt`` commands (the SDK takes arguments instead)."""
 
@@ -349,6 +408,15 @@ class Settings:
             raise ConfigurationError(f"[hsm] pin_file: {path} is empty; write the user PIN into it")
         return pin
 
+    def state_dir(self) -> Path:
+        """``[state] dir``, or the config file's folder (the working directory without one)."""
+        if self.state.dir is not None:
+            return self.state.dir
+        return self.source.resolve().parent if self.source is not None else Path.cwd()
+
+    def audit_layout(self) -> AuditLayout:
+        return AuditLayout(self.state_dir())
+
 
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
@@ -367,7 +435,10 @@ _DURATION_KEYS = {
     "auth.max_token_lifetime",
     "auth.leeway",
     "auth.jwks_refresh_interval",
+    "auth.jwks_max_refresh_interval",
+    "auth.jwks_max_staleness",
     "server.grace_period",
+    "server.liveness_timeout",
     "keys.default_retention",
     "keys.destruction_window",
     "keys.min_destruction_window",
@@ -578,9 +649,41 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
             built[section] = cls(**kwargs)
         except ValueError as exc:
             raise ConfigurationError(f"[{section}] {exc} ({sources.of(section)})") from None
-    settings = Settings(**built, source=path)
+    settings = _default_journal(Settings(**built, source=path), sources)
     validate(settings)
     return settings
+
+
+def _default_journal(settings: Settings, sources: _Sources) -> Settings:
+    """Unless ``[audit] enabled = false``, an unset ``[audit] dir`` and unset key files take their
+    default paths under the state directory (:class:`AuditLayout`). The broker generates missing
+    key files only for the default journal (``dir`` at its default path)."""
+    audit = settings.audit
+    if not audit.enabled:
+        if audit.dir is not None:
+            raise ConfigurationError(
+                f"[audit] enabled = false but [audit] dir is set ({sources.of('audit', 'dir')}); "
+                "remove dir (or set KEYBROKER_AUDIT_DIR=) to run without a journal, or remove "
+                "enabled = false to keep it"
+            )
+        return settings
+    layout = settings.audit_layout()
+    signing = audit.signing_key_file
+    if signing is None and not audit.signing_key_label:
+        signing = layout.signing_key
+    pseudonym = audit.pseudonym_key_file
+    if pseudonym is None and audit.pseudonymize:
+        pseudonym = layout.pseudonym_key
+    return replace(
+        settings,
+        audit=replace(
+            audit,
+            dir=audit.dir or layout.journal,
+            chain_key_file=audit.chain_key_file or layout.chain_key,
+            signing_key_file=signing,
+            pseudonym_key_file=pseudonym,
+        ),
+    )
 
 
 def validate(settings: Settings) -> None:
@@ -605,6 +708,7 @@ def validate(settings: Settings) -> None:
         raise ConfigurationError("[auth] max_token_lifetime: must be positive, e.g. '24h'")
     if auth.token_cache_size < 0:
         raise ConfigurationError("[auth] token_cache_size: must be 0 (off) or more")
+    _validate_jwks_refresh(auth)
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError(
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
@@ -614,12 +718,14 @@ def validate(settings: Settings) -> None:
             f'[server] engine: expected "loop" or "grpc", got {settings.server.engine!r}'
         )
     validate_listen(settings.server.listen)
+    _validate_health_listen(settings.server)
     _validate_keys(settings.keys)
     if settings.hsm.sessions < 1 or settings.hsm.locking not in {"os", "global"}:
         raise ConfigurationError('[hsm] sessions must be >= 1 and locking one of "os", "global"')
     if settings.hsm.iv_source not in {"auto", "caller", "hsm"}:
         raise ConfigurationError('[hsm] iv_source must be "auto", "caller" or "hsm"')
     _validate_limits(settings.limits)
+    _validate_telemetry(settings.telemetry)
     state = settings.state
     if min(state.refresh_interval, state.usage_flush_interval, state.scheduler_interval) <= 0:
         raise ConfigurationError(
@@ -642,6 +748,54 @@ def validate_listen(listen: str, key: str = "[server] listen") -> tuple[str, int
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigurationError(f"{key}: {listen!r} has no valid port (0..65535); {hint}")
     return host.strip("[]"), int(port)
+
+
+def _validate_health_listen(server: ServerSettings) -> None:
+    if server.liveness_timeout < 1:
+        raise ConfigurationError("[server] liveness_timeout: must be at least 1 s, e.g. '60s'")
+    if not server.health_listen:
+        return
+    health = validate_listen(server.health_listen, "[server] health_listen")
+    listen = validate_listen(server.listen)
+    if health is None:
+        raise ConfigurationError(
+            "[server] health_listen: kubelet probes need a TCP address, e.g. 0.0.0.0:8081"
+        )
+    if health[1] == 0:
+        raise ConfigurationError("[server] health_listen: give a fixed port, e.g. 0.0.0.0:8081")
+    if listen is not None and listen[1] == health[1]:
+        raise ConfigurationError(
+            f"[server] health_listen: port {health[1]} is [server] listen's; the plaintext "
+            "health port needs a port of its own, e.g. 0.0.0.0:8081"
+        )
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _validate_telemetry(telemetry: TelemetrySettings) -> None:
+    if telemetry.log_format not in LOG_FORMATS:
+        raise ConfigurationError(
+            f'[telemetry] log_format must be "text" or "json", got {telemetry.log_format!r}'
+        )
+    if telemetry.prometheus_listen:
+        key = "[telemetry] prometheus_listen"
+        if validate_listen(telemetry.prometheus_listen, key) is None:
+            raise ConfigurationError(f"{key}: expected HOST:PORT (no unix socket)")
+
+
+def _validate_jwks_refresh(auth: AuthSettings) -> None:
+    """A jwks_refresh_interval above jwks_max_refresh_interval (set before the maximum existed)
+    is honoured: it then is the refresh interval."""
+    if min(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval) < 0:
+        raise ConfigurationError(
+            "[auth] jwks_refresh_interval and jwks_max_refresh_interval: must be 0 or more"
+        )
+    if auth.jwks_max_staleness < max(auth.jwks_refresh_interval, auth.jwks_max_refresh_interval):
+        raise ConfigurationError(
+            "[auth] jwks_max_staleness: must be at least jwks_max_refresh_interval (and "
+            "jwks_refresh_interval), e.g. '1d'"
+        )
 
 
 def _validate_limits(limits: LimitsSettings) -> None:

@@ -37,6 +37,8 @@ def decisions(draw: st.DrawFn) -> Decision:
         ended_ns=draw(st.integers(min_value=0, max_value=2**63)),
         reference=draw(optional),
         justification=draw(optional),
+        purposes_added=tuple(draw(st.lists(text, max_size=3))),
+        purposes_removed=tuple(draw(st.lists(text, max_size=3))),
         trace_context=draw(st.dictionaries(text, text, max_size=3)),
     )
 

@@ -439,3 +439,42 @@ def test_max_retention_defaults_to_ten_years_and_bounds_the_default(tmp_path: Pa
     err = config_error("[keys]\nmax_retention = '30d'\n", tmp_path)
     assert "[keys] max_retention" in str(err)
     assert "default_retention" in str(err)
+
+
+def test_health_port_is_off_by_default_and_takes_a_tcp_address() -> None:
+    """`[server] health_listen`: empty (no health port) unless set; `liveness_timeout` is a
+    duration."""
+    loaded = load(None, environ={})
+    assert loaded.server.health_listen == ""
+    assert loaded.server.liveness_timeout == 60
+    set_ = load(
+        None,
+        environ={
+            "KEYBROKER_SERVER_HEALTH_LISTEN": "[::]:8081",
+            "KEYBROKER_SERVER_LIVENESS_TIMEOUT": "2m",
+        },
+    )
+    assert (set_.server.health_listen, set_.server.liveness_timeout) == ("[::]:8081", 120)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"KEYBROKER_SERVER_HEALTH_LISTEN": "8081"}, "is not an address"),
+        ({"KEYBROKER_SERVER_HEALTH_LISTEN": "unix:/run/kb.sock"}, "need a TCP address"),
+        ({"KEYBROKER_SERVER_HEALTH_LISTEN": "0.0.0.0:0"}, "give a fixed port"),
+        (
+            {
+                "KEYBROKER_SERVER_LISTEN": "0.0.0.0:50051",
+                "KEYBROKER_SERVER_HEALTH_LISTEN": "[::]:50051",
+            },
+            "port 50051 is [server] listen's",
+        ),
+        ({"KEYBROKER_SERVER_LIVENESS_TIMEOUT": "0"}, "[server] liveness_timeout"),
+    ],
+)
+def test_bad_health_port_settings_are_refused(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load(None, environ=environ)
+    assert expected in str(info.value)
+    assert "[server] " in str(info.value)

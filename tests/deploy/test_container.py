@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
+from keybroker import settings as settings_mod
 from keybroker.devenv import DevEnv
 from keybroker.server.app import RunningBroker, create_server
 from tests.conftest import load_settings
@@ -85,6 +86,30 @@ def test_default_command_is_serve_with_a_private_umask(tmp_path: Path) -> None:
     assert done.stdout.split() == ["args=serve", "umask=0077"]
     done = _run(["sh", str(ENTRYPOINT), "audit", "verify"], env)
     assert done.stdout.split()[0] == "args=audit"
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The runtime stage's ENV variables (one ENV instruction, continued lines)."""
+    text = (ROOT / "deploy" / "container" / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [raw for raw in text.splitlines() if raw.startswith("ENV ")]
+    return dict(pair.split("=", 1) for pair in line.removeprefix("ENV ").split())
+
+
+def test_image_logs_json_and_keeps_its_state_on_the_volume(tmp_path: Path) -> None:
+    """The image's defaults: JSON log lines, and the state directory (default journal and its
+    keys) on the /var/lib/keybroker volume; the settings loader accepts them."""
+    env = _dockerfile_env()
+    assert env["KEYBROKER_TELEMETRY_LOG_FORMAT"] == "json"
+    assert env["KEYBROKER_STATE_DIR"] == "/var/lib/keybroker"
+    config = tmp_path / "keybroker.toml"
+    config.write_text("")
+    overrides = {
+        k: v for k, v in env.items() if k.startswith("KEYBROKER_") and k != "KEYBROKER_CONFIG"
+    }
+    loaded = settings_mod.load(config, environ=overrides)
+    assert loaded.telemetry.log_format == "json"
+    assert loaded.audit.dir == Path("/var/lib/keybroker/journal")
+    assert loaded.audit.chain_key_file == Path("/var/lib/keybroker/audit/chain.key")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from keybroker import settings as settings_mod
 from keybroker.adapters.alerts import AlertDetector
+from keybroker.adapters.gauges import JournalState, StateGauges
 from keybroker.adapters.metrics import DecisionMetrics
 from keybroker.core.decision import Decision, Outcome
 from keybroker.errors import ConfigurationError
@@ -126,6 +127,7 @@ def test_configmap_settings_load_with_the_product_loader(
     assert loaded.server.processes == 0  # "auto": the container's CPU limit
     assert loaded.server.listen == "0.0.0.0:50051"
     assert loaded.audit.dir == Path("/var/lib/keybroker/journal")
+    assert loaded.telemetry.log_format == "json"  # one object a line for the log agent
     if name == "production":
         assert loaded.state.url.startswith("postgresql://keybroker_runtime@")
         assert loaded.state.migrate is False
@@ -185,9 +187,18 @@ def test_statefulset_shape(overlay: tuple[str, list[dict[str, Any]]], tmp_path: 
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert sc["seccompProfile"]["type"] == "RuntimeDefault", c["name"]
         assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
-    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(container)
-    assert "--ready" in container["readinessProbe"]["exec"]["command"]
-    assert "--live" in container["livenessProbe"]["exec"]["command"]
+    # kubelet's gRPC probes on the plaintext health port the settings name
+    health_port = int(_config(objects, tmp_path).server.health_listen.rpartition(":")[2])
+    assert {"name": "health", "containerPort": health_port, "protocol": "TCP"} in container["ports"]
+    for probe, service in (
+        ("startupProbe", "liveness"),
+        ("readinessProbe", "readiness"),
+        ("livenessProbe", "liveness"),
+    ):
+        assert container[probe]["grpc"] == {"port": health_port, "service": service}, probe
+    # liveness gives a stuck broker longer than [server] liveness_timeout to turn again
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
     volumes = {v["name"]: v for v in pod["volumes"]}
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     for c in [*pod["containers"], *pod.get("initContainers", [])]:
@@ -207,8 +218,7 @@ def test_statefulset_shape(overlay: tuple[str, list[dict[str, Any]]], tmp_path: 
     assert account["automountServiceAccountToken"] is False
     # The server certificate Secret is made by the Certificate of that name.
     certificates = {o["spec"]["secretName"] for o in objects if o["kind"] == "Certificate"}
-    for volume in ("tls-server", "tls-probe"):
-        assert volumes[volume]["secret"]["secretName"] in certificates
+    assert volumes["tls-server"]["secret"]["secretName"] in certificates
 
 
 def test_network_policy_admits_clients_and_reaches_only_dependencies(
@@ -217,13 +227,16 @@ def test_network_policy_admits_clients_and_reaches_only_dependencies(
     _, objects = overlay
     policy = _one(objects, "NetworkPolicy", "keybroker")["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-    (ingress,) = policy["ingress"]
+    ingress, probes = policy["ingress"]
     (source,) = ingress["from"]
     assert set(source) == {"namespaceSelector"}
     assert source["namespaceSelector"]["matchLabels"] == {
         "keybroker.example.internal/client": "true"
     }
     assert [p["port"] for p in ingress["ports"]] == [50051]
+    # kubelet reaches the health port (and only that port) from the nodes' network
+    assert [set(s) for s in probes["from"]] == [{"ipBlock"}]
+    assert [p["port"] for p in probes["ports"]] == [8081]
     ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert ports == {53, 5432, 4317, 1792, 443}  # DNS, PostgreSQL, collector, HSM, JWKS
     assert all(rule.get("to") for rule in policy["egress"])  # never "anywhere"
@@ -291,6 +304,12 @@ def _exported_metric_names() -> set[str]:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     metrics = DecisionMetrics(provider, export_lag=lambda: 0)
+    StateGauges(
+        provider,
+        hsm_healthy=lambda: True,
+        staleness={"keys": lambda: 0.0},
+        journal=JournalState(lambda: 0, lambda: True),
+    )
     detector = AlertDetector(meter_provider=provider)
     decision = Decision(
         service="keybroker.v1.KeyBroker", operation="UnwrapDataKey", outcome=Outcome.DENY,
@@ -328,7 +347,9 @@ def _alert_rules() -> Iterator[dict[str, Any]]:
 def test_alert_rules_use_only_metrics_the_broker_exports() -> None:
     exported = _exported_metric_names()
     assert {"keybroker_decisions_total", "keybroker_alerts_total",
-            "keybroker_journal_export_lag"} <= exported  # fmt: skip
+            "keybroker_journal_export_lag", "keybroker_hsm_healthy",
+            "keybroker_state_staleness_seconds", "keybroker_journal_backlog",
+            "keybroker_journal_healthy"} <= exported  # fmt: skip
     rules = list(_alert_rules())
     assert len(rules) >= 8
     used = set()

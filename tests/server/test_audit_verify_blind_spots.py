@@ -216,11 +216,10 @@ def test_verify_against_a_pinned_public_key(devenv: DevEnv, tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def hsm_env(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
-    """A dev environment of its own whose settings keep the checkpoint key in the HSM."""
+    """A dev environment of its own whose settings keep the checkpoint key in the HSM (the
+    tests set [audit] signing_key_label: the default journal then takes no signing key file)."""
     env = provision(tmp_path_factory.mktemp("hsm-signing") / "state", listen="127.0.0.1:0")
-    text = env.config.read_text()
-    assert 'signing_key_file = "audit/checkpoint-signing.pem"\n' in text
-    env.config.write_text(text.replace('signing_key_file = "audit/checkpoint-signing.pem"\n', ""))
+    assert "signing_key_file" not in env.config.read_text()
     return env
 
 

@@ -1,5 +1,6 @@
 """The KeyBroker service over real mTLS with a real SoftHSM token, directly and through the
-strict-HSM test module (HSM-chosen GCM IVs, no C_CopyObject): every status code, every rule."""
+strict-HSM test module (HSM-chosen GCM IVs, no C_CopyObject), and on openCryptoki 3.23 when run
+inside the Debian 13 root (tests/server/test_opencryptoki.py): every status code, every rule."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +22,7 @@ from keybroker.devenv import TOKEN_LABEL, DevEnv, softhsm_module
 from keybroker.server.app import RunningBroker
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from tests.conftest import HSM_MODULES, Clock, TokenFactory, code_of
+from tests.conftest import HSM_MODULES, OPENCRYPTOKI, Clock, TokenFactory, code_of
 from tests.support.clients import auth, channel, generate_request, new_recording_id, stub
 from tests.support.process import run_fresh
 
@@ -29,10 +31,14 @@ Spans = Callable[[], Sequence[ReadableSpan]]
 
 @pytest.fixture(params=HSM_MODULES)
 def data_broker(request: pytest.FixtureRequest) -> RunningBroker:
-    """The broker on SoftHSM, then the one on the strict module."""
-    running: RunningBroker = request.getfixturevalue(
-        "broker" if request.param == "softhsm" else "strict_broker"
-    )
+    """The broker on SoftHSM, then the one on the strict module (and, inside the Debian 13 root,
+    the one on openCryptoki 3.23: tests/server/test_opencryptoki.py)."""
+    fixtures = {
+        "softhsm": "broker",
+        "strict": "strict_broker",
+        "opencryptoki": "opencryptoki_broker",
+    }
+    running: RunningBroker = request.getfixturevalue(fixtures[request.param])
     return running
 
 
@@ -394,10 +400,11 @@ print(sealed.hex())
 
 
 def test_a_v1_wrapped_key_from_an_earlier_release_still_unwraps(
-    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, devenv: DevEnv
+    kb: pb_grpc.KeyBrokerStub, token: TokenFactory, devenv: DevEnv, request: pytest.FixtureRequest
 ) -> None:
     """A format-v1 blob (nonce chosen by the caller and inside the AAD), sealed in SoftHSM as an
-    earlier release did, unwraps through SoftHSM and through the strict module."""
+    earlier release did, unwraps through SoftHSM and through the strict module (and one sealed
+    in openCryptoki through openCryptoki)."""
     data_key, nonce = os.urandom(32), os.urandom(12)
     bindings = Bindings.create(
         recording_id="rec-v1",
@@ -407,10 +414,15 @@ def test_a_v1_wrapped_key_from_an_earlier_release_still_unwraps(
         context={},
     )
     aad = WrappedKey.header(KeyRef("recordings", 1), nonce, bindings)
+    if request.node.callspec.params["data_broker"] == "opencryptoki":
+        ock = json.loads(OPENCRYPTOKI)
+        module, label, pin = ock["module"], ock["label"], Path(ock["pin_file"]).read_text()
+    else:
+        module, label, pin = softhsm_module(), TOKEN_LABEL, devenv.pin_file.read_text()
     job = {
-        "module": softhsm_module(),
-        "token_label": TOKEN_LABEL,
-        "pin": devenv.pin_file.read_text().strip(),
+        "module": module,
+        "token_label": label,
+        "pin": pin.strip(),
         "data_key": data_key.hex(),
         "nonce": nonce.hex(),
         "aad": aad.hex(),
@@ -432,14 +444,15 @@ def test_new_wrapped_keys_are_v2_with_the_iv_the_module_used(
     data_broker: RunningBroker,
     request: pytest.FixtureRequest,
 ) -> None:
-    """Every wrap writes format v2. On SoftHSM the broker drew the IV; on the strict module the
-    module chose it (the probe found it overwrites caller IVs) and it was read back."""
+    """Every wrap writes format v2. On SoftHSM (and openCryptoki) the broker drew the IV; on the
+    strict module the module chose it (the probe found it overwrites caller IVs) and it was read
+    back."""
     caps = data_broker.keks.capabilities
     assert caps is not None
     gen = generate(kb, token())
     parsed = WrappedKey.parse(gen.wrapped_key)
     assert parsed.format_version == 2
-    if request.node.callspec.params["data_broker"] == "softhsm":
+    if request.node.callspec.params["data_broker"] in ("softhsm", "opencryptoki"):
         assert (caps.iv_behaviour, caps.iv_source) == ("keeps", "caller")
     else:
         assert (caps.iv_behaviour, caps.iv_source, caps.session_copies) == (

@@ -138,6 +138,25 @@ def test_a_key_new_to_the_broker_is_generated_with_at_once(
     assert made.key_ref.key_name.startswith(name)
 
 
+def test_a_key_seen_mid_creation_is_generated_with_once_created(
+    devenv: DevEnv, pair: tuple[RunningBroker, RunningBroker], base_key: str
+) -> None:
+    """CreateKey commits twice (the key with no current version, then version 1 active). B
+    read the store between the two: the key is in its snapshot, but with no current version.
+    Once CreateKey has returned, GenerateDataKey naming it on B is not NOT_FOUND: B decides on
+    fresh state (found by tests/deploy/test_three_replicas.py)."""
+    a, b = pair
+    assert a.store is not None and b.catalog is not None
+    name = f"{base_key}-mid"
+    assert a.store.create_key(name, time.time(), rotation_period=None, rotate_after_wraps=2**28)
+    b.catalog.refresh()
+    assert b.catalog.snapshot().keys[name].current_version == 0  # B saw it mid-creation
+    a.keks.create_version(KeyRef(name, 1))
+    a.store.activate_version(name, 1, time.time())  # CreateKey's end: version 1 is current
+    made = _generate(devenv, b.port, name, days=13)
+    assert made.key_ref.key_name.startswith(name)
+
+
 def test_a_version_destroyed_meanwhile_is_destroyed_not_invalid(
     devenv: DevEnv, pair: tuple[RunningBroker, RunningBroker], base_key: str
 ) -> None:
@@ -148,6 +167,8 @@ def test_a_version_destroyed_meanwhile_is_destroyed_not_invalid(
     assert b.catalog is not None and a.lifecycle is not None
     b.catalog.refresh()  # B knows the version as enabled (and has no handle for it yet)
     assert made.key_ref.key_name in b.catalog.snapshot().keys
+    assert a.privacy is not None  # the registry keeps the blob A issued (flushed in seconds,
+    a.privacy.flush_registry()  # long before any real destruction): so B may say "destroyed"
     assert a.lifecycle.shred(made.key_ref.key_name, "test") == 1
     with pytest.raises(grpc.RpcError) as info:
         _unwrap(devenv, b.port, _record_of(made), made.wrapped_key)

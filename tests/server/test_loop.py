@@ -43,6 +43,7 @@ class Journal:
         self.flushes: list[tuple[float, int]] = []  # (monotonic time, records)
         self.delay = delay
         self.fail = False
+        self.flushing = threading.Event()  # set while a flush waits for the (slow) disk
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._seq = self._durable = self._pending = 0
@@ -64,7 +65,9 @@ class Journal:
         with self._flush_lock:
             if ticket <= self._durable:
                 return
+            self.flushing.set()
             time.sleep(self.delay)
+            self.flushing.clear()
             with self._lock:
                 head, count, self._pending = self._seq, self._pending, 0
             if self.fail:
@@ -88,8 +91,10 @@ class Service:
         self.release = threading.Event()
         self.terminated = threading.Event()
         self.slow_returned = threading.Event()
+        self.handled: list[bytes] = []
 
     def fast(self, request: bytes, context: LoopContext) -> bytes:
+        self.handled.append(request)
         decision = Decision(service=SERVICE, operation="Fast", outcome=Outcome.ALLOW)
         if not context.defer(DeferredRecord(decision, self.journal, self.live)):
             self.journal.record(decision)
@@ -218,6 +223,24 @@ def test_records_are_durable_before_replies_and_share_flushes(
         durable_at += [at] * n
     assert all(a >= d for a, d in zip(sorted(answered), durable_at, strict=True))
     assert eventually(lambda: len(svc.live.decisions) == 64)  # live, after the durable record
+
+
+def test_the_loop_answers_the_next_calls_while_the_disk_flushes(
+    service: tuple[Service, LoopServer, grpc.Channel],
+) -> None:
+    """The flush runs on the commit thread: a call arriving during it is handled at once (its
+    reply still waits for its own durable record), not after the disk is done."""
+    svc, _server, ch = service
+    svc.journal.delay = 0.5
+    fast = unary(ch, "Fast")
+    with futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(fast, b"1", timeout=10)
+        assert svc.journal.flushing.wait(5)
+        second = pool.submit(fast, b"2", timeout=10)
+        assert eventually(lambda: svc.handled == [b"1", b"2"], timeout=0.3)
+        assert svc.journal.flushing.is_set()  # still the first flush
+        assert (first.result(), second.result()) == (b"fast:1", b"fast:2")
+    assert [n for _, n in svc.journal.flushes] == [1, 1]
 
 
 def test_a_failed_flush_fails_the_calls_closed(

@@ -308,6 +308,8 @@ def test_a_replica_that_cannot_refresh_refuses_unwraps(devenv: DevEnv, tmp_path:
     try:
         c = Calls(devenv, running.port)
         rec = rid()
+        assert running.privacy is not None
+        running.privacy.refresh()  # a loaded machine may take more than 0.5 s to get here
         blob = c.generate(rec)
         time.sleep(0.7)
         code, _message, reason = refused(lambda: c.unwrap(rec, blob))

@@ -8,6 +8,7 @@ never touch the month-epoch keys other tests make on the shared dev token.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from keybroker.adapters.audit_reader import decisions
 from keybroker.core.retention import EpochScheme
-from keybroker.core.wrapped_key import KeyRef
+from keybroker.core.wrapped_key import CIPHERTEXT_SIZE, NONCE_SIZE, KeyRef, WrappedKey
 from keybroker.devenv import DevEnv, mint_token
 from keybroker.server.app import RunningBroker, connect_hsm, create_server
 from keybroker.v1 import keybroker_pb2 as pb
@@ -33,9 +34,10 @@ DAY = 86400
 
 
 @pytest.fixture
-def base_key(devenv: DevEnv) -> Iterator[str]:
-    """A key of this test's own, version 1 made offline (the broker adopts it)."""
-    keks = connect_hsm(load_settings(devenv))
+def base_key(devenv: DevEnv, hsm_settings: dict[str, str]) -> Iterator[str]:
+    """A key of this test's own, version 1 made offline on the test's token (the broker
+    adopts it)."""
+    keks = connect_hsm(load_settings(devenv, **hsm_settings))
     name = f"ret-{uuid.uuid4().hex[:8]}"
     keks.create_version(KeyRef(name, 1))
     yield name
@@ -139,6 +141,22 @@ def test_epoch_keys_are_destroyed_and_held_recordings_survive(
         grpc.StatusCode.FAILED_PRECONDITION,
         "key version destroyed",
     )
+    # Before a blob is authenticated, a destroyed version reads like an unknown one: a blob not
+    # issued by the broker that names the destroyed version is just invalid, and one forged from
+    # a held recording's bindings (which are not secret) never gets the hold copy's data key.
+    for recording, gen in ((plain, g_plain), (held, g_held)):
+        genuine = WrappedKey.parse(gen.wrapped_key)
+        unknown_version = KeyRef(genuine.key.name, genuine.key.version + 1000)
+        for ref in (genuine.key, unknown_version):
+            aad = WrappedKey.aad_v2(ref, genuine.bindings)
+            forged = WrappedKey.join_v2(aad, os.urandom(NONCE_SIZE), os.urandom(CIPHERTEXT_SIZE))
+            with pytest.raises(grpc.RpcError) as info:
+                unwrap(recording, forged)
+            err = info.value
+            assert (err.code(), err.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "wrapped key is invalid",
+            )
     for recording, gen in ((held, g_held), (by_subject, g_subject)):
         out = unwrap(recording, gen.wrapped_key)  # the old blob still works: moved to the hold key
         assert len(out.data_key) == 32

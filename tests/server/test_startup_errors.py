@@ -114,6 +114,20 @@ def _busy_port(devenv: DevEnv, _tmp: Path) -> tuple[list[str], dict[str, str]]:
     return ["serve", "--config", str(devenv.config)], {"KEYBROKER_SERVER_LISTEN": "BUSY"}
 
 
+def _busy_metrics_port(devenv: DevEnv, _tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["serve", "--config", str(devenv.config)], {
+        "KEYBROKER_TELEMETRY_PROMETHEUS_LISTEN": "BUSY"
+    }
+
+
+def _state_dir_not_writable(devenv: DevEnv, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The default journal's keys cannot be made: the state directory lies under a file (a
+    read-only directory would do, but the suite may run as root)."""
+    (tmp / "a-file").write_text("")
+    env = {"KEYBROKER_STATE_DIR": str(tmp / "a-file" / "state"), "KEYBROKER_AUDIT_DIR": ""}
+    return ["serve", "--config", str(devenv.config)], env
+
+
 def _pem_with_garbage(_env: DevEnv, path: Path) -> None:
     path.write_text(
         "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
@@ -163,6 +177,17 @@ CASES: dict[str, tuple[Case, str]] = {
         "[server] listen: '…' has no valid port (0..65535); …",
     ),
     "port in use": (_busy_port, "[server] listen: cannot bind …: Address already in use …"),
+    "health port in use": (
+        _serve(KEYBROKER_SERVER_HEALTH_LISTEN="BUSY"),
+        "[server] health_listen: cannot bind …: Address already in use …",
+    ),
+    "health port is the broker's": (
+        _serve(
+            KEYBROKER_SERVER_LISTEN="127.0.0.1:50999",
+            KEYBROKER_SERVER_HEALTH_LISTEN="0.0.0.0:50999",
+        ),
+        "[server] health_listen: port … is [server] listen's; …",
+    ),
     "address not on this host": (
         _serve(KEYBROKER_SERVER_LISTEN="192.0.2.1:50051"),
         "[server] listen: cannot bind …: Cannot assign requested address …",
@@ -228,6 +253,18 @@ CASES: dict[str, tuple[Case, str]] = {
         _serve(KEYBROKER_KEYS_DEFAULT="no-such-key"),
         "[keys] default: no key '…' on token '…'; …",
     ),
+    "journal off but dir given": (
+        _serve(KEYBROKER_AUDIT_ENABLED="false"),  # the test gives KEYBROKER_AUDIT_DIR
+        "[audit] enabled = false but [audit] dir is set (…); …",
+    ),
+    "default journal keys cannot be made": (
+        _state_dir_not_writable,
+        "[audit] cannot create the journal keys under … (Not a directory); …",
+    ),
+    "metrics port in use": (
+        _busy_metrics_port,
+        "[telemetry] prometheus_listen: cannot listen on … for worker 0 (Address already in use); …",
+    ),
 }
 """Documented messages triggered elsewhere: (test that triggers it, message)."""
 ELSEWHERE = {
@@ -260,8 +297,13 @@ def test_each_start_up_error_exits_2_with_its_documented_message(
         "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),  # never the session broker's
         **env,
     }
-    if env["KEYBROKER_SERVER_LISTEN"] == "BUSY":
-        env["KEYBROKER_SERVER_LISTEN"] = f"127.0.0.1:{busy_port}"
+    for var in (
+        "KEYBROKER_SERVER_LISTEN",
+        "KEYBROKER_SERVER_HEALTH_LISTEN",
+        "KEYBROKER_TELEMETRY_PROMETHEUS_LISTEN",
+    ):
+        if env.get(var) == "BUSY":
+            env[var] = f"127.0.0.1:{busy_port}"
     out = run_cli(*args, env=env)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr

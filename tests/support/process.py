@@ -39,9 +39,21 @@ def free_port() -> int:
 
 
 class BrokerProcess:
-    """`python -m keybroker.cli.main serve --config ...` with its log in a file."""
+    """`python -m keybroker.cli.main serve --config ...` with its log in a file.
 
-    def __init__(self, env: DevEnv, log: Path, overrides: Mapping[str, str] | None = None) -> None:
+    ``config``: another settings file than the dev environment's. ``new_session``: the broker
+    and its worker processes in a process group of their own, so :meth:`kill_group` takes them
+    all down at once (as a container runtime does)."""
+
+    def __init__(
+        self,
+        env: DevEnv,
+        log: Path,
+        overrides: Mapping[str, str] | None = None,
+        *,
+        config: Path | None = None,
+        new_session: bool = False,
+    ) -> None:
         self.env = env
         self.log = log
         environ = {
@@ -53,8 +65,9 @@ class BrokerProcess:
         environ.update(overrides or {})
         self._fh = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keybroker.cli.main", "serve", "--config", str(env.config)],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=environ,
+            [sys.executable, "-m", "keybroker.cli.main", "serve", "--config",
+             str(config or env.config)],
+            stdout=self._fh, stderr=subprocess.STDOUT, env=environ, start_new_session=new_session,
         )  # fmt: skip
 
     def output(self) -> str:
@@ -71,6 +84,10 @@ class BrokerProcess:
                 raise AssertionError(f"broker exited early:\n{self.output()}")
             time.sleep(0.05)
         raise AssertionError(f"broker did not start in {timeout}s:\n{self.output()}")
+
+    def kill_group(self) -> None:
+        """SIGKILL the broker and every worker process (needs ``new_session``)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

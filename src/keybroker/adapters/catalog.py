@@ -62,8 +62,12 @@ class CachedCatalog:
         tick_interval: float = 10.0,
         miss_refresh_burst: int = MISS_REFRESH_BURST,
         miss_refresh_rate: float = MISS_REFRESH_RATE,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
+        """``heartbeat`` is called on every turn of the background loop and after each of its
+        steps (the broker's liveness)."""
         self._store = store
+        self._heartbeat = heartbeat or (lambda: None)
         self._refresh_interval = refresh_interval
         self._flush_interval = usage_flush_interval
         self._listen = listen
@@ -106,6 +110,11 @@ class CachedCatalog:
     def also_refresh(self, refresher: Callable[[], object]) -> None:
         """Run ``refresher`` after every refresh of the key metadata (same wake-ups)."""
         self._refreshers.append(refresher)
+
+    def staleness(self) -> float:
+        """Seconds since the last successful read of the key metadata began (a gauge)."""
+        read_at = self._read_at
+        return time.monotonic() - read_at if read_at != float("-inf") else 0.0
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload if the store's generation moved; True if the snapshot changed."""
@@ -196,6 +205,7 @@ class CachedCatalog:
         next_flush = time.monotonic() + self._flush_interval
         next_tick = time.monotonic() + self._tick_interval
         while not self._stopping.is_set():
+            self._heartbeat()
             self._wake.wait(self._refresh_interval)
             self._wake.clear()
             if self._stopping.is_set():
@@ -211,14 +221,14 @@ class CachedCatalog:
                 next_tick = now + self._tick_interval
                 self._step("lifecycle tick", self._tick)
 
-    @staticmethod
-    def _step(what: str, fn: Callable[[], object]) -> None:
+    def _step(self, what: str, fn: Callable[[], object]) -> None:
         try:
             fn()
         except KeybrokerError as exc:
             log.warning("key catalog %s failed: %s", what, exc.reason)
         except Exception:
             log.exception("key catalog %s failed", what)
+        self._heartbeat()
 
     def _listen_loop(self) -> None:
         """PostgreSQL: wake the refresh loop on NOTIFY; reconnect with a pause on failure."""

@@ -60,7 +60,7 @@ from keybroker.adapters.kek_objects import (
     session_copy,
 )
 from keybroker.adapters.pkcs11_errors import Fault, domain_error, fault_of
-from keybroker.core.wrapped_key import DATA_KEY_SIZE, KeyRef, validate_key_name
+from keybroker.core.wrapped_key import DATA_KEY_SIZE, NONCE_SIZE, KeyRef, validate_key_name
 from keybroker.errors import (
     ConfigurationError,
     FailedPreconditionError,
@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 _LABEL_RE = re.compile(r"kek:(?P<name>[a-z0-9][a-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,9})")
 _RECONNECT_BACKOFF = 0.5
+#: GCM IVs drawn from the HSM's generator with one C_GenerateRandom (modules that keep the
+#: caller's IV): one PKCS#11 call per this many encryptions instead of one each.
+IV_RESERVE = 64
 T = TypeVar("T")
 
 
@@ -137,6 +140,8 @@ class Pkcs11Keks:
         self._mod: hsm_sessions.Module | None = None
         self._generation = -1
         self._handles: dict[tuple[int, KeyRef], Any] = {}
+        self._ivs: dict[int, bytearray] = {}
+        """Per session: random bytes from the HSM not yet used as IVs (see :meth:`_fresh_iv`)."""
         self._current: dict[str, KeyRef] = {}
         self._next_attempt = 0.0
         self._listeners: list[Callable[[bool], None]] = []
@@ -292,6 +297,7 @@ class Pkcs11Keks:
         self._pool = None
         self._login = None
         self._handles.clear()
+        self._ivs.clear()
         self._current.clear()
 
     def _notify(self, healthy: bool) -> None:
@@ -303,6 +309,7 @@ class Pkcs11Keks:
             log.warning("hsm unavailable: %s", why)
             self._pool = None
             self._handles.clear()
+            self._ivs.clear()
             self._next_attempt = 0.0
             self._notify(False)
 
@@ -370,6 +377,7 @@ class Pkcs11Keks:
             pool.retire(session)
         for cached in [k for k in self._handles if k[0] == id(session)]:
             self._handles.pop(cached, None)
+        self._ivs.pop(id(session), None)
 
     def _probe_or_mark_broken(self, session: Any, exc: PKCS11Error) -> bool:
         """Probe the token after ``exc``; False (and marked broken) if the probe fails too."""
@@ -480,6 +488,22 @@ class Pkcs11Keks:
                 raise self._failure(session, exc) from None
             return data
 
+    def _fresh_iv(self, session: Any) -> bytes:
+        """A GCM IV from the HSM's generator, never handed out before.
+
+        IVs are drawn :data:`IV_RESERVE` at a time on ``session`` and kept per session; a
+        session is lent to one thread at a time (hsm_sessions), so its reserve is too, and each
+        12-byte slice is removed as it is handed out. Random bytes are not secret, and a slice is
+        as random as a 12-byte draw; the reserve only saves PKCS#11 calls (and the GIL hand-offs
+        around them). It is dropped with the session (retired, reconnected)."""
+        reserve = self._ivs.get(id(session))
+        if not reserve:
+            reserve = bytearray(session.generate_random(NONCE_SIZE * IV_RESERVE * 8))
+            self._ivs[id(session)] = reserve
+        iv = bytes(reserve[-NONCE_SIZE:])
+        del reserve[-NONCE_SIZE:]
+        return iv
+
     def encrypt(self, key: KeyRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-256-GCM under ``key``: (the IV the module used, ciphertext || tag). A version
         that failed its self-test is never used."""
@@ -490,7 +514,8 @@ class Pkcs11Keks:
         iv_source = caps.iv_source if caps is not None else self._config.iv_source
 
         def op(handle: Any) -> tuple[bytes, bytes]:
-            return gcm_encrypt(handle, plaintext, aad, iv_source)
+            session = handle.session
+            return gcm_encrypt(handle, plaintext, aad, iv_source, lambda: self._fresh_iv(session))
 
         def failed(session: Any, _handle: Any, exc: PKCS11Error) -> tuple[bytes, bytes]:
             raise self._failure(session, exc)

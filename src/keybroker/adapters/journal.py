@@ -218,6 +218,11 @@ class Journal:
     def healthy(self) -> bool:
         return self._healthy
 
+    @property
+    def backlog(self) -> int:
+        """Records appended but not yet durable (read without the lock: a gauge)."""
+        return self._seq - self._durable_seq
+
     def _set_health(self, ok: bool) -> None:
         if ok != self._healthy:
             self._healthy = ok

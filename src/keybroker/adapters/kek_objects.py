@@ -4,8 +4,9 @@ session or object and holds no state.
 
 IVs. HSMs differ (probed at start-up by :func:`probe_module`, never assumed):
 
-- *keeps* the caller's IV (SoftHSM2, openCryptoki): the broker draws 12 random bytes from the
-  HSM's generator and passes them;
+- *keeps* the caller's IV (SoftHSM2, openCryptoki): the broker passes 12 random bytes from the
+  HSM's generator (the HSM adapter draws them 64 IVs at a time per session,
+  :meth:`keybroker.adapters.hsm.Pkcs11Keks._fresh_iv`);
 - *overwrites* it with an IV of its own, written back into ``CK_GCM_PARAMS.pIv`` (AWS CloudHSM);
 - *refuses* a caller IV and fills a zeroed ``pIv`` itself (Thales Luna in FIPS mode).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -248,14 +250,26 @@ def probe_module(session: Any, iv_source: str) -> ModuleCapabilities:
     return ModuleCapabilities(behaviour, "caller" if behaviour == "keeps" else "hsm", copies)
 
 
-def gcm_encrypt(handle: Any, plaintext: bytes, aad: bytes, iv_source: str) -> tuple[bytes, bytes]:
+def gcm_encrypt(
+    handle: Any,
+    plaintext: bytes,
+    aad: bytes,
+    iv_source: str,
+    fresh_iv: Callable[[], bytes] | None = None,
+) -> tuple[bytes, bytes]:
     """AES-256-GCM with ``handle``; returns (the IV the module used, ciphertext || tag).
 
-    ``caller``: a fresh IV from the HSM's generator (on the handle's session); ``hsm``: a zeroed
-    buffer the module fills. Either way the buffer is read back after the call. Raises
-    HsmUnavailableError if an ``hsm`` module left the buffer zeroed (it reported no IV)."""
+    ``caller``: a fresh IV from the HSM's generator (``fresh_iv()``, or one C_GenerateRandom on
+    the handle's session); ``hsm``: a zeroed buffer the module fills. Either way the buffer is
+    read back after the call. Raises HsmUnavailableError if an ``hsm`` module left the buffer
+    zeroed (it reported no IV)."""
     if iv_source == "caller":
-        iv = bytearray(handle.session.generate_random(NONCE_SIZE * 8))
+        drawn = (
+            fresh_iv() if fresh_iv is not None else handle.session.generate_random(NONCE_SIZE * 8)
+        )
+        if len(drawn) != NONCE_SIZE:
+            raise HsmUnavailableError(reason="hsm_no_iv")
+        iv = bytearray(drawn)
     else:
         iv = bytearray(NONCE_SIZE)
     sealed: bytes = handle.encrypt(

@@ -8,7 +8,7 @@ sends ``NOTIFY keybroker_keys``) so caches know to reload; usage counts do not.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from keybroker.adapters.sqldb import Cursor, Database
 from keybroker.core.keys import (
@@ -19,6 +19,8 @@ from keybroker.core.keys import (
 )
 from keybroker.core.ports import Usage
 from keybroker.core.wrapped_key import KeyRef
+
+T = TypeVar("T")
 
 
 def _version(row: Sequence[Any]) -> VersionInfo:
@@ -49,7 +51,7 @@ class SqlKeyStore:
         self._db = db
         self._d = db.dialect
 
-    def _run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
+    def _run(self, fn: Callable[[Cursor], T], *, write: bool) -> T:
         return self._db.run(fn, write=write)
 
     def close(self) -> None:
@@ -66,8 +68,7 @@ class SqlKeyStore:
             cur.execute("SELECT generation FROM kb_meta WHERE id = 1")
             return int(cur.fetchone()[0])
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def list_keys(self) -> list[KeyInfo]:
         def read(cur: Cursor) -> list[KeyInfo]:
@@ -92,8 +93,7 @@ class SqlKeyStore:
                 for row in key_rows
             ]
 
-        result: list[KeyInfo] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def key(self, name: str) -> KeyInfo | None:
         for key in self.list_keys():  # few keys; one code path for both reads
@@ -110,8 +110,7 @@ class SqlKeyStore:
             )
             return [(KeyRef(r[0], int(r[1])), float(r[2])) for r in cur.fetchall()]
 
-        result: list[tuple[KeyRef, float]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def due_destructions(self, now: float) -> list[KeyRef]:
         def read(cur: Cursor) -> list[KeyRef]:
@@ -122,8 +121,7 @@ class SqlKeyStore:
             )
             return [KeyRef(r[0], int(r[1])) for r in cur.fetchall()]
 
-        result: list[KeyRef] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -154,8 +152,7 @@ class SqlKeyStore:
             self._changed(cur)
             return True
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def claim_version(self, name: str, now: float, expected_current: int | None) -> int | None:
         def write(cur: Cursor) -> int | None:
@@ -171,8 +168,7 @@ class SqlKeyStore:
             self._insert_version(cur, name, version, VersionState.PENDING.value, now)
             return version
 
-        result: int | None = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def activate_version(self, name: str, version: int, now: float) -> None:
         def write(cur: Cursor) -> None:
@@ -204,8 +200,7 @@ class SqlKeyStore:
             )
             return dropped
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def set_state(
         self,
@@ -230,8 +225,7 @@ class SqlKeyStore:
             self._changed(cur)
             return True
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def set_policy(
         self,
@@ -271,8 +265,7 @@ class SqlKeyStore:
             self._changed(cur)
             return True
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def claim_shred(self, name: str, now: float) -> list[int]:
         """Every live version of ``name`` -> DESTROYING at once; the versions this caller won."""
@@ -301,8 +294,7 @@ class SqlKeyStore:
             self._changed(cur)
             return versions
 
-        result: list[int] = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def finish_destruction(self, name: str, version: int, now: float) -> None:
         def write(cur: Cursor) -> None:
@@ -347,8 +339,7 @@ class SqlKeyStore:
             self._changed(cur)
             return True
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def make_current(self, name: str, version: int, now: float) -> bool:
         def write(cur: Cursor) -> bool:
@@ -370,8 +361,7 @@ class SqlKeyStore:
             self._changed(cur)
             return True
 
-        result: bool = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def add_usage(self, usage: Mapping[KeyRef, Usage]) -> None:
         if not usage:

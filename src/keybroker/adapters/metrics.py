@@ -17,12 +17,17 @@ instrument                                kind, unit                 attributes
 ``keybroker.journal.flush.duration``      histogram, ``s``           (none)
 ``keybroker.journal.flush.records``       histogram, ``{record}``    (none)
 ``keybroker.journal.export.lag``          observable gauge           (none)
+``keybroker.tls.certificate.expires_in``  observable gauge, ``s``    certificate
 ========================================  =========================  ===============================
+
+``keybroker.tls.certificate.expires_in`` (:func:`observe_certificate_expiry`): seconds until a
+certificate expires, negative once it has; ``certificate`` is ``server`` (the certificate the
+broker serves) or ``client_ca`` (the first to expire of the client CA bundle).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
@@ -151,6 +156,28 @@ class DecisionMetrics:
         if source is None:
             return []
         return [metrics.Observation(source())]
+
+
+#: Returns the seconds until each watched certificate expires, by name.
+ExpirySource = Callable[[], Mapping[str, float]]
+
+
+def observe_certificate_expiry(meter_provider: metrics.MeterProvider, source: ExpirySource) -> None:
+    """Register the ``keybroker.tls.certificate.expires_in`` gauge, read from ``source`` (the
+    files in use at each collection, so a renewed certificate shows at once)."""
+
+    def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [
+            metrics.Observation(seconds, {"certificate": name})
+            for name, seconds in source().items()
+        ]
+
+    meter_provider.get_meter(METER_NAME, __version__).create_observable_gauge(
+        "keybroker.tls.certificate.expires_in",
+        callbacks=[observe],
+        unit="s",
+        description="Seconds until the certificate expires (negative once it has)",
+    )
 
 
 def configure_metrics(

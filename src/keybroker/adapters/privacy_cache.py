@@ -18,6 +18,7 @@ acknowledged anything for longer than it may serve on stale state is refusing an
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -159,6 +160,10 @@ class PrivacyCache:
         """Seconds after its last acknowledgement during which a replica may still serve."""
         return self._max_staleness + _HEARTBEAT + _CLOCK_SKEW + self._refresh_interval
 
+    def staleness(self) -> float:
+        """Seconds since the erasure and hold state was last read successfully (a gauge)."""
+        return time.monotonic() - self._last_ok
+
     def require_current(self) -> None:
         if self._max_staleness and time.monotonic() - self._last_ok > self._max_staleness:
             raise UnavailableError(
@@ -246,6 +251,12 @@ class PrivacyCache:
 
     def hold_copies(self, recording_id: str) -> Sequence[bytes]:
         return self._store.hold_copies(recording_id)
+
+    def issued(self, recording_id: str, wrapped_key: bytes) -> bool:
+        return any(
+            hmac.compare_digest(kept, wrapped_key)
+            for kept in self._store.wrapped_keys(recording_id)
+        )
 
     def require_unregistered(self, recording_id: str) -> None:
         if self._digest(b"g\0", recording_id) in self._registered:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from keybroker.adapters.sqldb import Cursor, Database
 from keybroker.core.keys import VersionState
@@ -18,6 +18,8 @@ from keybroker.core.privacy import Erasure, Hold, RecordingEntry, Target
 from keybroker.core.retention import HOLD_SUFFIX
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.errors import FailedPreconditionError
+
+T = TypeVar("T")
 
 _PRIVACY_LOCK_ID = 7_274_512
 _LIVE = (
@@ -71,7 +73,7 @@ class SqlPrivacyStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def _run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
+    def _run(self, fn: Callable[[Cursor], T], *, write: bool) -> T:
         return self._db.run(fn, write=write)
 
     def close(self) -> None:
@@ -164,16 +166,14 @@ class SqlPrivacyStore:
                 )
             return conflicts
 
-        result: list[str] = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def is_registered(self, recording_id: str) -> bool:
         def read(cur: Cursor) -> bool:
             cur.execute("SELECT 1 FROM kb_recordings WHERE recording_id = ?", (recording_id,))
             return cur.fetchone() is not None
 
-        result: bool = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def registered_ids(self, after: str | None, limit: int) -> list[str]:
         """Registered recording ids in id order after ``after`` (the first load of the cache)."""
@@ -192,8 +192,7 @@ class SqlPrivacyStore:
                 )
             return [str(r[0]) for r in cur.fetchall()]
 
-        result: list[str] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def last_key_seq(self) -> int:
         def read(cur: Cursor) -> int:
@@ -201,8 +200,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return int(row[0]) if row and row[0] is not None else 0
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def registrations_since(self, seq: int, limit: int) -> list[tuple[int, str]]:
         """``(seq, recording id)`` of the wrapped keys registered after ``seq``."""
@@ -215,8 +213,7 @@ class SqlPrivacyStore:
             )
             return [(int(r[0]), str(r[1])) for r in cur.fetchall()]
 
-        result: list[tuple[int, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def recordings_of(self, subject_id: str) -> list[RecordingEntry]:
         def read(cur: Cursor) -> list[RecordingEntry]:
@@ -229,8 +226,7 @@ class SqlPrivacyStore:
             rows = cur.fetchall()
             return [_entry(row, self._subjects(cur, row[0])) for row in rows]
 
-        result: list[RecordingEntry] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def recording(self, recording_id: str) -> RecordingEntry | None:
         def read(cur: Cursor) -> RecordingEntry | None:
@@ -241,8 +237,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return None if row is None else _entry(row, self._subjects(cur, recording_id))
 
-        result: RecordingEntry | None = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def wrapped_keys(self, recording_id: str) -> list[bytes]:
         """Every wrapped key registered for the recording, oldest first."""
@@ -254,8 +249,7 @@ class SqlPrivacyStore:
             )
             return [bytes(r[0]) for r in cur.fetchall()]
 
-        result: list[bytes] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def held_recordings(self, key_name: str) -> list[RecordingEntry]:
         """Every wrapped key under ``key_name`` of a recording under legal hold (directly or by
@@ -289,8 +283,7 @@ class SqlPrivacyStore:
                 )
             return out
 
-        result: list[RecordingEntry] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def held_under(self, key_name: str, version: int | None) -> int:
         """Wrapped keys under ``key_name`` (``version``, or any) of recordings under legal hold,
@@ -314,8 +307,7 @@ class SqlPrivacyStore:
             row = cur.fetchone()
             return int(row[0]) if row else 0
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def claim_shred_unless_held(self, key_name: str, now: float) -> list[int] | None:
         """Every live version of the epoch key ``key_name`` -> DESTROYING, in one transaction
@@ -350,8 +342,7 @@ class SqlPrivacyStore:
                 self._db.dialect.notify(cur)
             return versions
 
-        result: list[int] | None = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
 
     def store_hold_copy(self, seq: int, wrapped_key: bytes) -> None:
         def write(cur: Cursor) -> None:
@@ -400,8 +391,7 @@ class SqlPrivacyStore:
             )
             return [bytes(r[0]) for r in cur.fetchall()]
 
-        result: list[bytes] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     @staticmethod
     def _subjects(cur: Cursor, recording_id: str) -> tuple[str, ...]:
@@ -427,39 +417,81 @@ class SqlPrivacyStore:
             if existing is not None:
                 return _erasure(existing, already=True)
             self._refuse_if_held(cur, kind, target)
-            if kind is Target.RECORDING:
-                cur.execute(
-                    "UPDATE kb_recordings SET erased_at = ? "
-                    "WHERE recording_id = ? AND erased_at IS NULL",
-                    (now, target),
-                )
-                covered = 1
-            else:
-                cur.execute(
-                    "UPDATE kb_recordings SET erased_at = ? WHERE erased_at IS NULL AND "
-                    "recording_id IN (SELECT recording_id FROM kb_recording_subjects "
-                    "WHERE subject_id = ?)",
-                    (now, target),
-                )
-                cur.execute(
-                    "SELECT COUNT(*) FROM kb_recording_subjects WHERE subject_id = ?", (target,)
-                )
-                covered = int(cur.fetchone()[0])
-            cur.execute(
-                "INSERT INTO kb_erasures (kind, target, reason, erased_by, erased_at, recordings) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (kind.value, target, reason, erased_by, now, covered),
-            )
-            cur.execute(
-                f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
-                (kind.value, target),
-            )
-            row = cur.fetchone()
-            self._changed(cur)
-            return _erasure(row)
+            return self._tombstone(cur, kind, target, reason=reason, erased_by=erased_by, now=now)
 
-        result: Erasure = self._run(write, write=True)
+        return self._run(write, write=True)
+
+    def restore_erasure(
+        self,
+        kind: Target,
+        target: str,
+        *,
+        reason: str,
+        erased_by: str,
+        erased_at: float,
+        check_holds: bool,
+    ) -> Erasure | None:
+        """Privacy replay (keybroker.core.privacy_replay): the tombstone of an erasure the
+        journal holds, unless the database has it (None then)."""
+
+        def write(cur: Cursor) -> Erasure | None:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_erasures WHERE kind = ? AND target = ?", (kind.value, target)
+            )
+            if cur.fetchone() is not None:
+                return None
+            if check_holds:
+                self._refuse_if_held(cur, kind, target)
+            return self._tombstone(
+                cur, kind, target, reason=reason, erased_by=erased_by, now=erased_at
+            )
+
+        result: Erasure | None = self._run(write, write=True)
         return result
+
+    def erased_targets(self) -> set[tuple[str, str]]:
+        def read(cur: Cursor) -> set[tuple[str, str]]:
+            cur.execute("SELECT kind, target FROM kb_erasures")
+            return {(str(r[0]), str(r[1])) for r in cur.fetchall()}
+
+        result: set[tuple[str, str]] = self._run(read, write=False)
+        return result
+
+    def _tombstone(
+        self, cur: Cursor, kind: Target, target: str, *, reason: str, erased_by: str, now: float
+    ) -> Erasure:
+        """Mark the covered recordings erased and insert the tombstone (under the lock)."""
+        if kind is Target.RECORDING:
+            cur.execute(
+                "UPDATE kb_recordings SET erased_at = ? "
+                "WHERE recording_id = ? AND erased_at IS NULL",
+                (now, target),
+            )
+            covered = 1
+        else:
+            cur.execute(
+                "UPDATE kb_recordings SET erased_at = ? WHERE erased_at IS NULL AND "
+                "recording_id IN (SELECT recording_id FROM kb_recording_subjects "
+                "WHERE subject_id = ?)",
+                (now, target),
+            )
+            cur.execute(
+                "SELECT COUNT(*) FROM kb_recording_subjects WHERE subject_id = ?", (target,)
+            )
+            covered = int(cur.fetchone()[0])
+        cur.execute(
+            "INSERT INTO kb_erasures (kind, target, reason, erased_by, erased_at, recordings) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind.value, target, reason, erased_by, now, covered),
+        )
+        cur.execute(
+            f"SELECT {_ERASURE_COLUMNS} FROM kb_erasures WHERE kind = ? AND target = ?",  # noqa: S608
+            (kind.value, target),
+        )
+        row = cur.fetchone()
+        self._changed(cur)
+        return _erasure(row)
 
     def _refuse_if_held(self, cur: Cursor, kind: Target, target: str) -> None:
         """A hold on the target, on the recording's subjects, or on the subject's recordings."""
@@ -499,8 +531,7 @@ class SqlPrivacyStore:
             )
             return [(int(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
 
-        result: list[tuple[int, str, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def erasure_counts(self) -> dict[str, int]:
         """Erasures per kind (to size the cache before loading)."""
@@ -509,8 +540,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT kind, COUNT(*) FROM kb_erasures GROUP BY kind")
             return {str(r[0]): int(r[1]) for r in cur.fetchall()}
 
-        result: dict[str, int] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- legal holds -------------------------------------------------------------------------
 
@@ -580,8 +610,31 @@ class SqlPrivacyStore:
             self._changed(cur)
             return Hold(kind, target, row[0], row[1], float(row[2]))
 
-        result: Hold = self._run(write, write=True)
-        return result
+        return self._run(write, write=True)
+
+    def restore_hold(self, hold: Hold) -> bool:
+        """Privacy replay: place a journaled hold again unless it is there or its target is
+        erased; True if placed."""
+
+        def write(cur: Cursor) -> bool:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_holds WHERE kind = ? AND target = ? UNION ALL "
+                "SELECT 1 FROM kb_erasures WHERE kind = ? AND target = ?",
+                (hold.kind.value, hold.target, hold.kind.value, hold.target),
+            )
+            if cur.fetchone() is not None:
+                return False
+            cur.execute(
+                "INSERT INTO kb_holds (kind, target, reason, placed_by, placed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (hold.kind.value, hold.target, hold.reason, hold.placed_by, hold.placed_at),
+            )
+            self._changed(cur)
+            return True
+
+        placed: bool = self._run(write, write=True)
+        return placed
 
     def holds(self) -> list[Hold]:
         def read(cur: Cursor) -> list[Hold]:
@@ -591,8 +644,7 @@ class SqlPrivacyStore:
             )
             return [Hold(Target(r[0]), r[1], r[2], r[3], float(r[4])) for r in cur.fetchall()]
 
-        result: list[Hold] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- purpose withdrawals -------------------------------------------------------------------
 
@@ -629,6 +681,30 @@ class SqlPrivacyStore:
 
         self._run(write, write=True)
 
+    def restore_withdrawal(
+        self, recording_id: str, purpose: str, *, reason: str, by: str, at: float
+    ) -> bool:
+        """Privacy replay: store a journaled withdrawal again unless it is there."""
+
+        def write(cur: Cursor) -> bool:
+            self._db.dialect.lock(cur, _PRIVACY_LOCK_ID)
+            cur.execute(
+                "SELECT 1 FROM kb_purpose_withdrawals WHERE recording_id = ? AND purpose = ?",
+                (recording_id, purpose),
+            )
+            if cur.fetchone() is not None:
+                return False
+            cur.execute(
+                "INSERT INTO kb_purpose_withdrawals (recording_id, purpose, reason, "
+                "withdrawn_by, withdrawn_at) VALUES (?, ?, ?, ?, ?)",
+                (recording_id, purpose, reason, by, at),
+            )
+            self._changed(cur)
+            return True
+
+        stored: bool = self._run(write, write=True)
+        return stored
+
     def purpose_withdrawals(self) -> list[tuple[str, str]]:
         """Every ``(recording id, purpose)`` withdrawn and not given back."""
 
@@ -636,8 +712,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT recording_id, purpose FROM kb_purpose_withdrawals")
             return [(str(r[0]), str(r[1])) for r in cur.fetchall()]
 
-        result: list[tuple[str, str]] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     # -- replicas ----------------------------------------------------------------------------
 
@@ -646,8 +721,7 @@ class SqlPrivacyStore:
             cur.execute("SELECT privacy_generation FROM kb_meta WHERE id = 1")
             return int(cur.fetchone()[0])
 
-        result: int = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def acknowledge(self, replica: str, generation: int, now: float) -> None:
         """This replica enforces everything up to ``generation`` (and is alive)."""
@@ -672,8 +746,7 @@ class SqlPrivacyStore:
             )
             return [r[0] for r in cur.fetchall()]
 
-        result: list[str] = self._run(read, write=False)
-        return result
+        return self._run(read, write=False)
 
     def forget_replica(self, replica: str) -> None:
         def write(cur: Cursor) -> None:

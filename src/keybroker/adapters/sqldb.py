@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from keybroker.adapters.files import create_private
 from keybroker.errors import ConfigurationError, StoreUnavailableError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +344,7 @@ class Database:
                 self._conn.close()
             self._conn = None
 
-    def run(self, fn: Callable[[Cursor], Any], *, write: bool) -> Any:
+    def run(self, fn: Callable[[Cursor], T], *, write: bool) -> T:
         with self._connection() as conn:
             if write:
                 with self._d.write(conn) as cur:

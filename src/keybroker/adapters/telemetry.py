@@ -7,6 +7,7 @@ they never carry key material, wrapped blobs or tokens.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +28,33 @@ log = logging.getLogger(__name__)
 TRACER_NAME = "keybroker"
 
 
-def resource(settings: TelemetrySettings) -> Resource:
-    return Resource.create({"service.name": settings.service_name, "service.version": __version__})
+#: Namespace of the name-based (v5) UUIDs this broker gives its worker processes.
+INSTANCE_NAMESPACE = uuid.UUID("8f0c7a52-4d0e-5b8e-9d5c-6b1f3e2a7c10")
+
+
+def instance_id(host: str, place: Path, worker: int) -> str:
+    """``service.instance.id`` of worker ``worker``: a UUID v5 of the host name, the broker's
+    journal (or state) directory and the worker index, as OpenTelemetry's semantic conventions
+    suggest. Unique among running brokers (no two brokers share a journal directory: the lock
+    refuses it) and stable across restarts, so a restart continues its series."""
+    return str(uuid.uuid5(INSTANCE_NAMESPACE, f"{host}\0{place}\0{worker}"))
+
+
+def resource(
+    settings: TelemetrySettings, *, instance: str = "", worker: int | None = None
+) -> Resource:
+    """The OpenTelemetry resource: ``service.name``, ``service.version`` and, for a worker
+    process, ``service.instance.id`` (:func:`instance_id`) and ``keybroker.worker`` (its index),
+    so that series and spans of several workers never merge."""
+    attributes: dict[str, str | int] = {
+        "service.name": settings.service_name,
+        "service.version": __version__,
+    }
+    if instance:
+        attributes["service.instance.id"] = instance
+    if worker is not None:
+        attributes["keybroker.worker"] = worker
+    return Resource.create(attributes)
 
 
 def otlp_insecure(settings: TelemetrySettings) -> bool:
@@ -66,15 +92,17 @@ def configure_tracing(
     *,
     extra_processor: SpanProcessor | None = None,
     otlp: bool = True,
+    service: Resource | None = None,
 ) -> tuple[TracerProvider, bool]:
     """Build the tracer provider for live spans.
 
     With ``otlp`` (no audit journal), spans go to ``otlp_endpoint`` directly, best-effort. With a
     journal, OTLP export runs from the journal instead (no loss), so live spans skip it. Returns
     the provider and whether anything consumes live spans (if not, the broker makes none).
+    ``service``: the resource (default: :func:`resource` without instance attributes).
     """
     consumers = 0
-    provider = TracerProvider(resource=resource(settings))
+    provider = TracerProvider(resource=service or resource(settings))
     if settings.otlp_endpoint and otlp:
         provider.add_span_processor(BatchSpanProcessor(otlp_exporter(settings)))
         consumers += 1
@@ -133,6 +161,10 @@ def decision_attributes(d: Decision) -> dict[str, str | int | list[str]]:
         attrs["keybroker.purposes"] = list(d.purposes)
     if d.subject_ids:
         attrs["keybroker.subject.ids"] = list(d.subject_ids)
+    if d.purposes_added:
+        attrs["keybroker.purposes.added"] = list(d.purposes_added)
+    if d.purposes_removed:
+        attrs["keybroker.purposes.removed"] = list(d.purposes_removed)
     return attrs
 
 

@@ -100,12 +100,62 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-class JwksKeys:
-    """Signing keys by ``kid`` from a JWKS file or https URL.
+def cache_lifetime(headers: Mapping[str, str]) -> float | None:
+    """Seconds a JWKS response may be cached by its ``Cache-Control`` (``max-age`` less the
+    ``Age`` it already has; ``no-cache``/``no-store``: 0), or None when it does not say."""
+    lifetime: float | None = None
+    for directive in (headers.get("cache-control") or "").split(","):
+        name, _, value = directive.strip().partition("=")
+        name = name.strip().lower()
+        if name in {"no-cache", "no-store"}:
+            return 0.0
+        if name == "max-age" and lifetime is None:
+            try:
+                lifetime = float(int(value.strip().strip('"')))
+            except ValueError:
+                return None  # malformed: as if not given
+    if lifetime is None:
+        return None
+    try:
+        age = int(headers.get("age") or 0)
+    except ValueError:
+        age = 0
+    return max(0.0, lifetime - max(0, age))
 
-    An unknown ``kid`` triggers a refresh at most once per ``min_interval`` seconds. A file is
-    re-read inline (local and fast); a URL is refetched on a background thread so a slow issuer
-    never blocks calls: the call that saw the unknown ``kid`` is refused and later ones succeed.
+
+#: Seconds between looks at a JWKS file's stat (it is re-read when that changes).
+FILE_CHECK_SECONDS = 1.0
+#: The background refresh never fetches a URL more often than this, whatever the settings.
+MIN_PERIOD_SECONDS = 1.0
+
+_FileStamp = tuple[int, int, int, int] | None
+
+
+def _file_stamp(path: Path) -> _FileStamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class JwksKeys:
+    """Signing keys by ``kid`` from a JWKS file or https URL, kept current.
+
+    Once :meth:`start` ed, a background thread refreshes the set: a URL every ``max_interval``
+    seconds, or sooner when its ``Cache-Control: max-age`` says so, but never more often than
+    every ``min_interval``; a file whenever its stat changes (looked at every
+    :data:`FILE_CHECK_SECONDS`). A ``kid`` missing from the new set is refused from then on
+    (:meth:`current` no longer returns it, so the verifier's cache drops the tokens it signed).
+
+    A failed fetch keeps the last good set, logs a warning and is retried after
+    ``min_interval``; after ``max_stale`` seconds without a successful fetch no key is returned
+    (every token is refused: fail closed) until a fetch succeeds again.
+
+    An unknown ``kid`` also triggers a refresh, at most once per ``min_interval`` seconds. A
+    file is re-read inline (local and fast); a URL is refetched on a background thread so a
+    slow issuer never blocks calls: the call that saw the unknown ``kid`` is refused and later
+    ones succeed.
     """
 
     def __init__(
@@ -114,6 +164,8 @@ class JwksKeys:
         file: Path | None = None,
         url: str = "",
         min_interval: float = 30.0,
+        max_interval: float = 300.0,
+        max_stale: float = 86400.0,
         ca_file: Path | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         fetch_timeout: float = 5.0,
@@ -123,6 +175,8 @@ class JwksKeys:
         self._file = file
         self._url = url
         self._min_interval = min_interval
+        self._max_interval = max(max_interval, min_interval)
+        self._max_stale = max_stale
         self._monotonic = monotonic
         self._timeout = fetch_timeout
         self._tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
@@ -131,12 +185,76 @@ class JwksKeys:
             urllib.request.HTTPSHandler(context=self._tls), _SameOriginRedirects()
         )
         self._keys: dict[str, PyJWK] = {}
-        self._last_refresh = float("-inf")
+        self._jwks: dict[str, str] = {}  # kid -> the JWK as canonical JSON (to keep unchanged keys)
+        self._last_refresh = float("-inf")  # last attempt an unknown kid may cause
+        self._fetched_at = float("-inf")  # last success
+        self._next_due = float("-inf")
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # one fetch at a time: none overtakes a newer one
         self._refreshing = False
-        self._load(self._read())
+        self._stale_logged = False
+        self._failure: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._file_stamp = _file_stamp(file) if file is not None else None
+        self._load(*self._read())
 
-    def _read(self) -> Mapping[str, Any]:
+    # -- background refresh -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background refresh (idempotent); :meth:`stop` ends it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="jwks-refresh", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._timeout + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.0, self._next_due - self._monotonic())):
+            try:
+                self.refresh_if_due()
+            except Exception:  # a refresher must never die silently
+                log.exception("jwks refresh failed unexpectedly")
+                self._next_due = self._monotonic() + self._period(self._min_interval)
+
+    def refresh_if_due(self) -> None:
+        """One step of the background refresh: fetch the URL (or re-read a changed file) if
+        its time has come."""
+        now = self._monotonic()
+        if now < self._next_due:
+            return
+        if self._file is not None:
+            self._next_due = now + FILE_CHECK_SECONDS
+            stamp = _file_stamp(self._file)
+            if stamp == self._file_stamp:
+                return
+            self._file_stamp = stamp
+        self._refresh_quietly()
+        if self.stale() and not self._stale_logged:
+            self._stale_logged = True
+            log.error(
+                "jwks: no successful fetch from %s for over %.0f s: every token is refused "
+                "until the issuer's JWKS can be fetched again",
+                self._url,
+                self._max_stale,
+            )
+
+    def _period(self, wait: float) -> float:
+        """``wait`` (a max-age, or a retry delay) within the bounds of the settings."""
+        return max(min(max(wait, self._min_interval), self._max_interval), MIN_PERIOD_SECONDS)
+
+    def stale(self) -> bool:
+        """True when a URL's keys are older than ``max_stale`` (they are then not used)."""
+        return bool(self._url) and self._monotonic() - self._fetched_at > self._max_stale
+
+    # -- reading and loading ----------------------------------------------------------------
+
+    def _read(self) -> tuple[Mapping[str, Any], float | None]:
+        """The JWKS document and, for a URL, how long its response says it may be cached."""
+        lifetime: float | None = None
         try:
             if self._file is not None:
                 data = json.loads(self._file.read_text())
@@ -146,6 +264,7 @@ class JwksKeys:
                 )
                 with self._opener.open(request, timeout=self._timeout) as resp:
                     data = json.loads(resp.read(MAX_JWKS_BYTES))
+                    lifetime = cache_lifetime(resp.headers)
         except RedirectRefusedError as exc:
             raise ConfigurationError(
                 f"[auth] cannot load JWKS from {self._url}: {exc.reason}"
@@ -156,20 +275,51 @@ class JwksKeys:
             ) from None
         if not isinstance(data, dict):
             raise ConfigurationError("[auth] JWKS must be a JSON object with a 'keys' array")
-        return data
+        return data, lifetime
 
-    def _load(self, data: Mapping[str, Any]) -> None:
+    def _load(self, data: Mapping[str, Any], lifetime: float | None = None) -> None:
         try:
             jwks = PyJWKSet.from_dict(dict(data))
         except jwt.PyJWTError as exc:
             raise ConfigurationError(f"[auth] JWKS is invalid: {exc}") from None
-        keys = {k.key_id: k for k in jwks.keys if k.key_id and k.public_key_use in (None, "sig")}
+        raw = {
+            item["kid"]: json.dumps(item, sort_keys=True)
+            for item in data.get("keys", [])
+            if isinstance(item, dict) and isinstance(item.get("kid"), str)
+        }
+        now = self._monotonic()
         with self._lock:
-            self._keys = keys
-            self._last_refresh = self._monotonic()
+            old_keys, old_raw = self._keys, self._jwks
+            keys = {}
+            for k in jwks.keys:
+                if not k.key_id or k.public_key_use not in (None, "sig"):
+                    continue
+                same = k.key_id in old_keys and old_raw.get(k.key_id) == raw.get(k.key_id)
+                keys[k.key_id] = old_keys[k.key_id] if same else k  # unchanged: the same object
+            self._keys, self._jwks = keys, {kid: raw.get(kid, "") for kid in keys}
+            self._last_refresh = self._fetched_at = now
+            self._stale_logged = False
+            if self._url:
+                wait = self._max_interval if lifetime is None else lifetime
+                self._next_due = now + self._period(wait)
+        if old_keys and set(old_keys) != set(keys):
+            log.info(
+                "jwks: signing keys now %s (removed: %s)",
+                ", ".join(sorted(keys)) or "none",
+                ", ".join(sorted(set(old_keys) - set(keys))) or "none",
+            )
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def current(self, kid: str) -> PyJWK | None:
+        """The key ``kid`` names now, without triggering a refresh (None if unknown, or if the
+        set is stale)."""
+        if self._url and self.stale():
+            return None
+        return self._keys.get(kid)
 
     def get(self, kid: str) -> PyJWK | None:
-        key = self._keys.get(kid)
+        key = self.current(kid)
         if key is not None:
             return key
         with self._lock:
@@ -182,13 +332,22 @@ class JwksKeys:
                 threading.Thread(target=self._refresh_in_background, daemon=True).start()
                 return None
         self._refresh_quietly()
-        return self._keys.get(kid)
+        return self.current(kid)
 
     def _refresh_quietly(self) -> None:
-        try:
-            self._load(self._read())
-        except ConfigurationError as exc:
-            log.warning("jwks refresh failed: %s", exc.message)
+        with self._fetch_lock:
+            try:
+                self._load(*self._read())
+            except ConfigurationError as exc:
+                if self._url:
+                    self._next_due = self._monotonic() + self._period(self._min_interval)
+                if exc.message != self._failure:
+                    log.warning("jwks refresh failed (the last good keys stay): %s", exc.message)
+                self._failure = exc.message
+            else:
+                if self._failure is not None:
+                    log.info("jwks refresh succeeded again")
+                self._failure = None
 
     def _refresh_in_background(self) -> None:
         try:
@@ -205,7 +364,8 @@ class TokenVerifier:
         self._keys = keys
         self._clock = clock
         self._algorithms = list(settings.algorithms)
-        self._cache: OrderedDict[bytes, Principal] = OrderedDict()
+        # token hash -> (principal, kid, key): a hit counts only while the key is still current
+        self._cache: OrderedDict[bytes, tuple[Principal, str, PyJWK]] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     def verify(self, token: str) -> Principal:
@@ -214,17 +374,19 @@ class TokenVerifier:
         digest = token_hash(token)
         now = self._clock()
         cached = self._cache.get(digest)
-        if cached is not None and now < cached.expires_at:
-            return cached
-        principal = self._verify(token)
+        if cached is not None:
+            principal, kid, key = cached
+            if now < principal.expires_at and self._keys.current(kid) is key:
+                return principal
+        principal, kid, key = self._verify(token)
         if self._s.token_cache_size:
             with self._cache_lock:
-                self._cache[digest] = principal
+                self._cache[digest] = (principal, kid, key)
                 while len(self._cache) > self._s.token_cache_size:
                     self._cache.popitem(last=False)
         return principal
 
-    def _verify(self, token: str) -> Principal:
+    def _verify(self, token: str) -> tuple[Principal, str, PyJWK]:
         try:
             header = jwt.get_unverified_header(token)
         except Exception as exc:  # noqa: BLE001 - PyJWT may raise non-PyJWT errors on junk
@@ -263,7 +425,7 @@ class TokenVerifier:
         except Exception as exc:  # noqa: BLE001 - mapped in one table; never UNKNOWN
             raise map_pyjwt_error(exc) from None
         try:
-            return self._principal(claims)
+            return self._principal(claims), kid, key
         except AuthenticationError as exc:
             raise _naming(exc, claims) from None
 

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keybroker import __version__
-from keybroker.cli import audit, kek, migrate, privacy, recordings
+from keybroker.cli import audit, health, kek, migrate, privacy, recordings
 from keybroker.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config_path
 from keybroker.errors import ConfigurationError, KeybrokerError
 
 DEFAULT_STATE_DIR = Path(".keybroker")
 # the subcommands besides `serve` and `dev`, in the order `keybroker --help` lists them; each
 # module's register() adds its parser(s)
-SUBCOMMANDS = (migrate, kek, privacy, recordings, audit)
+SUBCOMMANDS = (migrate, health, kek, privacy, recordings, audit)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from keybroker.server.logs import configure_logging
 
     loaded = settings.load(config_path(args.config))
-    configure_logging(loaded.telemetry.log_level)
+    configure_logging(loaded.telemetry.log_level, loaded.telemetry.log_format)
     if not cli.GRPC_PREPARED:  # grpc came first (keybroker embedded): gRPC's defaults apply
         logging.getLogger(__name__).warning(
             "grpc was imported before keybroker could set GRPC_EXPERIMENTS; serving with "

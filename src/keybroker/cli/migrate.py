@@ -22,9 +22,9 @@ def _run(args: argparse.Namespace) -> int:
 
     value = args.config or os.environ.get("KEYBROKER_CONFIG")
     path = Path(value) if value else None
-    state = settings.load(path).state
-    base = path.resolve().parent if path else Path.cwd()
-    db = Database(dialect_for(state.url, base=base, password=state.read_password()))
+    loaded = settings.load(path)
+    state = loaded.state
+    db = Database(dialect_for(state.url, base=loaded.state_dir(), password=state.read_password()))
     try:
         before = schema_version(db)
         if args.check:

@@ -1,8 +1,14 @@
 """``keybroker privacy …``: erasure, legal holds, purpose amendments, subject access reports.
 
-Every command talks to a running broker over mTLS with the token in ``[client] token_file`` (or
-``--token-file``). Tables by default, ``--json`` for scripts. Exit codes: 0 success; 1 refused or
-failed (e.g. ``legal_hold``); 2 usage or configuration error.
+Every command but ``replay`` talks to a running broker over mTLS with the token in
+``[client] token_file`` (or ``--token-file``). Tables by default, ``--json`` for scripts. Exit
+codes: 0 success; 1 refused or failed (e.g. ``legal_hold``, a journal that fails verification);
+2 usage or configuration error.
+
+``replay`` works on the journal and the metadata database directly, with the broker stopped: it
+re-applies the journal's erasures, legal holds and purpose withdrawals the database lacks (after
+a restore from a backup; the broker also does it when it starts). docs/OPERATIONS.md, "Backup
+and restore".
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import binascii
 import json
 from typing import Any
 
-from keybroker.cli.common import EXIT_OK
+from keybroker.cli.common import EXIT_OK, load_settings
 from keybroker.cli.connect import add_connection_options, as_json, client_settings, table, when
 from keybroker.client.privacy import PrivacyClient
 from keybroker.errors import ConfigurationError
@@ -127,6 +133,34 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from keybroker.adapters.journal_lock import lock_directory
+    from keybroker.server.app import replay_with_own_journal
+
+    settings = load_settings(args)
+    if settings.audit.dir is None:
+        raise ConfigurationError("[audit] dir is not set: there is no journal to replay")
+    lock = None if args.dry_run else lock_directory(settings.audit.dir)  # no broker runs
+    try:
+        report = replay_with_own_journal(settings, dry_run=args.dry_run, quiet=True)
+    finally:
+        if lock is not None:
+            lock.release()
+    if report is None:  # pragma: no cover - [audit] dir is set
+        return EXIT_OK
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "applied": report.applied, "kept": report.kept}))
+        return EXIT_OK
+    verb = "would re-apply" if args.dry_run else "re-applied"
+    if not report.applied:
+        print("the database holds every erasure, legal hold and withdrawal of the journal")
+    for line in report.applied:
+        print(f"{verb}: {line}")
+    for line in report.kept:
+        print(f"note: {line}")
+    return EXIT_OK
+
+
 def _wrapped(value: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -166,3 +200,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reason", required=True, help="e.g. the new consent's reference")
     p = add("report", "subject access report: recordings and every decision about them")
     p.add_argument("id", help="the data subject id")
+    p = privacy.add_parser(
+        "replay",
+        help="re-apply the journal's erasures, holds and withdrawals the database lacks "
+        "(after a restore; broker stopped)",
+    )
+    p.add_argument("--config", help="TOML settings file (default: $KEYBROKER_CONFIG)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only say what the database lacks; change nothing (not even the schema)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_replay)

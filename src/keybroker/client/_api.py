@@ -48,11 +48,10 @@ class KeyBrokerApi(ClientBase, Generic[_DataKey, _Wrapped, _Batch, _KeyRef, _Hea
         context: Mapping[str, str] | None = None,
     ) -> _DataKey:
         """A new data key for a recording: plaintext (use, then forget) and wrapped (store)."""
-        op = _calls.generate(
-            recording_id, purposes=purposes, subject_ids=subject_ids,
-            retain_until=retain_until, key_name=key_name, context=context,
-        )  # fmt: skip
-        result: _DataKey = self._run(_calls.single(op))
+        req = _calls.generate_request(
+            recording_id, purposes, subject_ids, retain_until, key_name, context
+        )
+        result: _DataKey = self._run(_calls.single(_calls.generate(req)))
         return result
 
     def generate_wrapped_data_key(
@@ -66,11 +65,10 @@ class KeyBrokerApi(ClientBase, Generic[_DataKey, _Wrapped, _Batch, _KeyRef, _Hea
         context: Mapping[str, str] | None = None,
     ) -> _Wrapped:
         """A new data key, wrapped only (for a recording to be encrypted elsewhere later)."""
-        op = _calls.generate(
-            recording_id, purposes=purposes, subject_ids=subject_ids,
-            retain_until=retain_until, key_name=key_name, context=context, wrapped_only=True,
-        )  # fmt: skip
-        result: _Wrapped = self._run(_calls.single(op))
+        req = _calls.generate_request(
+            recording_id, purposes, subject_ids, retain_until, key_name, context
+        )
+        result: _Wrapped = self._run(_calls.single(_calls.generate_wrapped(req)))
         return result
 
     def unwrap_data_key(
@@ -114,11 +112,12 @@ class KeyBrokerApi(ClientBase, Generic[_DataKey, _Wrapped, _Batch, _KeyRef, _Hea
 
         Memory stays at two segments whatever the size. The asyncio client reads, encrypts and
         writes in a worker thread (``progress`` is called there)."""
-        op = _calls.generate(
-            recording_id, purposes=purposes, subject_ids=subject_ids,
-            retain_until=retain_until, context=context,
-        )  # fmt: skip
-        plan = _calls.encrypt_recording(src, dst, op, recording_id, segment_size, progress)
+        req = _calls.generate_request(
+            recording_id, purposes, subject_ids, retain_until, "", context
+        )
+        plan = _calls.encrypt_recording(
+            src, dst, _calls.generate(req), recording_id, segment_size, progress
+        )
         result: _KeyRef = self._run(plan)
         return result
 

@@ -3,6 +3,9 @@ config), the calls built from the service descriptors, and the two ways a call r
 
 The blocking and asyncio clients differ only in :meth:`_Blocking._run` / :meth:`_Async._run`
 and in how they close; every RPC is declared once (``keybroker.client._api``).
+
+The mTLS files are watched (``keybroker.client._tls``): when they change, the next call opens a
+new channel with them, and the previous channel is closed once its last running call is done.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -23,6 +27,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from keybroker.client import _calls
 from keybroker.client._calls import Op, Plan, Steps, TlsFiles, Work
+from keybroker.client._tls import TlsWatch
 from keybroker.client.retry import RetryPolicy
 from keybroker.client.tokens import TokenProvider, as_provider
 
@@ -92,6 +97,18 @@ def method_callables(
     return calls
 
 
+class _Connection:
+    """One channel, its method callables, and the calls running on it."""
+
+    __slots__ = ("active", "calls", "channel", "retired")
+
+    def __init__(self, channel: Any, calls: dict[str, Any]) -> None:
+        self.channel = channel
+        self.calls = calls
+        self.active = 0
+        self.retired = False  # replaced: closed when ``active`` drops to 0
+
+
 class ClientBase:
     """Construction, token, retry and balancing; subclasses set ``service`` and mix in a runner."""
 
@@ -134,8 +151,41 @@ class ClientBase:
         if server_name is not None:
             opts.append(("grpc.ssl_target_name_override", server_name))
         opts.extend(options)
-        self._channel = self._open(channel_target(target), tls.credentials(), opts)
-        self._calls = method_callables(self._channel, self.service)
+        self._target = channel_target(target)
+        self._options = opts
+        self._tls = TlsWatch(tls)
+        self._lock = threading.Lock()
+        self._conn = self._connect(tls.credentials())
+
+    def _connect(self, creds: grpc.ChannelCredentials) -> _Connection:
+        channel = self._open(self._target, creds, self._options)
+        return _Connection(channel, method_callables(channel, self.service))
+
+    @property
+    def _channel(self) -> Any:
+        """The channel new calls use."""
+        return self._conn.channel
+
+    def _acquire(self) -> tuple[_Connection, _Connection | None]:
+        """The connection for the next call (counted as running until :meth:`_release`), and
+        the one it replaced if the TLS files changed just now and nothing runs on that one any
+        more (the caller closes it)."""
+        creds = self._tls.changed()
+        idle = None
+        with self._lock:
+            if creds is not None:
+                old, self._conn = self._conn, self._connect(creds)
+                old.retired = True
+                idle = old if old.active == 0 else None
+            conn = self._conn
+            conn.active += 1
+        return conn, idle
+
+    def _release(self, conn: _Connection) -> bool:
+        """One call on ``conn`` is done; True if ``conn`` was replaced and is now idle."""
+        with self._lock:
+            conn.active -= 1
+            return conn.retired and conn.active == 0
 
     @classmethod
     def from_files(
@@ -157,9 +207,9 @@ class ClientBase:
     ) -> Any:
         raise NotImplementedError
 
-    def _invoke(self, op: Op[Any]) -> Any:
-        """Start ``op`` on the channel: its response (blocking) or an awaitable (asyncio)."""
-        return self._calls[op.method](
+    def _invoke(self, conn: _Connection, op: Op[Any]) -> Any:
+        """Start ``op`` on ``conn``: its response (blocking) or an awaitable (asyncio)."""
+        return conn.calls[op.method](
             op.request, metadata=_calls.metadata(self._token()), timeout=self._timeout
         )
 
@@ -179,10 +229,16 @@ class _Blocking(ClientBase):
             return steps.value
 
     def _call(self, op: Op[Any]) -> Any:
+        conn, idle = self._acquire()
+        if idle is not None:
+            idle.channel.close()
         try:
-            return op.result(self._invoke(op))
+            return op.result(self._invoke(conn, op))
         except grpc.RpcError as exc:
             raise _calls.translate(exc) from None
+        finally:
+            if self._release(conn):
+                conn.channel.close()
 
     def close(self) -> None:
         self._channel.close()
@@ -215,10 +271,16 @@ class _Async(ClientBase):
             return steps.value
 
     async def _call(self, op: Op[Any]) -> Any:
+        conn, idle = self._acquire()
+        if idle is not None:
+            await idle.channel.close(None)
         try:
-            return op.result(await self._invoke(op))
+            return op.result(await self._invoke(conn, op))
         except grpc.RpcError as exc:
             raise _calls.translate(exc) from None
+        finally:
+            if self._release(conn):
+                await conn.channel.close(None)
 
     async def close(self) -> None:
         await self._channel.close(None)

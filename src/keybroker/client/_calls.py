@@ -118,7 +118,7 @@ def single(op: Op[R]) -> Plan[R]:
     return result
 
 
-def _generate_request(  # noqa: PLR0917 - mirrors the request message
+def generate_request(  # noqa: PLR0917 - mirrors the request message
     recording_id: str,
     purposes: Iterable[str],
     subject_ids: Iterable[str],
@@ -144,25 +144,17 @@ def _key_ref(ref: pb.KeyRef) -> KeyRef:
     return KeyRef(ref.key_name, ref.version)
 
 
-def generate(
-    recording_id: str,
-    *,
-    purposes: Iterable[str],
-    subject_ids: Iterable[str] = (),
-    retain_until: dt.datetime | None = None,
-    key_name: str = "",
-    context: Mapping[str, str] | None = None,
-    wrapped_only: bool = False,
-) -> Op[Any]:
-    req = _generate_request(recording_id, purposes, subject_ids, retain_until, key_name, context)
-    if wrapped_only:
-        return Op(
-            "GenerateWrappedDataKey",
-            req,
-            lambda r: WrappedDataKey(r.wrapped_key, _key_ref(r.key_ref)),
-        )
+def generate(req: pb.GenerateDataKeyRequest) -> Op[DataKey]:
+    """GenerateDataKey for a request from :func:`generate_request`."""
     return Op(
         "GenerateDataKey", req, lambda r: DataKey(r.data_key, r.wrapped_key, _key_ref(r.key_ref))
+    )
+
+
+def generate_wrapped(req: pb.GenerateDataKeyRequest) -> Op[WrappedDataKey]:
+    """GenerateWrappedDataKey for a request from :func:`generate_request`."""
+    return Op(
+        "GenerateWrappedDataKey", req, lambda r: WrappedDataKey(r.wrapped_key, _key_ref(r.key_ref))
     )
 
 

@@ -33,6 +33,7 @@ from keybroker.core.wrapped_key import (
 from keybroker.errors import (
     FailedPreconditionError,
     InvalidRequestError,
+    InvalidWrappedKeyError,
     KeyStateStaleError,
     NotFoundError,
     PermissionDeniedError,
@@ -82,32 +83,50 @@ class GenerateRequest:
     context: Mapping[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class GeneratedKey:
+def _entry(
+    bindings: Bindings, key: KeyRef, now: float, wrapped: bytes, *, amendment: bool = False
+) -> RecordingEntry:
+    """The registry entry of a wrapped key the broker hands out (kept for holds and erasure)."""
+    return RecordingEntry(
+        bindings.recording_id,
+        bindings.subject_ids,
+        bindings.purposes,
+        bindings.retain_until,
+        key,
+        now,
+        wrapped_key=wrapped,
+        amendment=amendment,
+    )
+
+
+class _KeyResult:
+    """A use case's result: it carries a data key or a wrapped key, so its repr names only the
+    key version (tests/core/test_wrapped_key.py checks each of them)."""
+
+    __slots__ = ()
+    key: KeyRef
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self.key})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class GeneratedKey(_KeyResult):
     data_key: SecretBytes
     wrapped_key: bytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"GeneratedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class UnwrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class UnwrappedKey(_KeyResult):
     data_key: SecretBytes
     key: KeyRef
 
-    def __repr__(self) -> str:
-        return f"UnwrappedKey(key={self.key})"
 
-
-@dataclass(frozen=True, slots=True)
-class RewrappedKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class RewrappedKey(_KeyResult):
     wrapped_key: bytes
     key: KeyRef
-
-    def __repr__(self) -> str:
-        return f"RewrappedKey(key={self.key})"
 
 
 class KeyBroker:
@@ -182,23 +201,16 @@ class KeyBroker:
         wrapped = self._wrap(key, bindings, data_key)
         self._catalog.count(key, wraps=1)  # every encryption under the version counts
         if self._privacy is not None:  # claims the id (AlreadyExistsError if registered)
-            self._privacy.register(
-                RecordingEntry(
-                    bindings.recording_id,
-                    bindings.subject_ids,
-                    bindings.purposes,
-                    bindings.retain_until,
-                    key,
-                    now,
-                    wrapped_key=wrapped,
-                )
-            )
+            self._privacy.register(_entry(bindings, key, now, wrapped))
         return GeneratedKey(SecretBytes(data_key), wrapped, key)
 
     def _current_for(self, name: str, retain_until: float) -> KeyRef:
         """The key version new wraps use: ``name``'s, or its retention epoch key's."""
         snapshot = self._catalog.snapshot()
-        if name not in snapshot.keys:  # made a moment ago elsewhere? decide on fresh state
+        known = snapshot.keys.get(name)
+        # Made a moment ago elsewhere, or read between CreateKey's two commits (the key without
+        # a current version yet)? Decide on fresh state.
+        if known is None or not known.current_version:
             snapshot = self._catalog.fresh_snapshot()
         snapshot.current(name)  # the requested key must exist either way
         if self._epochs is None:
@@ -279,7 +291,7 @@ class KeyBroker:
         self._require_not_erased(parsed.bindings)
         policy.require_retention(parsed.bindings, self._clock())
         current = self._catalog.snapshot().current(parsed.key.name)
-        wrapped = self._wrap(current, parsed.bindings, data_key)
+        wrapped = self._wrap(current, parsed.bindings, data_key, parsed.parsed_bindings)
         self._catalog.count(parsed.key, unwraps=1)
         self._catalog.count(current, wraps=1)
         decision.key_version = current.version
@@ -339,16 +351,7 @@ class KeyBroker:
                 by=principal.subject,
             )
             self._privacy.register(
-                RecordingEntry(
-                    bindings.recording_id,
-                    bindings.subject_ids,
-                    bindings.purposes,
-                    bindings.retain_until,
-                    current,
-                    self._clock(),
-                    wrapped_key=wrapped,
-                    amendment=True,
-                )
+                _entry(bindings, current, self._clock(), wrapped, amendment=True)
             )
         return RewrappedKey(wrapped, current)
 
@@ -397,27 +400,39 @@ class KeyBroker:
         snapshot = self._catalog.snapshot()
         if not _loaded(snapshot, parsed.key):
             snapshot = self._catalog.fresh_snapshot()
-        parsed = self._with_material(snapshot, parsed, decision)
+        parsed = self._with_material(snapshot, parsed, wrapped_key, decision)
         try:
             data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         except KeyStateStaleError:
             # The catalog let the version through but the HSM has no object for it: one of the
             # two is behind. Reload; a version destroyed meanwhile is now said to be destroyed.
             snapshot = self._catalog.fresh_snapshot()
-            parsed = self._with_material(snapshot, parsed, decision)
+            parsed = self._with_material(snapshot, parsed, wrapped_key, decision)
             data_key = self._keks.decrypt(parsed.key, parsed.nonce, parsed.ciphertext, parsed.aad)
         decision.subject_ids = parsed.bindings.subject_ids  # trusted only once authenticated
         snapshot.require_usable(parsed.key)
         return parsed, data_key
 
     def _with_material(
-        self, snapshot: KeySnapshot, parsed: WrappedKey, decision: Decision
+        self, snapshot: KeySnapshot, parsed: WrappedKey, wrapped_key: bytes, decision: Decision
     ) -> WrappedKey:
-        """``parsed``, or its legal-hold copy when its own version is destroyed."""
+        """``parsed``, or its legal-hold copy when its own version is destroyed.
+
+        A blob under a destroyed version can no longer be authenticated by the HSM. It is told
+        genuine only if the registry keeps it byte for byte (the broker issued it): then the
+        caller learns the version is destroyed, or gets the recording's legal-hold copy. Any
+        other blob naming a destroyed version reads like one naming an unknown version
+        (InvalidWrappedKeyError): no oracle for which versions existed, and no hold copy for a
+        blob forged from a held recording's (public) bindings.
+        """
         try:
             snapshot.require_material(parsed.key)
         except FailedPreconditionError as exc:
-            held = self._hold_copy(parsed) if exc.reason == "key_version_destroyed" else None
+            if exc.reason != "key_version_destroyed":
+                raise
+            if not self._issued(parsed.bindings.recording_id, wrapped_key):
+                raise InvalidWrappedKeyError from None
+            held = self._hold_copy(parsed)
             if held is None:
                 raise
             decision.key_name, decision.key_version = held.key.name, held.key.version
@@ -425,9 +440,15 @@ class KeyBroker:
             return held
         return parsed
 
-    def _wrap(self, key: KeyRef, bindings: Bindings, data_key: bytes) -> bytes:
+    def _issued(self, recording_id: str, wrapped_key: bytes) -> bool:
+        return self._privacy is not None and self._privacy.issued(recording_id, wrapped_key)
+
+    def _wrap(
+        self, key: KeyRef, bindings: Bindings, data_key: bytes, encoded: bytes = b""
+    ) -> bytes:
         """A wrapped key in the current format (v2): the AAD is fixed first, the HSM's
-        encryption gives the nonce it used, and the blob is built from both."""
-        aad = WrappedKey.aad_v2(key, bindings)
+        encryption gives the nonce it used, and the blob is built from both. ``encoded``: the
+        bindings' encoding, when known (a parsed key's)."""
+        aad = WrappedKey.aad_v2(key, bindings, encoded)
         nonce, ciphertext = self._keks.encrypt(key, data_key, aad)
         return WrappedKey.join_v2(aad, nonce, ciphertext)

@@ -49,6 +49,10 @@ class Decision:
     """What the call produced that an auditor can look up, e.g. ``erasure:17``."""
     justification: str | None = None
     """The reason a caller gave for a privacy operation (erasure, hold, purpose amendment)."""
+    purposes_added: tuple[str, ...] = field(default_factory=tuple)
+    purposes_removed: tuple[str, ...] = field(default_factory=tuple)
+    """What an AmendPurposes call asked to add and to remove (also in its intent record), so a
+    purpose withdrawal can be re-applied from the journal after a restore (privacy replay)."""
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C ``traceparent``/``tracestate`` of the caller, to join its trace."""
     aggregated: dict[str, int] = field(default_factory=dict)

@@ -58,6 +58,7 @@ def checkpoint_message(seq: int, head: str) -> bytes:
 
 
 _DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+_TUPLE_FIELDS = ("purposes", "subject_ids", "purposes_added", "purposes_removed")
 
 
 def decision_to_dict(decision: Decision) -> dict[str, Any]:
@@ -79,8 +80,8 @@ def decision_from_dict(data: dict[str, Any]) -> Decision:
     fields = {f.name for f in dataclasses.fields(Decision)}
     values = {k: v for k, v in data.items() if k in fields}
     values["outcome"] = Outcome(values.get("outcome", "deny"))
-    values["purposes"] = tuple(values.get("purposes", ()))
-    values["subject_ids"] = tuple(values.get("subject_ids", ()))
+    for name in _TUPLE_FIELDS:
+        values[name] = tuple(values.get(name, ()))
     return Decision(**values)
 
 

@@ -140,7 +140,9 @@ class KeySnapshot:
         """Before the HSM is asked: is there key material to authenticate the blob with?
 
         A version the store does not know reads like any other bad blob (no oracle); a destroyed
-        one is said to be destroyed (nothing can be authenticated with it any more).
+        one raises ``key_version_destroyed``, which the broker passes on only for a blob the
+        registry shows it issued (``KeyBroker._with_material``): nothing can be authenticated
+        with a destroyed version any more.
         """
         found = self.index.get(ref)
         version = found[1] if found is not None else None

@@ -156,6 +156,12 @@ class PrivacyView(Protocol):
         path: may read the store)."""
         ...
 
+    def issued(self, recording_id: str, wrapped_key: bytes) -> bool:
+        """Is ``wrapped_key``, byte for byte, one the registry keeps for the recording (rare path:
+        reads the store)? The only way left to tell a genuine blob from a forged one once the
+        KEK version that would authenticate it is destroyed."""
+        ...
+
     def require_unregistered(self, recording_id: str) -> None:
         """Raise AlreadyExistsError if the recording id is registered already (in memory)."""
         ...
@@ -300,6 +306,7 @@ class PrivacyService:
         validate_purposes(add, "add_purposes")
         validate_purposes(remove, "remove_purposes")
         policy.require_purposes_granted(principal, add)
+        decision.purposes_added, decision.purposes_removed = tuple(add), tuple(remove)
         record_intent(self._intent, decision)
         return apply()
 

@@ -279,6 +279,9 @@ class WrappedKey:
     format_version: int = FORMAT_VERSION
     parsed_aad: bytes = field(default=b"", repr=False, compare=False)
     """The AAD bytes a parsed key came with (already checked canonical)."""
+    parsed_bindings: bytes = field(default=b"", repr=False, compare=False)
+    """The encoded bindings a parsed key came with: checked canonical, so exactly
+    ``bindings.encode()``; a rewrap under another version reuses them (:meth:`aad_v2`)."""
 
     def __repr__(self) -> str:
         return (
@@ -312,10 +315,11 @@ class WrappedKey:
         )
 
     @staticmethod
-    def aad_v2(key: KeyRef, bindings: Bindings) -> bytes:
+    def aad_v2(key: KeyRef, bindings: Bindings, encoded: bytes = b"") -> bytes:
         """Format v2: everything before the nonce; its GCM additional data. Known before the
-        HSM encrypts, so the HSM may choose the nonce."""
-        encoded = bindings.encode()
+        HSM encrypts, so the HSM may choose the nonce. ``encoded``: ``bindings.encode()`` when
+        the caller has it already (a parsed key's :attr:`parsed_bindings`)."""
+        encoded = encoded or bindings.encode()
         return b"".join(
             (
                 MAGIC,
@@ -385,4 +389,6 @@ class WrappedKey:
         if end + CIPHERTEXT_SIZE != size or version == 0 or not _KEY_NAME_RE.fullmatch(name):
             raise InvalidWrappedKeyError
         bindings = _parse_bindings(bindings_raw)
-        return cls(KeyRef(name, version), nonce, bindings, ciphertext, fmt, blob[:aad_end])
+        return cls(
+            KeyRef(name, version), nonce, bindings, ciphertext, fmt, blob[:aad_end], bindings_raw
+        )

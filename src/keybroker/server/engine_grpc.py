@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 Context = grpc.ServicerContext
 _INTERNAL = "internal error"
+_BEAT_INTERVAL = 0.25  # seconds between liveness heartbeats (each a task on the call pool)
 _SLOT_POLL = 0.5  # seconds between checks that a stream waiting for a thread is still wanted
 _NOT_AN_ABORT = frozenset({None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN})
 
@@ -119,8 +120,14 @@ class GrpcServer:
         *,
         options: ServerOptions,
         refusals: RefusalLog | None = None,
+        heartbeats: Callable[[str], Callable[[], None]] | None = None,
     ) -> None:
+        """``heartbeats``: the liveness heartbeats ``"server"`` and ``"commit"``
+        (keybroker.server.probes); both beat from a task run on the call pool every
+        ``_BEAT_INTERVAL`` seconds, so they stop when no pool thread takes work any more."""
         self._handlers = handlers
+        self._beats = [heartbeats("server"), heartbeats("commit")] if heartbeats is not None else []
+        self._beating = threading.Event()
         self.refusals = refusals
         self.failed = False
         """Never set: this engine has no loop of its own to die (kept for the serve loop)."""
@@ -146,10 +153,26 @@ class GrpcServer:
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
         return self._server.add_secure_port(address, credentials)
 
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
     def start(self) -> None:
         self._server.start()
         if self.refusals is not None:
             self.refusals.start()
+        if self._beats:
+            threading.Thread(target=self._heartbeat, name="kb-grpc-beat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._beating.wait(_BEAT_INTERVAL):
+            try:
+                self._pool.submit(self._beat)
+            except RuntimeError:  # the pool is shut down
+                return
+
+    def _beat(self) -> None:
+        for beat in self._beats:
+            beat()
 
     def stop(self, grace: float | None) -> threading.Event:
         """Refuse new calls; cancel those still running after ``grace`` seconds (now if None).
@@ -158,6 +181,7 @@ class GrpcServer:
             if self._done is not None:
                 return self._done
             self._done = done = threading.Event()
+        self._beating.set()
         stopped = self._server.stop(grace)
 
         def finish() -> None:

@@ -13,6 +13,7 @@ private layer the loop needs (a grpcio release that moved it still serves).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -36,6 +37,7 @@ class Engine(Protocol):
     failed: bool
 
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int: ...
+    def add_insecure_port(self, address: str) -> int: ...
     def start(self) -> None: ...
     def stop(self, grace: float | None) -> threading.Event: ...
 
@@ -47,15 +49,19 @@ def create_engine(
     inline: frozenset[str],
     options: ServerOptions,
     refusals: RefusalLog | None,
+    heartbeats: Callable[[str], Callable[[], None]] | None = None,
 ) -> Engine:
     """The server ``engine`` names; ``inline`` methods are answered on the loop thread (the
-    ``loop`` engine; the ``grpc`` engine runs every call on its pool)."""
+    ``loop`` engine; the ``grpc`` engine runs every call on its pool); ``heartbeats`` gives the
+    liveness heartbeats ``"server"`` and ``"commit"`` by name (keybroker.server.probes)."""
     if engine == LOOP:
         from keybroker.server.loop import LoopServer
 
-        return LoopServer(handlers, inline=inline, options=options, refusals=refusals)
+        return LoopServer(
+            handlers, inline=inline, options=options, refusals=refusals, heartbeats=heartbeats
+        )
     if engine == GRPC:
         from keybroker.server.engine_grpc import GrpcServer
 
-        return GrpcServer(handlers, options=options, refusals=refusals)
+        return GrpcServer(handlers, options=options, refusals=refusals, heartbeats=heartbeats)
     raise ConfigurationError(f'[server] engine: expected "loop" or "grpc", got {engine!r}')

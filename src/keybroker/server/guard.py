@@ -31,6 +31,7 @@ from keybroker.errors import (
     UnavailableError,
 )
 from keybroker.server.limits import DenialLimiter, RateLimits
+from keybroker.server.logs import enter_call, leave_call
 from keybroker.server.peer import peer_from_context
 from keybroker.server.status import REASON_METADATA, status_for
 
@@ -252,18 +253,22 @@ class CallGuard:
             decision.recording_id = recording_id[:MAX_RECORDING_ID]
         if key_name:
             decision.key_name = key_name[:MAX_KEY_NAME]
+        entered = enter_call(decision.trace_context.get("traceparent"))
         try:
-            principal = self._authenticate(context, decision)
-            result = action(principal, decision)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped, logged and recorded
-            _name_target(decision, exc, wrapped_key)
-            code, message = self._failed(decision, exc, operation)
+            try:
+                principal = self._authenticate(context, decision)
+                result = action(principal, decision)
+            except Exception as exc:  # noqa: BLE001 - every failure is mapped, logged, recorded
+                _name_target(decision, exc, wrapped_key)
+                code, message = self._failed(decision, exc, operation)
+                self._record(context, decision)
+                context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
+                context.abort(code, message)
+            _allowed(decision)
             self._record(context, decision)
-            context.set_trailing_metadata(((REASON_METADATA, decision.reason),))
-            context.abort(code, message)
-        _allowed(decision)
-        self._record(context, decision)
-        return result
+            return result
+        finally:
+            leave_call(entered)
 
     def run_batch(
         self,
@@ -276,39 +281,43 @@ class CallGuard:
         """One call carrying many items: authenticate and ``authorize`` once, then one decision
         per item, all recorded with one durable flush before the reply leaves."""
         base = self._start(context, operation)
+        entered = enter_call(base.trace_context.get("traceparent"))
         try:
-            principal = self._authenticate(context, base)
-            authorize(principal)
-        except Exception as exc:  # noqa: BLE001 - mapped, logged and recorded
-            _name_target(base, exc, b"")
-            code, message = self._failed(base, exc, operation)
-            self._record(context, base)
-            context.set_trailing_metadata(((REASON_METADATA, base.reason),))
-            context.abort(code, message)
-        results: list[R | ItemError] = []
-        decisions: list[Decision] = []
-        for item in items:
-            decision = dataclasses.replace(base, started_ns=time.time_ns())
             try:
-                results.append(action(item, decision))
-                _allowed(decision)
-            except Exception as exc:  # noqa: BLE001 - per item: mapped, recorded, reported
-                code, message = self._failed(decision, exc, operation)
-                results.append(ItemError(code, message, decision.reason))
-            decision.ended_ns = time.time_ns()
-            decisions.append(decision)
-        if self._durable is not None:
-            try:
-                self._durable.record_many(decisions)
-            except KeybrokerError as exc:
-                for decision in decisions:
-                    _unavailable(decision, exc)
-                    self._recorder.record(decision)
-                context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
-                context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
-        for decision in decisions:
-            self._recorder.record(decision)
-        return results
+                principal = self._authenticate(context, base)
+                authorize(principal)
+            except Exception as exc:  # noqa: BLE001 - mapped, logged and recorded
+                _name_target(base, exc, b"")
+                code, message = self._failed(base, exc, operation)
+                self._record(context, base)
+                context.set_trailing_metadata(((REASON_METADATA, base.reason),))
+                context.abort(code, message)
+            results: list[R | ItemError] = []
+            decisions: list[Decision] = []
+            for item in items:
+                decision = dataclasses.replace(base, started_ns=time.time_ns())
+                try:
+                    results.append(action(item, decision))
+                    _allowed(decision)
+                except Exception as exc:  # noqa: BLE001 - per item: mapped, recorded, reported
+                    code, message = self._failed(decision, exc, operation)
+                    results.append(ItemError(code, message, decision.reason))
+                decision.ended_ns = time.time_ns()
+                decisions.append(decision)
+            if self._durable is not None:
+                try:
+                    self._durable.record_many(decisions)
+                except KeybrokerError as exc:
+                    for decision in decisions:
+                        _unavailable(decision, exc)
+                        self._recorder.record(decision)
+                    context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
+                    context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+            for decision in decisions:
+                self._recorder.record(decision)
+            return results
+        finally:
+            leave_call(entered)
 
     def _start(self, context: grpc.ServicerContext, operation: str) -> Decision:
         metadata = tuple(context.invocation_metadata() or ())
@@ -353,6 +362,15 @@ class CallGuard:
     def _record(self, context: grpc.ServicerContext, decision: Decision) -> None:
         """Durable record first (fail closed), then the live span."""
         decision.ended_ns = time.time_ns()
+        if log.isEnabledFor(logging.DEBUG):  # never names the principal, the target or a key
+            log.debug(
+                "%s/%s: %s (%s, %s)",
+                decision.service,
+                decision.operation,
+                decision.outcome.value,
+                decision.reason,
+                decision.status_code,
+            )
         if self._denials is not None and not self._denials.admit(decision):
             if self._counters is not None:  # counted into an aggregate record; alerts still see it
                 self._counters.record(decision)

@@ -38,6 +38,10 @@ class ServerOptions:
     stream_threads: int = 4
     streams_per_connection: int = 4
     stream_queue: int = 16
+    commit_thread: bool = True
+    """The loop engine: flush the journal and send the replies of a turn on a thread of their
+    own, so the loop answers the next calls while the disk works (False: on the loop thread,
+    between polls). The grpc engine has no turns: each pool thread records its own calls."""
 
 
 class StreamGate:

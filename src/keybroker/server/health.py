@@ -25,6 +25,13 @@ class Health:
         self._services = services
         self._state: dict[str, bool] = {}
         self._lock = threading.Lock()
+        self._followers: list[Callable[[bool], None]] = []
+
+    def follow(self, follower: Callable[[bool], None]) -> None:
+        """Also tell ``follower`` the combined state on every publication (the health port's
+        readiness: keybroker.server.probes)."""
+        with self._lock:
+            self._followers.append(follower)
 
     def watch(self, name: str, healthy: bool) -> Callable[[bool], None]:
         """Register a dependency; returns the callback it calls on every change."""
@@ -46,6 +53,8 @@ class Health:
         )
         for name in ("", *self._services):
             self._servicer.set(name, status)
+        for follower in self._followers:
+            follower(ok)
 
     def publish(self) -> None:
         with self._lock:
@@ -55,9 +64,16 @@ class Health:
 class HealthMonitor:
     """Background thread running each probe every ``interval`` seconds."""
 
-    def __init__(self, probes: Sequence[Callable[[], None]], interval: float) -> None:
+    def __init__(
+        self,
+        probes: Sequence[Callable[[], None]],
+        interval: float,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        """``heartbeat`` is called after each probe (liveness: keybroker.server.probes)."""
         self._probes = probes
         self._interval = interval
+        self._heartbeat = heartbeat or (lambda: None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
 
@@ -69,6 +85,7 @@ class HealthMonitor:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        self._heartbeat()
         while not self._stop.wait(self._interval):
             for probe in self._probes:
                 try:
@@ -77,3 +94,4 @@ class HealthMonitor:
                     pass  # the dependency logged and signalled it
                 except Exception:  # a monitor must never die silently
                     log.exception("health probe failed unexpectedly")
+                self._heartbeat()

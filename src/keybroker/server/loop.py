@@ -14,12 +14,13 @@ privacy calls need.
 
 Group commit: a call answered inline hands its decision record to the loop instead of writing
 it (see :class:`keybroker.server.guard.RecordDeferral`). When no more events are ready (or after
-``max_turn`` calls), the loop writes the turn's records to the journal with one flush
-(``fdatasync``), records the decisions live, and only then sends the replies; calls that arrive
-meanwhile wait in gRPC core and make up the next turn. A record that cannot be made durable
-turns its call into UNAVAILABLE: no data key leaves without its durable decision. Everything a
-data-plane call needs thus happens on this one thread, gRPC core's socket I/O included
-(:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the disk.
+``max_turn`` calls), the loop hands the turn's replies to the commit thread and polls again at
+once: that thread writes the records to the journal with one flush (``fdatasync``, which
+releases the interpreter lock) for everything handed over meanwhile, records the decisions live,
+and only then sends the replies. The loop thus answers the next calls while the disk works. A
+record that cannot be made durable turns its call into UNAVAILABLE: no data key leaves without
+its durable decision. Everything else a data-plane call needs happens on the loop thread, gRPC
+core's socket I/O included (:mod:`keybroker.server.grpc_settings`).
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes, through one door: :mod:`keybroker.server.grpc_private` binds every
@@ -73,6 +74,8 @@ _FLAGS = 0
 _MALFORMED = MALFORMED
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
 LoopOptions = ServerOptions  # the name this module gave the options first
+_IDLE_WAKE = 1.0  # seconds an idle loop waits for an event before it turns anyway (heartbeat)
+_BEAT_INTERVAL = 0.25  # a turning loop beats at most this often (a beat costs ~0.4 µs)
 
 
 class _Tag:
@@ -363,9 +366,13 @@ class LoopServer:
         inline: frozenset[str],
         options: ServerOptions,
         refusals: RefusalLog | None = None,
+        heartbeats: Callable[[str], Callable[[], None]] | None = None,
     ) -> None:
         """``refusals`` counts calls refused before any handler ran; the server starts and
-        stops it (:mod:`keybroker.server.refusals`)."""
+        stops it (:mod:`keybroker.server.refusals`). ``heartbeats`` gives the heartbeat of a
+        thread by name, ``"server"`` (the loop) and ``"commit"`` (the commit thread; the loop's
+        own turns without one), each called as its thread turns, at least every second while
+        idle (liveness: :mod:`keybroker.server.probes`)."""
         unknown = sorted(m for m in inline if handlers.lookup(m) is None)
         if unknown:
             raise ValueError(f"inline methods without a handler: {unknown}")
@@ -383,6 +390,12 @@ class LoopServer:
             max_workers=options.stream_threads, thread_name_prefix="kb-stream"
         )
         self._stream_gate = StreamGate(options)
+        beats = heartbeats or _no_heartbeats
+        loop_beat, commit_beat = beats("server"), beats("commit")
+        self._committer = (
+            _Committer(self._start_batch, commit_beat) if options.commit_thread else None
+        )
+        self._heartbeat = loop_beat if self._committer else _both(loop_beat, commit_beat)
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
         self._in_flight = 0  # loop thread only
         self._stopping: _Stopping | None = None
@@ -397,6 +410,11 @@ class LoopServer:
             address.encode("utf-8"),
             cy.core_credentials(credentials),
         )
+        return port
+
+    def add_insecure_port(self, address: str) -> int:
+        """A plaintext port (the health probes' only: :mod:`keybroker.server.probes`)."""
+        port: int = self._server.add_http2_port(address.encode("utf-8"), None)
         return port
 
     def start(self) -> None:
@@ -465,11 +483,15 @@ class LoopServer:
     def _run(self) -> None:
         replies: list[_Reply] = []
         shut_down = False
+        pulse = _Pulse(self._heartbeat)
+        pulse()
         try:
             while not (shut_down and (self._in_flight == 0 or self._abandoned())):
-                # replies waiting: only take what is ready; stopping: look at the clock now and then
-                deadline = time.time() if replies else (time.time() + 0.1 if shut_down else None)
-                event = self._cq.poll(deadline)
+                # replies waiting: only take what is ready; stopping: look at the clock now and
+                # then; idle: wake up now and then, so that the heartbeat says the loop turns
+                wait = 0.0 if replies else (0.1 if shut_down else _IDLE_WAKE)
+                event = self._cq.poll(time.time() + wait)
+                pulse()
                 if event.completion_type == cy.CompletionType.queue_timeout:
                     self._end_turn(replies)
                     replies = []
@@ -490,6 +512,8 @@ class LoopServer:
             self.failed = True
             self._fail_all()
         finally:
+            if self._committer is not None:  # its last replies go out before the server goes
+                self._committer.close(_ABANDON_AFTER)
             with self._lock:
                 self._destroyed = True
                 self._server.destroy()
@@ -505,13 +529,14 @@ class LoopServer:
     def _end_turn(self, replies: list[_Reply]) -> None:
         """Group commit: make the turn's records durable (one flush per journal), then record
         them live and send the replies. A record that could not be made durable turns its
-        call into UNAVAILABLE (see :func:`_send`)."""
+        call into UNAVAILABLE (see :func:`_send`). With ``commit_thread`` (the default) a turn
+        whose records need a flush is handed to the commit thread (:class:`_Committer`)."""
         if not replies:
             return
-        records = [r for reply in replies for r in reply.context.deferred or ()]
-        commit_deferred(records)  # never raises: a failure fails its records closed
-        record_live(records)  # as for any call: durable, then live, then the reply
-        _send(replies)
+        if self._committer is not None and _needs_flush(replies):
+            self._committer.submit(replies)  # the loop goes back to gRPC core at once
+        else:
+            _commit_and_send(replies, _start_now)
 
     def _dispatch(self, tag: Any, event: Any, replies: list[_Reply]) -> None:
         if tag is _FINISHED:
@@ -598,6 +623,39 @@ class LoopServer:
             log.exception("counting a refused call failed")
 
 
+def _no_heartbeat() -> None:
+    pass
+
+
+class _Pulse:
+    """Calls a heartbeat at once, then at most every ``_BEAT_INTERVAL`` seconds (a beat costs
+    more than a look at the clock)."""
+
+    __slots__ = ("_beat", "_next")
+
+    def __init__(self, beat: Callable[[], None]) -> None:
+        self._beat = beat
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._beat()
+            self._next = now + _BEAT_INTERVAL
+
+
+def _no_heartbeats(_name: str) -> Callable[[], None]:
+    return _no_heartbeat
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def beat() -> None:
+        first()
+        second()
+
+    return beat
+
+
 def _peer_of(call: Any) -> str:
     return bytes(call.peer()).decode("utf-8", "replace")
 
@@ -613,7 +671,70 @@ def _run_in_pool(
     start_batch(event.call, _final_ops(code, details, context.trailing, response), _FINISHED)
 
 
-def _send(replies: Sequence[_Reply]) -> None:
+def _needs_flush(replies: Sequence[_Reply]) -> bool:
+    return any(r.durable is not None for reply in replies for r in reply.context.deferred or ())
+
+
+def _start_now(call: Any, ops: tuple[Any, ...], tag: Any) -> bool:
+    """Start a batch on the loop thread (the server is alive while the loop runs)."""
+    call.start_server_batch(ops, tag)
+    return True
+
+
+def _commit_and_send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:
+    records = [r for reply in replies for r in reply.context.deferred or ()]
+    commit_deferred(records)  # never raises: a failure fails its records closed
+    record_live(records)  # as for any call: durable, then live, then the reply
+    _send(replies, start_batch)
+
+
+class _Committer:
+    """Group commit off the loop thread.
+
+    The loop hands each turn's replies here and goes back to gRPC core at once. This thread
+    makes their records durable — one flush for everything handed over while the previous flush
+    ran —, records them live and only then sends the replies. ``fdatasync`` releases the
+    interpreter lock, so the loop answers the next calls while the disk works instead of
+    waiting for it; the journal keeps one writer's order (one thread, first in first out)."""
+
+    def __init__(self, start_batch: BatchStarter, heartbeat: Callable[[], None]) -> None:
+        self._start = start_batch
+        self._beat = heartbeat
+        self._queue: list[_Reply] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kb-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, replies: Sequence[_Reply]) -> None:
+        with self._ready:
+            self._queue.extend(replies)
+            self._ready.notify()
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued, then stop (waits at most ``timeout`` seconds)."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._beat()  # idle: a heartbeat at every wake-up
+                    self._ready.wait(_IDLE_WAKE)
+                if not self._queue:
+                    return
+                replies, self._queue = self._queue, []
+            try:
+                _commit_and_send(replies, self._start)
+            except Exception:  # a bug: the replies' calls end when the server stops
+                log.exception("committing a turn of decisions failed")
+            self._beat()
+
+
+def _send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:
     """Send each reply, or UNAVAILABLE where its decision could not be made durable. One reply
     that cannot be sent (a bug, or a call gRPC core refuses) does not hold up the others."""
     for reply in replies:
@@ -625,8 +746,10 @@ def _send(replies: Sequence[_Reply]) -> None:
             )  # fmt: skip
             context.trailing = ((REASON_METADATA, failed.reason),)
         try:
-            context._call.start_server_batch(
-                _final_ops(reply.code, reply.details, context.trailing, reply.response), _FINISHED
+            start_batch(
+                context._call,
+                _final_ops(reply.code, reply.details, context.trailing, reply.response),
+                _FINISHED,
             )
         except Exception:
             log.exception("sending a reply failed")

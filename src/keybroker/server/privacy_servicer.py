@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -62,47 +63,54 @@ class PrivacyServicer(pb_grpc.PrivacyServicer):
         self._guard = guard
         self._journal_root = journal_root
 
-    def EraseRecording(
-        self, request: pb.EraseRecordingRequest, context: grpc.ServicerContext
+    def _erase(
+        self, context: grpc.ServicerContext, operation: str, kind: Target, target: str, reason: str
     ) -> pb.ErasureReceipt:
         return self._guard.run(
             context,
-            "EraseRecording",
-            lambda p, d: _receipt(
-                self._privacy.erase(p, d, Target.RECORDING, request.recording_id, request.reason)
-            ),
+            operation,
+            lambda p, d: _receipt(self._privacy.erase(p, d, kind, target, reason)),
+        )
+
+    def EraseRecording(
+        self, request: pb.EraseRecordingRequest, context: grpc.ServicerContext
+    ) -> pb.ErasureReceipt:
+        return self._erase(
+            context, "EraseRecording", Target.RECORDING, request.recording_id, request.reason
         )
 
     def EraseSubject(
         self, request: pb.EraseSubjectRequest, context: grpc.ServicerContext
     ) -> pb.ErasureReceipt:
-        return self._guard.run(
-            context,
-            "EraseSubject",
-            lambda p, d: _receipt(
-                self._privacy.erase(p, d, Target.SUBJECT, request.subject_id, request.reason)
-            ),
+        return self._erase(
+            context, "EraseSubject", Target.SUBJECT, request.subject_id, request.reason
         )
+
+    def _on_hold(
+        self,
+        request: pb.LegalHoldRequest,
+        context: grpc.ServicerContext,
+        operation: str,
+        change: Callable[[Principal, Decision, Target, str], Hold],
+    ) -> pb.LegalHold:
+        """Place or release a hold on the recording or subject the request names."""
+        kind, target = _target(request)
+        return self._guard.run(context, operation, lambda p, d: _hold(change(p, d, kind, target)))
 
     def PlaceLegalHold(
         self, request: pb.LegalHoldRequest, context: grpc.ServicerContext
     ) -> pb.LegalHold:
-        kind, target = _target(request)
-        return self._guard.run(
+        return self._on_hold(
+            request,
             context,
             "PlaceLegalHold",
-            lambda p, d: _hold(self._privacy.place_hold(p, d, kind, target, request.reason)),
+            lambda p, d, kind, target: self._privacy.place_hold(p, d, kind, target, request.reason),
         )
 
     def ReleaseLegalHold(
         self, request: pb.LegalHoldRequest, context: grpc.ServicerContext
     ) -> pb.LegalHold:
-        kind, target = _target(request)
-        return self._guard.run(
-            context,
-            "ReleaseLegalHold",
-            lambda p, d: _hold(self._privacy.release_hold(p, d, kind, target)),
-        )
+        return self._on_hold(request, context, "ReleaseLegalHold", self._privacy.release_hold)
 
     def AmendPurposes(
         self, request: pb.AmendPurposesRequest, context: grpc.ServicerContext

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import grpc
 
-from keybroker.core.broker import GenerateRequest, KeyBroker
+from keybroker.core.broker import GeneratedKey, GenerateRequest, KeyBroker
 from keybroker.core.decision import Decision
 from keybroker.core.identity import Principal
 from keybroker.core.wrapped_key import KeyRef
@@ -13,6 +16,8 @@ from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "keybroker.v1.KeyBroker"
+
+R = TypeVar("R")
 
 
 def _key_ref(ref: KeyRef) -> pb.KeyRef:
@@ -36,40 +41,62 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
         self._broker = broker
         self._guard = guard
 
+    def _generate(
+        self,
+        request: pb.GenerateDataKeyRequest,
+        context: grpc.ServicerContext,
+        operation: str,
+        respond: Callable[[GeneratedKey], R],
+    ) -> R:
+        """GenerateDataKey and GenerateWrappedDataKey: one use case, two replies."""
+
+        def action(principal: Principal, decision: Decision) -> R:
+            return respond(self._broker.generate(principal, _generate_request(request), decision))
+
+        return self._guard.run(
+            context, operation, action, recording_id=request.recording_id, key_name=request.key_name
+        )
+
+    def _on_blob(
+        self,
+        request: pb.UnwrapDataKeyRequest | pb.RewrapDataKeyRequest,
+        context: grpc.ServicerContext,
+        operation: str,
+        action: Callable[[Principal, Decision], R],
+    ) -> R:
+        """Unwrap and rewrap: a refusal names the recording and the key the blob names."""
+        return self._guard.run(
+            context,
+            operation,
+            action,
+            recording_id=request.recording_id,
+            wrapped_key=request.wrapped_key,
+        )
+
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> pb.GenerateDataKeyResponse:
-        def action(principal: Principal, decision: Decision) -> pb.GenerateDataKeyResponse:
-            out = self._broker.generate(principal, _generate_request(request), decision)
-            return pb.GenerateDataKeyResponse(
+        return self._generate(
+            request,
+            context,
+            "GenerateDataKey",
+            lambda out: pb.GenerateDataKeyResponse(
                 data_key=out.data_key.reveal(),
                 wrapped_key=out.wrapped_key,
                 key_ref=_key_ref(out.key),
-            )
-
-        return self._guard.run(
-            context,
-            "GenerateDataKey",
-            action,
-            recording_id=request.recording_id,
-            key_name=request.key_name,
+            ),
         )
 
     def GenerateWrappedDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> pb.GenerateWrappedDataKeyResponse:
-        def action(principal: Principal, decision: Decision) -> pb.GenerateWrappedDataKeyResponse:
-            out = self._broker.generate(principal, _generate_request(request), decision)
-            return pb.GenerateWrappedDataKeyResponse(
-                wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key)
-            )
-
-        return self._guard.run(
+        return self._generate(
+            request,
             context,
             "GenerateWrappedDataKey",
-            action,
-            recording_id=request.recording_id,
-            key_name=request.key_name,
+            lambda out: pb.GenerateWrappedDataKeyResponse(
+                wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key)
+            ),
         )
 
     def UnwrapDataKey(
@@ -88,13 +115,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
                 data_key=out.data_key.reveal(), key_ref=_key_ref(out.key)
             )
 
-        return self._guard.run(
-            context,
-            "UnwrapDataKey",
-            action,
-            recording_id=request.recording_id,
-            wrapped_key=request.wrapped_key,
-        )
+        return self._on_blob(request, context, "UnwrapDataKey", action)
 
     def RewrapDataKey(
         self, request: pb.RewrapDataKeyRequest, context: grpc.ServicerContext
@@ -108,13 +129,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
             )
             return pb.RewrapDataKeyResponse(wrapped_key=out.wrapped_key, key_ref=_key_ref(out.key))
 
-        return self._guard.run(
-            context,
-            "RewrapDataKey",
-            action,
-            recording_id=request.recording_id,
-            wrapped_key=request.wrapped_key,
-        )
+        return self._on_blob(request, context, "RewrapDataKey", action)
 
     def RewrapDataKeys(
         self, request: pb.RewrapDataKeysRequest, context: grpc.ServicerContext

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -75,8 +76,20 @@ def _public_bytes(key: PublicKeyTypes) -> bytes:
     )
 
 
-def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None:
-    """Raise a ConfigurationError naming the file and the problem, or return."""
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The server's TLS files, read and checked: what gRPC serves, and when each part expires."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    ca_pem: bytes
+    leaf: x509.Certificate
+    """The server certificate (the first of ``cert_pem``)."""
+    client_cas: tuple[x509.Certificate, ...]
+
+
+def load_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> TlsMaterial:
+    """The TLS files, checked; a ConfigurationError naming the file and the problem otherwise."""
     now = now or dt.datetime.now(dt.UTC)
     cert_file, cert_data = _read("cert_file", tls.cert_file)
     key_file, key_data = _read("key_file", tls.key_file)
@@ -108,17 +121,25 @@ def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None
             "bundle): no client could connect; give the PEM CA certificate(s) that sign "
             "client certificates"
         )
-    _certificates("client_ca_file", ca_file, ca_data, "the CA certificate(s) of your clients")
+    cas = _certificates("client_ca_file", ca_file, ca_data, "the CA certificate(s) of your clients")
+    return TlsMaterial(cert_data, key_data, ca_data, leaf, tuple(cas))
 
 
-def bind_error(listen: str) -> ConfigurationError:
-    """Why gRPC could not bind ``listen``: the address and the OS reason, found by trying it.
+def check_tls_material(tls: TlsSettings, now: dt.datetime | None = None) -> None:
+    """Raise a ConfigurationError naming the file and the problem, or return."""
+    load_tls_material(tls, now)
 
-    The probe binds like the server does (SO_REUSEPORT), so a port held by another keybroker
-    of this user is not reported as busy (that case is caught earlier by the journal lock)."""
+
+def bind_error(listen: str, key: str = "listen", *, reuseport: bool = True) -> ConfigurationError:
+    """Why gRPC could not bind ``listen`` (the setting ``[server] key``): the address and the OS
+    reason, found by trying it.
+
+    The probe binds like the server does (SO_REUSEPORT for the broker's port, so a port held by
+    another keybroker of this user is not reported as busy: that case is caught earlier by the
+    journal lock; the health port binds without it)."""
     reason = "gRPC refused the address (see the log above)"
     try:
-        target = validate_listen(listen)
+        target = validate_listen(listen, f"[server] {key}")
     except ConfigurationError as exc:
         return exc
     if target is not None:
@@ -131,7 +152,7 @@ def bind_error(listen: str) -> ConfigurationError:
         for family, kind, proto, _name, address in infos:
             try:
                 with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
                     probe.bind(address)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
@@ -143,6 +164,6 @@ def bind_error(listen: str) -> ConfigurationError:
                     reason += " (no network interface of this host has that address)"
                 break
     return ConfigurationError(
-        f"[server] listen: cannot bind {listen}: {reason}; change [server] listen "
-        "(or KEYBROKER_SERVER_LISTEN) or free the port"
+        f"[server] {key}: cannot bind {listen}: {reason}; change [server] {key} "
+        f"(or KEYBROKER_SERVER_{key.upper()}) or free the port"
     )
