@@ -851,7 +851,7 @@ def _create_server(
         heartbeat=probe.heartbeat("health-monitor") if probe is not None else None,
     )
     monitor.start()
-    log.info("keybroker listening on port %d (pid %d, engine %s)", port, os.getpid(), server.engine)
+    log.info("keybroker listening on port %d (pid %d), engine %s", port, os.getpid(), server.engine)
     return RunningBroker(
         server,
         port,
