@@ -161,13 +161,20 @@ class GrpcServer:
         if self.refusals is not None:
             self.refusals.start()
         if self._beats:
+            self._beat()  # before the port is announced: liveness never sees a beat missing
             threading.Thread(target=self._heartbeat, name="kb-grpc-beat", daemon=True).start()
 
     def _heartbeat(self) -> None:
-        while not self._beating.wait(_BEAT_INTERVAL):
-            try:
-                self._pool.submit(self._beat)
-            except RuntimeError:  # the pool is shut down
+        """Beat at once (a probe may ask as soon as the worker listens), then every interval;
+        one beat task at a time, so a busy pool does not pile them up."""
+        pending: futures.Future[None] | None = None
+        while True:
+            if pending is None or pending.done():
+                try:
+                    pending = self._pool.submit(self._beat)
+                except RuntimeError:  # the pool is shut down
+                    return
+            if self._beating.wait(_BEAT_INTERVAL):
                 return
 
     def _beat(self) -> None:
