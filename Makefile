@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:50051
 LINT_PATHS := src tests bench scripts deploy
 
 .PHONY: run test lint proto demo bench bench-capacity bench-recording system-deps venv clean
-.PHONY: fuzz
+.PHONY: fuzz check-grpcio-latest
 
 ## system-deps: install Debian packages the broker needs (SoftHSM2) when missing
 system-deps:
@@ -34,10 +34,26 @@ run: system-deps venv
 	$(BIN)/keybroker dev init --state-dir $(STATE_DIR) --listen $(LISTEN)
 	$(BIN)/keybroker serve --config $(STATE_DIR)/keybroker.toml
 
-## test: lint, type-check and run every test (real SoftHSM, real mTLS, real PostgreSQL)
+## test: lint, type-check and run every test (real SoftHSM, real mTLS, real PostgreSQL); then the
+## server tests once more on the grpc engine ([server] engine, docs/CONCURRENCY.md#engines)
 test: venv lint
 	@scripts/ensure-system-deps.sh --test
-	$(BIN)/pytest
+	env -u KEYBROKER_SERVER_ENGINE $(BIN)/pytest
+	KEYBROKER_SERVER_ENGINE=grpc $(BIN)/pytest tests/server
+
+## check-grpcio-latest: the server tests (loop engine) on the newest grpcio release, in a scratch
+## virtual environment; see docs/OPERATIONS.md#upgrading-grpcio
+GRPCIO_LATEST := .venv-grpcio-latest
+check-grpcio-latest: system-deps
+	$(PYTHON) -m venv $(GRPCIO_LATEST)
+	$(GRPCIO_LATEST)/bin/pip install --quiet --upgrade pip
+	$(GRPCIO_LATEST)/bin/pip install --quiet -e '.[dev]'
+	@# over the pin on purpose: pip warns that keybroker requires an older grpcio
+	$(GRPCIO_LATEST)/bin/pip install --quiet --upgrade grpcio grpcio-health-checking grpcio-reflection
+	@scripts/ensure-system-deps.sh --test
+	@$(GRPCIO_LATEST)/bin/python -c 'import grpc; print("check-grpcio-latest: grpcio", grpc.__version__)'
+	env -u KEYBROKER_SERVER_ENGINE $(GRPCIO_LATEST)/bin/pytest tests/server
+	@$(GRPCIO_LATEST)/bin/python -c 'import grpc; print("check-grpcio-latest: the server tests pass on grpcio", grpc.__version__, "with the loop engine")'
 
 lint: venv
 	$(BIN)/ruff format --check $(LINT_PATHS)
@@ -69,4 +85,4 @@ fuzz: system-deps venv
 	nice -n 10 $(BIN)/python -m tests.fuzz.campaign --out .fuzz
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(GRPCIO_LATEST) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -53,8 +53,15 @@ def devenv(tmp_path_factory: pytest.TempPathFactory) -> DevEnv:
     return env
 
 
+ENGINE = os.environ.get("KEYBROKER_SERVER_ENGINE", "loop")
+"""The server engine the suite's brokers run: ``KEYBROKER_SERVER_ENGINE=grpc pytest tests/server``
+runs the server tests on the ``grpc`` engine (``make test`` does both). Brokers started as
+processes inherit the variable; :func:`load_settings` passes it on to brokers in this process."""
+
+
 def load_settings(env: DevEnv, **overrides: str) -> settings_mod.Settings:
     environ = {
+        "KEYBROKER_SERVER_ENGINE": ENGINE,
         "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
         "KEYBROKER_HSM_HEALTH_INTERVAL": "0.2",
         # the suite's brokers see hundreds of denials a minute from one certificate, and its
@@ -249,3 +256,14 @@ def root() -> Path:
 def strict_module(tmp_path_factory: pytest.TempPathFactory) -> StrictModule:
     """The strict-HSM test module (tests/support/strict_pkcs11), built once per session."""
     return build_strict_module(tmp_path_factory.mktemp("strict-pkcs11"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an engine other than the loop, skip the tests marked ``loop_only`` (with their reason)."""
+    if ENGINE == "loop":
+        return
+    for item in items:
+        marker = item.get_closest_marker("loop_only")
+        if marker is not None:
+            reason = marker.kwargs.get("reason", "tests the loop engine itself")
+            item.add_marker(pytest.mark.skip(reason=f"loop engine only: {reason}"))

@@ -26,6 +26,8 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MAX_LEEWAY_SECONDS = 60
+SERVER_ENGINES = ("loop", "grpc")
+"""``[server] engine``: keybroker.server.engines (the settings import no server code)."""
 PROCESSES_AUTO = "auto"
 """``[server] processes = "auto"``: one worker per CPU the container or host grants."""
 
@@ -66,6 +68,9 @@ class ServerSettings:
     liveness_timeout: int = 60
     """Seconds a loop may go without a turn (beyond its own interval) before the health port
     reports ``liveness`` NOT_SERVING."""
+    engine: str = "loop"
+    """The gRPC server: "loop" (grpcio's private layer, fastest) or "grpc" (grpcio's public
+    server API, any grpcio release); see keybroker.server.engines."""
 
 
 @dataclass(frozen=True)
@@ -707,6 +712,10 @@ def validate(settings: Settings) -> None:
     if settings.server.processes < 0 or settings.server.threads < 1:
         raise ConfigurationError(
             '[server] processes must be "auto" (or 0), or >= 1; threads must be >= 1'
+        )
+    if settings.server.engine not in SERVER_ENGINES:
+        raise ConfigurationError(
+            f'[server] engine: expected "loop" or "grpc", got {settings.server.engine!r}'
         )
     validate_listen(settings.server.listen)
     _validate_health_listen(settings.server)

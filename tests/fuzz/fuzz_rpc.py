@@ -42,6 +42,7 @@ from google.protobuf import message_factory
 
 from keybroker import settings as settings_mod
 from keybroker.devenv import DevEnv, mint_token, provision
+from keybroker.server import handlers as server_handlers
 from keybroker.server import loop
 from keybroker.server.app import RunningBroker, create_server
 from keybroker.v1 import admin_pb2, keybroker_pb2, privacy_pb2
@@ -100,7 +101,7 @@ class World:
     root: Path
     env: DevEnv
     broker: RunningBroker
-    handlers: dict[str, loop.Handler]
+    handlers: dict[str, server_handlers.Handler]
     tokens: tuple[str, ...]
     auth: Mapping[str, Any]
     wrapped: list[bytes]
@@ -135,7 +136,8 @@ def world() -> World:
         },
     )
     broker = create_server(settings)
-    registry: loop.HandlerRegistry = broker.server._handlers
+    assert isinstance(broker.server, loop.LoopServer)  # settings above: the default engine
+    registry: server_handlers.HandlerRegistry = broker.server._handlers
     handlers = {m: h for m in METHODS if (h := registry.lookup(m)) is not None}
     missing = set(METHODS) - set(handlers)
     if missing:

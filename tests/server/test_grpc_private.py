@@ -13,6 +13,11 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]
 from keybroker.server import grpc_private
 from tests.support.imports import SRC, module_name, source_files
 
+pytestmark = pytest.mark.loop_only(
+    reason="the canary for grpcio's private layer, which only the loop engine uses"
+)
+
+
 DOOR = "keybroker.server.grpc_private"
 
 

@@ -23,9 +23,15 @@ from keybroker.core.decision import Decision, Outcome
 from keybroker.devenv import DevEnv
 from keybroker.errors import JournalUnavailableError
 from keybroker.server.guard import DeferredRecord
-from keybroker.server.loop import HandlerRegistry, LoopContext, LoopOptions, LoopServer
+from keybroker.server.handlers import HandlerRegistry
+from keybroker.server.loop import LoopContext, LoopOptions, LoopServer
 from keybroker.server.status import REASON_METADATA
 from tests.support.clients import channel
+
+pytestmark = pytest.mark.loop_only(
+    reason="LoopServer itself: inline calls, group commit per turn, the loop's own stop"
+)
+
 
 SERVICE = "test.Loop"
 

@@ -37,7 +37,8 @@ from keybroker.adapters.metrics import observe_certificate_expiry
 from keybroker.devenv import DevEnv, issue_cert, make_ca
 from keybroker.errors import ConfigurationError
 from keybroker.server.app import create_server
-from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
+from keybroker.server.handlers import HandlerRegistry
+from keybroker.server.loop import LoopOptions, LoopServer
 from keybroker.server.tls_reload import ServerTls
 from keybroker.settings import TlsSettings
 from tests.adapters.test_tokens import Issuer

@@ -67,12 +67,13 @@ from keybroker.errors import ConfigurationError, KeybrokerError, NotFoundError
 from keybroker.server import admin_servicer, privacy_servicer
 from keybroker.server.admin_servicer import KeyAdminServicer
 from keybroker.server.cpus import available_cpus
+from keybroker.server.engines import Engine, create_engine
 from keybroker.server.guard import CallGuard, FanOut
+from keybroker.server.handlers import HandlerRegistry, ServerOptions
 from keybroker.server.hardening import disable_core_dumps
 from keybroker.server.health import Health, HealthMonitor
 from keybroker.server.limits import DenialLimiter, RateLimits
 from keybroker.server.logs import configure_logging, set_worker
-from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
 from keybroker.server.privacy_servicer import PrivacyServicer
 from keybroker.server.probes import ProbeBoard, WorkerProbe, probe_server
 from keybroker.server.refusals import RefusalLog
@@ -100,7 +101,7 @@ _DRAIN_SECONDS = 0.25  # calls refused with UNAVAILABLE before gRPC itself stops
 class RunningBroker:
     """A started server and what it owns."""
 
-    server: LoopServer
+    server: Engine
     port: int
     keks: Pkcs11Keks
     monitor: HealthMonitor
@@ -526,7 +527,8 @@ INLINE_METHODS = frozenset(
         "/grpc.health.v1.Health/Check",
     }
 )
-"""Answered on the loop thread (see keybroker.server.loop); every other method runs on the pool."""
+"""Answered on the loop thread (engine "loop": keybroker.server.loop); every other method, and
+every method on the "grpc" engine, runs on a pool thread."""
 
 
 def guards(
@@ -574,9 +576,10 @@ def grpc_server(
     *,
     heartbeats: Callable[[str], Callable[[], None]] | None = None,
     tls: ServerTls,
-) -> tuple[LoopServer, int]:
-    """The gRPC server with the KeyBroker, health and reflection services, bound over mTLS
-    (client certificates required; ``tls`` follows the files as they are renewed)."""
+) -> tuple[Engine, int]:
+    """The gRPC server (``[server] engine``) with the KeyBroker, health and reflection services,
+    bound over mTLS (client certificates required; ``tls`` follows the files as they are
+    renewed)."""
     registry = HandlerRegistry()
     keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_KeyAdminServicer_to_server(admin, registry)  # type: ignore[no-untyped-call]
@@ -592,10 +595,11 @@ def grpc_server(
         ),
         registry,  # type: ignore[arg-type]  # it only calls add_*_handlers
     )
-    server = LoopServer(
+    server = create_engine(
+        settings.server.engine,
         registry,
         inline=INLINE_METHODS,
-        options=LoopOptions(
+        options=ServerOptions(
             pool_threads=settings.server.threads,
             stream_threads=settings.limits.stream_threads,
             streams_per_connection=settings.limits.streams_per_connection,
@@ -847,7 +851,7 @@ def _create_server(
         heartbeat=probe.heartbeat("health-monitor") if probe is not None else None,
     )
     monitor.start()
-    log.info("keybroker listening on port %d (pid %d)", port, os.getpid())
+    log.info("keybroker listening on port %d (pid %d), engine %s", port, os.getpid(), server.engine)
     return RunningBroker(
         server,
         port,
@@ -979,9 +983,11 @@ def serve(settings: Settings) -> None:
 def _supervise(settings: Settings, processes: int) -> None:
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     board = ProbeBoard.shared(processes, ctx)
-    probes: LoopServer | None = None
+    probes: Engine | None = None
     if settings.server.health_listen:
-        probes, _port = probe_server(board, settings.server.health_listen, liveness_bound(settings))
+        probes, _port = probe_server(
+            board, settings.server.health_listen, liveness_bound(settings), settings.server.engine
+        )
     failures = ctx.SimpleQueue()
     workers = [
         ctx.Process(

@@ -21,7 +21,7 @@ turns its call into UNAVAILABLE: no data key leaves without its durable decision
 data-plane call needs thus happens on this one thread, gRPC core's socket I/O included
 (:mod:`keybroker.server.grpc_settings`); other processes use the cores while one waits for the
 disk. (Flushing on a thread of its own while the loop went on was tried and measured slower:
-bench/NOTES.md, "A commit thread".)
+bench/NOTES.md, "2026-12-03: a commit thread".)
 
 This module drives gRPC core through grpcio's Cython layer (``grpc._cython.cygrpc``), the calls
 grpcio's own server makes, through one door: :mod:`keybroker.server.grpc_private` binds every
@@ -49,6 +49,15 @@ from keybroker.server.guard import (
     commit_deferred,
     record_live,
 )
+from keybroker.server.handlers import (
+    MALFORMED,
+    METHOD_NOT_FOUND,
+    ONE_REQUEST,
+    Handler,
+    HandlerRegistry,
+    ServerOptions,
+    StreamGate,
+)
 from keybroker.server.refusals import (
     MALFORMED_MESSAGE,
     NO_MESSAGE,
@@ -61,12 +70,11 @@ from keybroker.server.status import REASON_METADATA
 log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str | bytes], ...]
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 BatchStarter: TypeAlias = "Callable[[Any, tuple[Any, ...], Any], bool]"
-GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 _FLAGS = 0
-_MALFORMED = "malformed request message"
+_MALFORMED = MALFORMED
 _ABANDON_AFTER = 1.0  # seconds a handler may still run after its call was cancelled at stop
+LoopOptions = ServerOptions  # the name this module gave the options first
 _IDLE_WAKE = 1.0  # seconds an idle loop waits for an event before it turns anyway (heartbeat)
 _BEAT_INTERVAL = 0.25  # a turning loop beats at most this often (a beat costs ~0.4 µs)
 
@@ -306,7 +314,7 @@ class _Stream:
             return
         request = next(self._requests(), None)
         if request is None:
-            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected")
+            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, ONE_REQUEST)
         if handler.unary_stream is None:
             raise TypeError("not a unary-stream handler")
         yield from handler.unary_stream(request, self.context)
@@ -341,49 +349,6 @@ class _Stream:
         self._start(self._call, tuple(ops), _FINISHED)
 
 
-@dataclass(frozen=True)
-class LoopOptions:
-    """How the loop runs (see ``[server]`` in docs/DEPLOYMENT.md)."""
-
-    pool_threads: int = 4
-    max_turn: int = 64
-    channel_options: tuple[tuple[str, Any], ...] = ()
-    stream_threads: int = 4
-    streams_per_connection: int = 4
-    stream_queue: int = 16
-
-
-class _StreamGate:
-    """Admits streaming calls: bounded per connection and in total (threads + queue)."""
-
-    def __init__(self, options: LoopOptions) -> None:
-        self._capacity = options.stream_threads + options.stream_queue
-        self._per_connection = options.streams_per_connection
-        self._lock = threading.Lock()
-        self._open = 0
-        self._by_peer: dict[str, int] = {}
-
-    def enter(self, peer: str) -> str | None:
-        """None when admitted (call :meth:`leave` when it ends), else why not."""
-        with self._lock:
-            if self._open >= self._capacity:
-                return "too many streaming calls; retry later"
-            if self._by_peer.get(peer, 0) >= self._per_connection:
-                return "too many streaming calls on this connection"
-            self._open += 1
-            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
-            return None
-
-    def leave(self, peer: str) -> None:
-        with self._lock:
-            self._open -= 1
-            left = self._by_peer.get(peer, 1) - 1
-            if left:
-                self._by_peer[peer] = left
-            else:
-                self._by_peer.pop(peer, None)
-
-
 @dataclass
 class _Stopping:
     grace_timer: threading.Timer | None = None
@@ -393,12 +358,14 @@ class _Stopping:
 class LoopServer:
     """A gRPC server: inline methods on the loop thread, the others on a thread pool."""
 
+    engine = "loop"
+
     def __init__(
         self,
         handlers: HandlerRegistry,
         *,
         inline: frozenset[str],
-        options: LoopOptions,
+        options: ServerOptions,
         refusals: RefusalLog | None = None,
         heartbeats: Callable[[str], Callable[[], None]] | None = None,
     ) -> None:
@@ -422,7 +389,7 @@ class LoopServer:
         self._streams = futures.ThreadPoolExecutor(
             max_workers=options.stream_threads, thread_name_prefix="kb-stream"
         )
-        self._stream_gate = _StreamGate(options)
+        self._stream_gate = StreamGate(options)
         beats = heartbeats or _no_heartbeats
         self._heartbeat = beats("server")
         self._thread = threading.Thread(target=self._run, name="kb-loop", daemon=True)
@@ -586,7 +553,7 @@ class LoopServer:
         if handler is None:
             self._refused(_peer_of(event.call), UNKNOWN_METHOD)
             event.call.start_server_batch(
-                _final_ops(grpc.StatusCode.UNIMPLEMENTED, "method not found", (), None),
+                _final_ops(grpc.StatusCode.UNIMPLEMENTED, METHOD_NOT_FOUND, (), None),
                 _FINISHED,
             )
         elif handler.request_streaming or handler.response_streaming:
@@ -603,7 +570,7 @@ class LoopServer:
         if message is None:
             self._refused(tag.peer, NO_MESSAGE)
             call.start_server_batch(
-                _final_ops(grpc.StatusCode.INVALID_ARGUMENT, "one request message expected", (),
+                _final_ops(grpc.StatusCode.INVALID_ARGUMENT, ONE_REQUEST, (),
                            None),
                 _FINISHED,
             )  # fmt: skip
@@ -686,12 +653,6 @@ def _run_in_pool(
     start_batch(event.call, _final_ops(code, details, context.trailing, response), _FINISHED)
 
 
-@dataclass(frozen=True, slots=True)
-class _CallDetails(grpc.HandlerCallDetails):
-    method: str
-    invocation_metadata: Metadata
-
-
 def _start_now(call: Any, ops: tuple[Any, ...], tag: Any) -> bool:
     """Start a batch on the loop thread (the server is alive while the loop runs)."""
     call.start_server_batch(ops, tag)
@@ -724,29 +685,3 @@ def _send(replies: Sequence[_Reply], start_batch: BatchStarter) -> None:
             )
         except Exception:
             log.exception("sending a reply failed")
-
-
-class HandlerRegistry:
-    """Collects the method handlers that generated ``add_*_to_server`` functions register."""
-
-    def __init__(self) -> None:
-        self._registered: dict[str, Handler] = {}
-        self._generic: list[GenericHandler] = []
-
-    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
-        for name, handler in handlers.items():
-            self._registered[f"/{service}/{name}"] = handler
-
-    def add_generic_rpc_handlers(self, generic_handlers: Sequence[GenericHandler]) -> None:
-        self._generic.extend(generic_handlers)
-
-    def lookup(self, method: str) -> Handler | None:
-        handler = self._registered.get(method)
-        if handler is not None:
-            return handler
-        details = _CallDetails(method, ())
-        for generic in self._generic:
-            handler = generic.service(details)
-            if handler is not None:
-                return handler
-        return None

@@ -39,7 +39,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keybroker.server.loop import HandlerRegistry, LoopOptions, LoopServer
+from keybroker.server.engines import LOOP, Engine, create_engine
+from keybroker.server.handlers import HandlerRegistry, ServerOptions
 from keybroker.server.startup import bind_error
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class ProbeServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
 
 
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
-PROBE_OPTIONS = LoopOptions(
+PROBE_OPTIONS = ServerOptions(
     pool_threads=1,
     stream_threads=2,  # Watch streams: kubelet uses Check; a person may watch
     streams_per_connection=1,
@@ -191,12 +192,17 @@ PROBE_OPTIONS = LoopOptions(
 )
 
 
-def probe_server(board: ProbeBoard, listen: str, liveness_bound: float) -> tuple[LoopServer, int]:
+def probe_server(
+    board: ProbeBoard, listen: str, liveness_bound: float, engine: str = LOOP
+) -> tuple[Engine, int]:
     """A started plaintext server answering the health service and nothing else on ``listen``,
-    and its port. A ConfigurationError when the address cannot be bound."""
+    and its port, on ``engine`` (``[server] engine``). A ConfigurationError when the address
+    cannot be bound."""
     registry = HandlerRegistry()
     health_pb2_grpc.add_HealthServicer_to_server(ProbeServicer(board, liveness_bound), registry)
-    server = LoopServer(registry, inline=frozenset({CHECK_METHOD}), options=PROBE_OPTIONS)
+    server = create_engine(
+        engine, registry, inline=frozenset({CHECK_METHOD}), options=PROBE_OPTIONS, refusals=None
+    )
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:
