@@ -244,6 +244,12 @@ class PostgresDialect:
     name = "postgresql"
     serial = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
     blob = "BYTEA"
+    lock_timeout_ms = 10_000
+    """A statement waiting longer for a lock fails (the store is unavailable: UNAVAILABLE,
+    retryable), as SQLite's busy timeout does; nothing waits for ever behind another replica."""
+    idle_in_transaction_ms = 30_000
+    """PostgreSQL ends a session of this broker left idle inside a transaction that long (a
+    replica frozen mid-transaction, e.g. a stopped VM), so its locks never block the others."""
 
     def __init__(self, url: str, password: str | None = None) -> None:
         self.url = url
@@ -255,7 +261,16 @@ class PostgresDialect:
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
         if self.password is not None:
             kwargs["password"] = self.password
-        return psycopg.connect(self.url, **kwargs)
+        conn = psycopg.connect(self.url, **kwargs)
+        try:
+            conn.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
+            conn.execute(
+                f"SET idle_in_transaction_session_timeout = {int(self.idle_in_transaction_ms)}"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     @contextmanager
     def write(self, conn: Any) -> Iterator[Cursor]:
@@ -277,7 +292,8 @@ class PostgresDialect:
     def is_unavailable(self, exc: BaseException) -> bool:
         import psycopg
 
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        ended = psycopg.errors.IdleInTransactionSessionTimeout  # this broker was frozen
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | ended)
 
 
 def dialect_for(url: str, *, base: Path, password: str | None = None) -> Dialect:
