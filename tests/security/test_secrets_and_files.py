@@ -86,7 +86,9 @@ def test_no_key_wrapped_key_or_token_reaches_logs_spans_errors_or_the_journal(
         )
         caller.kb.UnwrapDataKey(request, metadata=auth(token))
         tampered = pb.UnwrapDataKeyRequest(
-            recording_id=rec, wrapped_key=made.wrapped_key[:-1] + b"\0", purpose="support"
+            recording_id=rec,
+            wrapped_key=made.wrapped_key[:-1] + bytes([made.wrapped_key[-1] ^ 1]),
+            purpose="support",
         )
         errors = [
             refused(lambda: caller.kb.UnwrapDataKey(tampered, metadata=auth(token)))[1],
