@@ -92,6 +92,27 @@ def test_a_kid_removed_at_the_issuer_is_refused_within_one_refresh(
         keys.stop()
 
 
+def test_stop_waits_for_an_unknown_kids_fetch_and_starts_no_more(
+    devenv: DevEnv, site: tuple[IssuerSite, str]
+) -> None:
+    """An unknown kid starts a fetch in the background; ``stop()`` waits for it, and after it
+    an unknown kid starts none. (A fetch left running against an issuer already shut down once
+    leaked a TLS socket inside the standard library: a ResourceWarning in a clean-clone run.)"""
+    issuer_site, url = site
+    keys = JwksKeys(url=url, ca_file=devenv.ca_cert, min_interval=0)
+    verifier = TokenVerifier(settings(), keys)
+    issuer_site.issuer.add_key("later")
+    fetched = len(issuer_site.fetches)
+    assert refused(verifier, issuer_site.issuer.token("later")) == "unknown_kid"
+    keys.stop()
+    assert len(issuer_site.fetches) == fetched + 1  # the fetch it started ran to its end
+    assert not [t for t in threading.enumerate() if t.name == "jwks-fetch"]
+    issuer_site.issuer.add_key("after-stop")
+    assert refused(verifier, issuer_site.issuer.token("after-stop")) == "unknown_kid"
+    time.sleep(0.3)
+    assert len(issuer_site.fetches) == fetched + 1  # none after stop()
+
+
 def test_without_a_refresh_the_cached_token_is_still_accepted(
     devenv: DevEnv, site: tuple[IssuerSite, str]
 ) -> None:

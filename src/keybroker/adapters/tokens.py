@@ -196,6 +196,7 @@ class JwksKeys:
         self._failure: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_demand: threading.Thread | None = None  # the fetch an unknown kid started
         self._file_stamp = _file_stamp(file) if file is not None else None
         self._load(*self._read())
 
@@ -208,9 +209,14 @@ class JwksKeys:
             self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self._timeout + 1)
+        """End the background refresh and wait for any fetch in flight (also one an unknown
+        ``kid`` started): none is left running against an issuer that may be gone."""
+        with self._lock:
+            self._stop.set()
+            on_demand = self._on_demand
+        for thread in (self._thread, on_demand):
+            if thread is not None:
+                thread.join(timeout=self._timeout + 1)
 
     def _run(self) -> None:
         while not self._stop.wait(max(0.0, self._next_due - self._monotonic())):
@@ -328,8 +334,13 @@ class JwksKeys:
                 return None  # refreshed recently or already refreshing: refuse, never wait
             self._last_refresh = self._monotonic()
             if self._url:
+                if self._stop.is_set():
+                    return None  # stopped: no fetch outlives stop()
                 self._refreshing = True
-                threading.Thread(target=self._refresh_in_background, daemon=True).start()
+                self._on_demand = threading.Thread(
+                    target=self._refresh_in_background, name="jwks-fetch", daemon=True
+                )
+                self._on_demand.start()
                 return None
         self._refresh_quietly()
         return self.current(kid)
