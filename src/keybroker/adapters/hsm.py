@@ -40,7 +40,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -79,6 +79,30 @@ _RECONNECT_BACKOFF = 0.5
 #: caller's IV): one PKCS#11 call per this many encryptions instead of one each.
 IV_RESERVE = 64
 T = TypeVar("T")
+
+
+#: Times a listing of token objects is started again when an object vanishes while it is read.
+SCAN_ATTEMPTS = 5
+
+
+def token_objects(
+    session: Any, attrs: dict[Attribute, Any], keep: Callable[[Any], T | None]
+) -> list[T]:
+    """``keep(obj)`` of every object matching ``attrs``, leaving out None. Another process (a
+    replica destroying a version, an administrator) may destroy an object between the search
+    finding it and its attributes being read: the module then answers ObjectHandleInvalid
+    (SoftHSM did in about one listing in ten while another process created and destroyed keys).
+    That is no fault of the token: the listing starts again, up to :data:`SCAN_ATTEMPTS` times.
+    The search is closed on every path, so the session is free for the next one."""
+    for attempt in range(1, SCAN_ATTEMPTS + 1):
+        try:
+            with closing(session.get_objects(attrs)) as found:
+                return [item for obj in found if (item := keep(obj)) is not None]
+        except PKCS11Error as exc:
+            if fault_of(exc) is not Fault.STALE_HANDLE or attempt == SCAN_ATTEMPTS:
+                raise
+            log.debug("hsm: an object vanished while the token was listed; listing again")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def kek_label(key: KeyRef) -> str:
@@ -408,22 +432,25 @@ class Pkcs11Keks:
             if ref is None:
                 raise NoSuchKey
             attrs[Attribute.LABEL] = kek_label(ref)
-        found = list(session.get_objects(attrs))
-        if not found:
+        if not token_objects(session, attrs, lambda obj: obj):
             raise NoSuchKey
 
     # -- key inventory ----------------------------------------------------------------------
 
-    def _token_keys(self, session: Any) -> Iterator[tuple[KeyRef, Any]]:
+    def _token_keys(self, session: Any) -> list[tuple[KeyRef, Any]]:
         """Every usable KEK object on the token (see :meth:`_usable`)."""
-        attrs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
-        for obj in session.get_objects(attrs):
+
+        def kek(obj: Any) -> tuple[KeyRef, Any] | None:
             label = obj.label or ""
             ref = parse_kek_label(label)
             if ref is not None and self._usable(label, obj):
-                yield ref, obj
-            elif ref is None and label.startswith("kek:"):
+                return ref, obj
+            if ref is None and label.startswith("kek:"):
                 self._reject(label, "label is not kek:<name>:v<version>")
+            return None
+
+        attrs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        return token_objects(session, attrs, kek)
 
     def _usable(self, label: str, obj: Any) -> bool:
         """False (and reported once) for an object under a KEK label that fails the checks of
@@ -727,7 +754,7 @@ class Pkcs11Keks:
             Attribute.TOKEN: True,
             Attribute.LABEL: label,
         }
-        return [obj for obj in session.get_objects(attrs) if self._usable(label, obj)]
+        return token_objects(session, attrs, lambda obj: obj if self._usable(label, obj) else None)
 
     def create(self, name: str) -> KeyRef:
         """Create version 1 of KEK ``name`` directly on the token (offline bootstrap)."""
