@@ -8,6 +8,7 @@ import errno
 import json
 import time
 from functools import partial
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +16,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from keybroker.adapters.export import JournalExporter, Pseudonymizer
+from keybroker.adapters.privacy_cache import PrivacyCache
+from keybroker.adapters.privacystore import SqlPrivacyStore
+from keybroker.adapters.sqldb import Database, dialect_for
 from keybroker.devenv import DevEnv
 from keybroker.errors import UnavailableError
 from keybroker.server.app import RunningBroker
@@ -270,3 +274,32 @@ def test_the_justification_leaves_the_host_only_as_a_pseudonym(
         pseudonymize("justification", "dispute of Jane Roe, case 12"),
         pseudonymize("justification", "art. 17 request from Jane Doe"),
     }
+
+
+def test_state_is_as_old_as_its_read_not_its_refresh(tmp_path: Path) -> None:
+    """Unreleased, Security: "A replica paused in the middle of a refresh of its privacy state".
+
+    A refresh paused after it read the store (SIGSTOP, a frozen VM: here, a slow
+    registry read) gives state as old as that read: once it is older than max_staleness the
+    replica refuses, even though the refresh has only just returned. It used to count the state
+    from the refresh's end, and a replica resumed after a pause served a key erased meanwhile."""
+    db = Database(dialect_for(f"sqlite:{tmp_path / 'kb.db'}", base=tmp_path))
+    db.migrate()
+    store = SqlPrivacyStore(db)
+    cache = PrivacyCache(store, max_staleness=0.3)
+    cache.refresh()
+    cache.require_current()
+    registrations_since = store.registrations_since
+
+    def paused(seq: int, limit: int) -> list[tuple[int, str]]:
+        time.sleep(0.5)  # longer than max_staleness, after the erasures were read
+        return registrations_since(seq, limit)
+
+    store.registrations_since = paused  # type: ignore[method-assign]
+    cache.refresh()
+    with pytest.raises(UnavailableError) as info:
+        cache.require_current()
+    assert info.value.reason == "privacy_state_stale"
+    store.registrations_since = registrations_since  # type: ignore[method-assign]
+    cache.refresh()
+    cache.require_current()

@@ -319,7 +319,12 @@ class PrivacyCache:
     # -- background --------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Load new erasures, flush the registry buffer, acknowledge (from the catalog's loop)."""
+        """Load new erasures, flush the registry buffer, acknowledge (from the catalog's loop).
+
+        The state is as current as the moment its read began, not the moment the refresh
+        returned: a replica paused in the middle (SIGSTOP, a frozen VM) must not count state
+        read before the pause as fresh when it resumes (it once served a key erased meanwhile)."""
+        began = time.monotonic()
         generation = self._store.generation()
         if generation != self._generation:
             if self._generation < 0:  # first load: size the tables once
@@ -347,7 +352,7 @@ class PrivacyCache:
             self._store.acknowledge(self.replica_id, generation, self._clock())
             self._last_ack = now
         self._generation = generation
-        self._last_ok = now
+        self._last_ok = began
         self._set_health(True)
 
     def _load_erasures(self) -> None:
