@@ -26,6 +26,7 @@ class Health:
         self._state: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._followers: list[Callable[[bool], None]] = []
+        self._failing: list[str] = []  # the dependencies that were down at the last publication
 
     def follow(self, follower: Callable[[bool], None]) -> None:
         """Also tell ``follower`` the combined state on every publication (the health port's
@@ -46,6 +47,13 @@ class Health:
 
     def _publish(self) -> None:
         ok = all(self._state.values())
+        failing = sorted(name for name, up in self._state.items() if not up)
+        if failing != self._failing:
+            if failing and "starting" not in failing:
+                log.warning("health: NOT_SERVING (%s)", ", ".join(failing))
+            elif self._failing and "starting" not in self._failing:
+                log.info("health: SERVING again")
+            self._failing = failing
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if ok
