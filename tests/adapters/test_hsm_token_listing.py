@@ -15,6 +15,11 @@ import textwrap
 import time
 import uuid
 
+import pytest
+from pkcs11.exceptions import GeneralError
+
+from keybroker.adapters import hsm as hsm_module
+from keybroker.adapters import kek_objects as kek_objects_module
 from keybroker.core.wrapped_key import KeyRef
 from keybroker.devenv import DevEnv
 from keybroker.errors import KeybrokerError
@@ -71,3 +76,29 @@ def test_listing_survives_objects_destroyed_by_another_process(devenv: DevEnv) -
     assert not any(ref.name == name for ref in keks.versions_on_token())
     assert keks.versions(name) == []
     assert KeyRef(name, 1) not in keks.versions_on_token()
+
+
+def test_an_ambiguous_create_that_made_nothing_is_tried_again(
+    devenv: DevEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C_GenerateKey answered CKR_GENERAL_ERROR now and then while another process created
+    objects on the same SoftHSM token (two replicas rotating at once): when nothing was made,
+    the version is created on a second attempt instead of failing the rotation. Real SoftHSM;
+    the first C_GenerateKey of the test fails as it did."""
+    keks = connect_hsm(load_settings(devenv))
+    real = kek_objects_module.generate_kek
+    calls: list[str] = []
+
+    def flaky(session: object, label: str) -> bool:
+        calls.append(label)
+        if len(calls) == 1:
+            raise GeneralError()
+        return real(session, label)
+
+    ref = KeyRef(f"flaky-{uuid.uuid4().hex[:8]}", 1)
+    monkeypatch.setattr(hsm_module, "generate_kek", flaky)
+    assert keks.create_version(ref)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert ref in keks.versions_on_token()
+    keks.destroy_version(ref)

@@ -81,6 +81,8 @@ IV_RESERVE = 64
 T = TypeVar("T")
 
 
+#: Attempts at creating a KEK version when the module fails ambiguously and made nothing.
+CREATE_ATTEMPTS = 3
 #: Times a listing of token objects is started again when an object vanishes while it is read.
 SCAN_ATTEMPTS = 5
 
@@ -644,13 +646,35 @@ class Pkcs11Keks:
         with self._calls() as session:
             if self._find(session, key):
                 return False
-            limited = generate_kek(session, kek_label(key))
+            limited = self._generate(session, key)
             self._scan(session)
             log.info("hsm: created %s%s", kek_label(key), "" if limited else " (all mechanisms)")
         if self.self_test(key) is not None:
             self.destroy_version(key)  # ours, just made, never used: it must not linger
             raise HsmUnavailableError(reason="kek_self_test_failed")
         return True
+
+    def _generate(self, session: Any, key: KeyRef) -> bool:
+        """:func:`generate_kek`, started again when the module fails ambiguously and made
+        nothing: SoftHSM answered CKR_GENERAL_ERROR to about one C_GenerateKey in a hundred while
+        another process created objects on the same token (two replicas rotating at once)."""
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                return generate_kek(session, kek_label(key))
+            except PKCS11Error as exc:
+                if (
+                    fault_of(exc) is not Fault.AMBIGUOUS
+                    or attempt == CREATE_ATTEMPTS
+                    or self._find(session, key)  # it was made after all: not ours to repeat
+                ):
+                    raise
+                log.warning(
+                    "hsm: creating %s failed (%s), nothing was made; trying again",
+                    kek_label(key),
+                    type(exc).__name__,
+                )
+                time.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- self-test ----------------------------------------------------------------------------
 
