@@ -698,19 +698,28 @@ class Pkcs11Keks:
         with self._test_lock:
             self._tested.pop(key, None)
         why: str | None = None
-        try:
-            plaintext = self.random(DATA_KEY_SIZE)
-            nonce, sealed = self.encrypt(key, plaintext, aad)
-            if self.decrypt(key, nonce, sealed, aad) != plaintext:
-                why = "unwrap gave another key"
-        except HsmUnavailableError as exc:
-            if exc.reason != "hsm_no_iv":
-                raise
-            why = "the module returned no GCM IV"
-        except InvalidWrappedKeyError:
-            why = "unwrapping a fresh wrap failed (the module used another IV than it reported)"
-        except NotFoundError:
-            why = "no usable object on the token"
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            why = None
+            try:
+                plaintext = self.random(DATA_KEY_SIZE)
+                nonce, sealed = self.encrypt(key, plaintext, aad)
+                if self.decrypt(key, nonce, sealed, aad) != plaintext:
+                    why = "unwrap gave another key"
+            except HsmUnavailableError as exc:
+                if exc.reason != "hsm_no_iv":
+                    raise
+                why = "the module returned no GCM IV"
+            except InvalidWrappedKeyError:
+                why = "unwrapping a fresh wrap failed (the module used another IV than it reported)"
+            except NotFoundError:
+                # SoftHSM's view of the token missed an existing object for a moment while
+                # another process wrote to it (seen right after this process created the
+                # version): look again before calling the version unusable.
+                why = "no usable object on the token"
+                if attempt < CREATE_ATTEMPTS:
+                    time.sleep(0.05 * attempt)
+                    continue
+            break
         with self._test_lock:
             was = self.self_tests_passed
             self._tested[key] = why
