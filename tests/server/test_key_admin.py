@@ -410,7 +410,7 @@ def test_concurrent_rotations_from_two_processes_stay_consistent(
             t.start()
         for t in threads:
             t.join(60)
-        assert errors == []
+        assert errors == [], "\n".join(r.output()[-6000:] for r in replicas)  # logs for CI
         key = first("GetKey", name=name)
         assert key.current_version == 21
         assert [v.version for v in key.versions] == list(range(1, 22))
