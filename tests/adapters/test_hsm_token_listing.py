@@ -199,7 +199,7 @@ def test_different_keys_under_one_label_are_never_used_and_are_reported(devenv: 
     ref = KeyRef(f"two-{uuid.uuid4().hex[:8]}", 1)
     keks.create_version(ref)
     with keks._calls() as session:
-        hsm_module.generate_kek(session, kek_label(ref))
+        kek_objects_module.generate_kek(session, kek_label(ref))
     keks.forget(ref)
     with pytest.raises(NotFoundError):
         keks.encrypt(ref, b"d" * 32, b"aad")
