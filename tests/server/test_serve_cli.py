@@ -3,8 +3,11 @@ graceful SIGTERM, several worker processes on one port, no KEK overwrite."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -75,6 +78,52 @@ def test_kek_create_offline_refuses_to_overwrite(devenv: DevEnv) -> None:
         "kek", "create", "recordings", "--offline", "--if-missing", "--config", str(devenv.config)
     )
     assert again.returncode == 0, again.stderr
+
+
+SIGTERM_RIGHT_AFTER_LISTENING = textwrap.dedent(
+    """
+    import logging, os, signal, sys
+    from pathlib import Path
+    from keybroker import settings
+    from keybroker.server import app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    settle = app.settle_heap
+
+    def settle_after_a_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)  # the moment right after "listening"
+        settle()
+
+    app.settle_heap = settle_after_a_sigterm
+    app.serve(settings.load(Path(sys.argv[1])))
+    """
+)
+
+
+def test_a_sigterm_right_after_listening_stops_gracefully(devenv: DevEnv, tmp_path: Path) -> None:
+    """SIGTERM arrived after a worker said "listening" (and readiness SERVING) but before it had
+    installed its signal handler, while it settled its heap: the default action killed it, with
+    no drain and no final journal checkpoint, and the health port closed without ever saying
+    NOT_SERVING (a clean-clone run of the suite saw it). The handler is now in place before the
+    server starts."""
+    env = {
+        **os.environ,
+        "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
+        "KEYBROKER_SERVER_PROCESSES": "1",
+        "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_RIGHT_AFTER_LISTENING, str(devenv.config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # the exit code is asserted below, with the output
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "keybroker listening" in output
+    assert "signal 15: stopping" in output
 
 
 def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> None:

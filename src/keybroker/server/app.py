@@ -879,16 +879,20 @@ def _create_server(
 def _serve_one(
     settings: Settings, worker: int = 0, probe: WorkerProbe | None = None, *, replay: bool = True
 ) -> None:
-    broker = create_server(settings, worker=worker, replay=replay, probe=probe)
-    settle_heap()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping (grace %ds)", signum, settings.server.grace_period)
         stopping.set()
 
+    # Before the server starts: from its first call it must stop gracefully (drain, final
+    # journal checkpoint). A SIGTERM between "listening" and the handler (the heap settling took
+    # that long) killed a worker outright, and the health port closed without ever saying
+    # NOT_SERVING. A signal during start-up stops the broker as soon as it has started.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    broker = create_server(settings, worker=worker, replay=replay, probe=probe)
+    settle_heap()
     # Wake up now and then: the kernel may deliver the signal to one of gRPC's threads, and
     # Python then runs the handler only when the main thread next executes bytecode. An
     # untimed wait() could sleep through SIGTERM for ever (seen once in a clean-clone test run
