@@ -591,7 +591,8 @@ def _run(
         # the restarted replica serves the state of before: version 2, the erasures
         assert wraps_v2("c")
         assert refuses(victim)("c")
-        assert serves_v1("c")
+        v1_after_restart = unwrap("c", pinned["c"], old)
+        assert v1_after_restart.error is None, v1_after_restart.error  # serves v1
         after_restart = ledger.pick(random.Random(11))
         while after_restart.recording in timeline.erased:
             after_restart = ledger.pick(random.Random())
