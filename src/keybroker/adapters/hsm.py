@@ -84,6 +84,8 @@ T = TypeVar("T")
 #: Attempts at creating a KEK version when the module fails ambiguously or refuses the template
 #: and made nothing.
 CREATE_ATTEMPTS = 3
+#: Attempts at destroying a KEK version when a call fails and the token stays reachable.
+DESTROY_ATTEMPTS = 3
 #: Times a listing of token objects is started again when an object vanishes while it is read.
 SCAN_ATTEMPTS = 5
 
@@ -812,7 +814,7 @@ class Pkcs11Keks:
         """Destroy the token object of ``key`` and this process's session copies."""
         self.forget(key)
         destroyed = False
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
+        for attempt in range(1, DESTROY_ATTEMPTS + 1):
             try:
                 with self._calls() as session:
                     found = self._find(session, key)
@@ -831,7 +833,7 @@ class Pkcs11Keks:
                 # Module quirk (SoftHSM's file store): a call failed while another process
                 # wrote to the token (seen once in a clean-clone suite run). Destroying is
                 # idempotent: look again, unless the token itself is gone.
-                if attempt == CREATE_ATTEMPTS or not self.healthy:
+                if attempt == DESTROY_ATTEMPTS or not self.healthy:
                     raise
                 log.warning("hsm: destroying %s failed; trying again", kek_label(key))
                 time.sleep(0.05 * attempt)
