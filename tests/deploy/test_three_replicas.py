@@ -251,9 +251,10 @@ class Ledger:
         with self.lock:
             self.recordings.append(recording)
 
-    def pick(self, rng: random.Random) -> Recording:
+    def pick(self, rng: random.Random, avoid: set[str] | frozenset[str] = frozenset()) -> Recording:
+        """A recording at random, none of ``avoid`` (recording ids)."""
         with self.lock:
-            return rng.choice(self.recordings)
+            return rng.choice([r for r in self.recordings if r.recording not in avoid])
 
 
 @dataclass
@@ -500,7 +501,8 @@ def _run(
         _settle(ledger, 100)
 
         # -- erasure of a recording and of a subject through A: B and C refuse their keys
-        victim = ledger.pick(random.Random(7))
+        # never ``old`` (the v1 key served again after C's restart) nor a key erased already
+        victim = ledger.pick(random.Random(7), avoid={old.recording})
         _erase(ledger, timeline, privacy, privacy_tokens, "recording", victim.recording)
 
         def refuses(rec: Recording) -> Callable[[str], bool]:
@@ -516,7 +518,11 @@ def _run(
         _settle(ledger, 100)
 
         # -- legal hold through A: B and C refuse to erase the recording; released: they erase
-        held = next(r for r in ledger.recordings if r.subject == "subj-1")
+        held = next(
+            r
+            for r in ledger.recordings
+            if r.subject == "subj-1" and r.recording not in {old.recording, *timeline.erased}
+        )
         administer("PlaceLegalHold", held.recording, privacy_tokens,
                    lambda: privacy.place_hold(recording_id=held.recording, reason="case 1"))  # fmt: skip
         hold_clients = {r.name: PrivacyClient(r.target, tls=tls, token=privacy_tokens)
@@ -593,9 +599,7 @@ def _run(
         assert refuses(victim)("c")
         v1_after_restart = unwrap("c", pinned["c"], old)
         assert v1_after_restart.error is None, v1_after_restart.error  # serves v1
-        after_restart = ledger.pick(random.Random(11))
-        while after_restart.recording in timeline.erased:
-            after_restart = ledger.pick(random.Random())
+        after_restart = ledger.pick(random.Random(11), avoid={old.recording, *timeline.erased})
         _erase(ledger, timeline, privacy, privacy_tokens, "recording", after_restart.recording)
         honoured("erase after the restart", refuses(after_restart))
         mark("c restarted, erasure honoured")
