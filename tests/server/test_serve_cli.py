@@ -3,6 +3,7 @@ graceful SIGTERM, several worker processes on one port, no KEK overwrite."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,6 +125,79 @@ def test_a_sigterm_right_after_listening_stops_gracefully(devenv: DevEnv, tmp_pa
     output = done.stdout + done.stderr
     assert "keybroker listening" in output
     assert "signal 15: stopping" in output
+
+
+SIGTERM_DURING_THE_SUPERVISORS_START = textwrap.dedent(
+    """
+    import logging, os, signal, sys
+    from pathlib import Path
+    from keybroker import settings
+    from keybroker.server import app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    step = getattr(app, sys.argv[2])
+
+    def step_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    setattr(app, sys.argv[2], step_after_a_sigterm)
+    app.serve(settings.load(Path(sys.argv[1])))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("moment", "said"),
+    [
+        ("replay_with_own_journal", "stopped before the workers started"),
+        ("_watch_workers", "signal 15: stopping (the workers)"),
+    ],
+)
+def test_a_sigterm_during_the_supervisors_start_stops_it_in_order(
+    devenv: DevEnv, tmp_path: Path, moment: str, said: str
+) -> None:
+    """With several workers, the supervisor installed its signal handlers only once its workers
+    were started: a SIGTERM during its journal replay or while the workers started took the
+    default action, killing it outright (exit -15) with its workers left behind. The handlers
+    are now in place before the replay."""
+    env = {
+        **os.environ,
+        "KEYBROKER_SERVER_LISTEN": "127.0.0.1:0",
+        "KEYBROKER_SERVER_PROCESSES": "2",
+        "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_DURING_THE_SUPERVISORS_START, str(devenv.config), moment],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the workers are found, and cleaned up
+    )
+    try:
+        output, _ = proc.communicate(timeout=60)
+        left_behind = _group_alive(proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert proc.returncode == 0, output[-3000:]
+    assert not left_behind, "worker processes outlived the supervisor"
+    assert said in output
+
+
+def _group_alive(pgid: int, within: float = 5.0) -> bool:
+    """Whether a process of the group is still alive ``within`` seconds (multiprocessing's
+    resource tracker exits a moment after the supervisor)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_sigterm_lets_in_flight_calls_finish(devenv: DevEnv, tmp_path: Path) -> None:

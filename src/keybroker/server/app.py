@@ -879,18 +879,11 @@ def _create_server(
 def _serve_one(
     settings: Settings, worker: int = 0, probe: WorkerProbe | None = None, *, replay: bool = True
 ) -> None:
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping (grace %ds)", signum, settings.server.grace_period)
-        stopping.set()
-
     # Before the server starts: from its first call it must stop gracefully (drain, final
     # journal checkpoint). A SIGTERM between "listening" and the handler (the heap settling took
     # that long) killed a worker outright, and the health port closed without ever saying
     # NOT_SERVING. A signal during start-up stops the broker as soon as it has started.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = _stop_on_signal(f"grace {settings.server.grace_period}s")
     broker = create_server(settings, worker=worker, replay=replay, probe=probe)
     settle_heap()
     # Wake up now and then: the kernel may deliver the signal to one of gRPC's threads, and
@@ -980,11 +973,31 @@ def serve(settings: Settings) -> None:
         return
     if settings.telemetry.prometheus_listen:
         check_ports(settings.telemetry.prometheus_listen, processes)
+    # Before the replay and the workers: a SIGTERM during start-up (a rollout that changes its
+    # mind) stops the supervisor and its workers in order instead of killing it outright and
+    # leaving its workers behind.
+    stopping = _stop_on_signal("the workers")
     replay_with_own_journal(settings)  # once, before any worker serves
-    _supervise(settings, processes)
+    if stopping.is_set():
+        log.info("stopped before the workers started")
+        return
+    _supervise(settings, processes, stopping)
 
 
-def _supervise(settings: Settings, processes: int) -> None:
+def _stop_on_signal(how: str) -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the handlers are installed now); ``how`` is logged."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping (%s)", signum, how)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stopping
+
+
+def _supervise(settings: Settings, processes: int, stopping: threading.Event) -> None:
     ctx = multiprocessing.get_context("spawn")  # each worker initialises the HSM itself
     board = ProbeBoard.shared(processes, ctx)
     probes: Engine | None = None
@@ -1004,7 +1017,7 @@ def _supervise(settings: Settings, processes: int) -> None:
     try:
         for w in workers:
             w.start()
-        stopping = _watch_workers(workers, failures)
+        _watch_workers(workers, failures, stopping)
         for w in workers:
             if w.pid is not None and w.is_alive():
                 os.kill(w.pid, signal.SIGTERM)
@@ -1015,24 +1028,18 @@ def _supervise(settings: Settings, processes: int) -> None:
             probes.stop(None).wait(5)
     if not failures.empty():  # a worker's start-up error, reported as a single process would
         raise failures.get()
-    if any(w.exitcode not in (0, None) for w in workers) and not stopping:
+    if any(w.exitcode not in (0, None) for w in workers) and not stopping.is_set():
         raise SystemExit(1)
 
 
 def _watch_workers(
-    workers: Sequence[multiprocessing.process.BaseProcess], failures: _Failures
-) -> bool:
-    """Wait for SIGTERM/SIGINT (True) or for a worker to exit (False)."""
-    stopping = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    workers: Sequence[multiprocessing.process.BaseProcess],
+    failures: _Failures,
+    stopping: threading.Event,
+) -> None:
+    """Wait until ``stopping`` is set (SIGTERM/SIGINT) or a worker exits."""
     while not stopping.wait(0.5):
         if any(not w.is_alive() for w in workers):
             if failures.empty():  # else its start-up error is reported (serve)
                 log.error("a worker process exited; stopping the others")
             break
-    return stopping.is_set()
