@@ -6,7 +6,8 @@ adapter used to turn that into ``HsmUnavailableError`` ("key store temporarily u
 a rotation, a start-up scan or a health probe failed for no fault of the token (twice in
 clean-clone runs of the suite). SoftHSM's file store also lists an object twice in the process
 that created it when another of its threads re-read the token meanwhile, and shows other
-processes an object half-written while it is created. Real SoftHSM, two processes.
+processes (and now and then the process that made it) an object half-written while it is
+created. Real SoftHSM, two processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
@@ -269,3 +272,92 @@ def test_a_destruction_that_fails_midway_is_tried_again(
     monkeypatch.undo()
     assert len(calls) == 2
     assert ref not in keks.versions_on_token()
+
+
+def _half_written_while(
+    monkeypatch: pytest.MonkeyPatch, label: str, half_written: Callable[[Any, int], bool]
+) -> list[int]:
+    """Make the adapter read objects labelled ``label`` as SoftHSM's file store now and then
+    shows a key being made: without CKA_LOCAL, while ``half_written(obj, look)`` holds (``look``
+    counts the reads of that label). Returns the handles of the objects read so."""
+    real = kek_objects_module.rejection  # the adapter's own name for it is patched below
+    looks: list[int] = []
+    seen: list[int] = []
+
+    def rejection(obj: Any) -> str | None:
+        if obj.label != label:
+            return real(obj)
+        looks.append(1)
+        if half_written(obj, len(looks)):
+            seen.append(obj.handle)
+            return "not an AES-256 key generated in the HSM and never extractable: CKA_LOCAL"
+        return real(obj)
+
+    monkeypatch.setattr(hsm_module, "rejection", rejection)
+    return seen
+
+
+def _objects_labelled(keks: Any, label: str) -> int:
+    with keks._calls() as session:
+        return len(list(session.get_objects({Attribute.LABEL: label})))
+
+
+def test_a_key_just_made_and_read_half_written_for_a_moment_is_used(
+    devenv: DevEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica that had just made a version read it back half-written (no CKA_LOCAL),
+    as two replicas rotated at once on one SoftHSM token (1 run in about 25 of the rotation
+    test): it called the version unusable, destroyed it and failed the rotation with
+    UNAVAILABLE. A key just made is looked at again for a moment."""
+    keks = connect_hsm(load_settings(devenv))
+    ref = KeyRef(f"settle-{uuid.uuid4().hex[:8]}", 1)
+    _half_written_while(monkeypatch, kek_label(ref), lambda _obj, look: look <= 3)
+    assert keks.create_version(ref)
+    monkeypatch.undo()
+    assert ref in keks.versions_on_token()
+    assert kek_label(ref) not in keks.rejected_objects()
+    assert _objects_labelled(keks, kek_label(ref)) == 1
+    assert keks.destroy_version(ref)
+
+
+def test_a_key_just_made_that_stays_half_written_is_made_again(
+    devenv: DevEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the key just made still reads half-written after that moment, it is destroyed
+    (every object under its label: the version is claimed, nobody else uses it yet) and made
+    again; the new object is used."""
+    keks = connect_hsm(load_settings(devenv))
+    ref = KeyRef(f"remade-{uuid.uuid4().hex[:8]}", 1)
+    first: list[int] = []
+
+    def the_first_object(obj: Any, _look: int) -> bool:
+        if not first:
+            first.append(obj.handle)
+        return bool(obj.handle == first[0])
+
+    _half_written_while(monkeypatch, kek_label(ref), the_first_object)
+    assert keks.create_version(ref)
+    monkeypatch.undo()
+    assert ref in keks.versions_on_token()
+    assert kek_label(ref) not in keks.rejected_objects()
+    assert _objects_labelled(keks, kek_label(ref)) == 1  # the first one is gone
+    nonce, sealed = keks.encrypt(ref, b"d" * 32, b"aad")
+    assert keks.decrypt(ref, nonce, sealed, b"aad") == b"d" * 32
+    assert keks.destroy_version(ref)
+
+
+def test_a_key_that_never_reads_whole_is_refused_and_leaves_nothing(
+    devenv: DevEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module that never shows the keys it makes as usable: the creation fails with
+    UNAVAILABLE after a bounded number of attempts, and no object is left under the label."""
+    keks = connect_hsm(load_settings(devenv))
+    ref = KeyRef(f"never-{uuid.uuid4().hex[:8]}", 1)
+    seen = _half_written_while(monkeypatch, kek_label(ref), lambda _obj, _look: True)
+    with pytest.raises(KeybrokerError) as refused:
+        keks.create_version(ref)
+    monkeypatch.undo()
+    assert refused.value.reason == "kek_self_test_failed"
+    assert len(set(seen)) == hsm_module.CREATE_ATTEMPTS  # made again each time, then given up
+    assert _objects_labelled(keks, kek_label(ref)) == 0
+    assert kek_label(ref) not in keks.rejected_objects()

@@ -84,6 +84,8 @@ T = TypeVar("T")
 #: Attempts at creating a KEK version when the module fails ambiguously or refuses the template
 #: and made nothing.
 CREATE_ATTEMPTS = 3
+#: Looks at a KEK object just made before it is called unusable (see create_version).
+SETTLE_LOOKS = 5
 #: Attempts at destroying a KEK version when a call fails and the token stays reachable.
 DESTROY_ATTEMPTS = 3
 #: Times a listing of token objects is started again when an object vanishes while it is read.
@@ -706,17 +708,66 @@ class Pkcs11Keks:
             return {ref for ref, _ in self._token_keys(session)}
 
     def create_version(self, key: KeyRef) -> bool:
-        """Generate ``key`` as a token object; False if an object with its label exists."""
+        """Generate ``key`` as a token object; False if an object with its label exists.
+
+        The caller has claimed the version (PENDING in the key store): no other process makes
+        or uses an object under its label until it is activated, so whatever is under the label
+        is ours to destroy when it cannot be used.
+
+        Module quirk (SoftHSM's file store, two replicas rotating at once): now and then the
+        process that had just made a key read it back half-written (no CKA_LOCAL yet, so it
+        failed the adoption checks), and the rotation failed with UNAVAILABLE. A fresh key is
+        looked at again for a moment (:meth:`_usable_soon`); if it still cannot be used, it is
+        destroyed and made again, up to :data:`CREATE_ATTEMPTS` times."""
         with self._calls() as session:
             if self._find(session, key):
                 return False
-            limited = self._generate(session, key)
-            self._scan(session)
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            with self._calls() as session:
+                limited = self._generate(session, key)
+                self._scan(session)
             log.info("hsm: created %s%s", kek_label(key), "" if limited else " (all mechanisms)")
+            if self._usable_soon(key):
+                break
+            self._purge(key)
+            if attempt == CREATE_ATTEMPTS:
+                raise HsmUnavailableError(reason="kek_self_test_failed")
+            log.warning("hsm: %s read back unusable; destroyed, making it again", kek_label(key))
         if self.self_test(key) is not None:
-            self.destroy_version(key)  # ours, just made, never used: it must not linger
+            self._purge(key)  # ours, just made, never used: it must not linger
             raise HsmUnavailableError(reason="kek_self_test_failed")
         return True
+
+    def _usable_soon(self, key: KeyRef) -> bool:
+        """Whether a usable object of ``key`` is on the token, looking up to
+        :data:`SETTLE_LOOKS` times over about a quarter of a second."""
+        for look in range(1, SETTLE_LOOKS + 1):
+            with self._calls() as session:
+                if self._find(session, key):
+                    return True
+            if look < SETTLE_LOOKS:
+                time.sleep(0.025 * look)
+        return False
+
+    def _purge(self, key: KeyRef) -> None:
+        """Destroy every object labelled as ``key``, usable or not: only for a version this
+        process has just made (see :meth:`create_version`)."""
+        self.forget(key)
+        attrs = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.TOKEN: True,
+            Attribute.LABEL: kek_label(key),
+        }
+        with self._calls() as session:
+            for obj in token_objects(session, attrs, lambda obj: obj):
+                try:
+                    obj.destroy()
+                except PKCS11Error as exc:
+                    if fault_of(exc) is not Fault.STALE_HANDLE:  # listed twice: gone already
+                        raise
+            self._note_rejections({}, kek_label(key))
+            self._scan(session)
+        log.info("hsm: destroyed every object labelled %s", kek_label(key))
 
     def _generate(self, session: Any, key: KeyRef) -> bool:
         """:func:`generate_kek`, started again when the module fails ambiguously or refuses the
