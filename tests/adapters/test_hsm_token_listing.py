@@ -306,7 +306,7 @@ def test_a_key_just_made_and_read_half_written_for_a_moment_is_used(
     devenv: DevEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replica that had just made a version read it back half-written (no CKA_LOCAL),
-    as two replicas rotated at once on one SoftHSM token (1 run in about 25 of the rotation
+    as two replicas rotated at once on one SoftHSM token (twice in about 130 runs of the rotation
     test): it called the version unusable, destroyed it and failed the rotation with
     UNAVAILABLE. A key just made is looked at again for a moment."""
     keks = connect_hsm(load_settings(devenv))
