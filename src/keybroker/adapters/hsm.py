@@ -112,6 +112,27 @@ def token_objects(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _labelled(key: KeyRef) -> dict[Attribute, Any]:
+    """The search template of the token objects labelled as ``key``."""
+    return {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.TOKEN: True,
+        Attribute.LABEL: kek_label(key),
+    }
+
+
+def _destroy_each(objects: list[Any]) -> None:
+    """Destroy each of ``objects``; one gone already (destroyed by another process, or the same
+    object listed twice, see Pkcs11Keks._one_key, and destroyed through its first handle) is
+    no failure."""
+    for obj in objects:
+        try:
+            obj.destroy()
+        except PKCS11Error as exc:
+            if fault_of(exc) is not Fault.STALE_HANDLE:
+                raise
+
+
 def kek_label(key: KeyRef) -> str:
     return f"kek:{key.name}:v{key.version}"
 
@@ -753,21 +774,13 @@ class Pkcs11Keks:
         """Destroy every object labelled as ``key``, usable or not: only for a version this
         process has just made (see :meth:`create_version`)."""
         self.forget(key)
-        attrs = {
-            Attribute.CLASS: ObjectClass.SECRET_KEY,
-            Attribute.TOKEN: True,
-            Attribute.LABEL: kek_label(key),
-        }
         with self._calls() as session:
-            for obj in token_objects(session, attrs, lambda obj: obj):
-                try:
-                    obj.destroy()
-                except PKCS11Error as exc:
-                    if fault_of(exc) is not Fault.STALE_HANDLE:  # listed twice: gone already
-                        raise
+            found = token_objects(session, _labelled(key), lambda obj: obj)
+            _destroy_each(found)
             self._note_rejections({}, kek_label(key))
             self._scan(session)
-        log.info("hsm: destroyed every object labelled %s", kek_label(key))
+        if found:
+            log.info("hsm: destroyed every object labelled %s", kek_label(key))
 
     def _generate(self, session: Any, key: KeyRef) -> bool:
         """:func:`generate_kek`, started again when the module fails ambiguously or refuses the
@@ -869,15 +882,8 @@ class Pkcs11Keks:
             try:
                 with self._calls() as session:
                     found = self._find(session, key)
-                    for obj in found:
-                        try:
-                            obj.destroy()
-                        except PKCS11Error as exc:
-                            # gone already: destroyed by another process, or the same object
-                            # listed twice (see _one_key) and destroyed through its first handle
-                            if fault_of(exc) is not Fault.STALE_HANDLE:
-                                raise
-                        destroyed = True
+                    _destroy_each(found)
+                    destroyed = destroyed or bool(found)
                     self._scan(session)
                 break
             except HsmUnavailableError:
@@ -909,11 +915,6 @@ class Pkcs11Keks:
     def _find(self, session: Any, key: KeyRef) -> list[Any]:
         """The usable token objects labelled as ``key`` (rejected ones are left out)."""
         label = kek_label(key)
-        attrs = {
-            Attribute.CLASS: ObjectClass.SECRET_KEY,
-            Attribute.TOKEN: True,
-            Attribute.LABEL: label,
-        }
         rejected: dict[str, str] = {}
 
         def usable(obj: Any) -> Any | None:
@@ -923,7 +924,7 @@ class Pkcs11Keks:
                 return None
             return obj
 
-        found = token_objects(session, attrs, usable)
+        found = token_objects(session, _labelled(key), usable)
         self._note_rejections(rejected, label)
         return found
 
