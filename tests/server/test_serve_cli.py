@@ -81,7 +81,8 @@ def test_kek_create_offline_refuses_to_overwrite(devenv: DevEnv) -> None:
     assert again.returncode == 0, again.stderr
 
 
-SIGTERM_RIGHT_AFTER_LISTENING = textwrap.dedent(
+#: Runs the broker, sending itself SIGTERM when it enters app.<argv[2]> (a moment of start-up).
+SIGTERM_AT = textwrap.dedent(
     """
     import logging, os, signal, sys
     from pathlib import Path
@@ -89,13 +90,13 @@ SIGTERM_RIGHT_AFTER_LISTENING = textwrap.dedent(
     from keybroker.server import app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-    settle = app.settle_heap
+    step = getattr(app, sys.argv[2])
 
-    def settle_after_a_sigterm():
-        os.kill(os.getpid(), signal.SIGTERM)  # the moment right after "listening"
-        settle()
+    def step_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
 
-    app.settle_heap = settle_after_a_sigterm
+    setattr(app, sys.argv[2], step_after_a_sigterm)
     app.serve(settings.load(Path(sys.argv[1])))
     """
 )
@@ -114,7 +115,7 @@ def test_a_sigterm_right_after_listening_stops_gracefully(devenv: DevEnv, tmp_pa
         "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),
     }
     done = subprocess.run(
-        [sys.executable, "-c", SIGTERM_RIGHT_AFTER_LISTENING, str(devenv.config)],
+        [sys.executable, "-c", SIGTERM_AT, str(devenv.config), "settle_heap"],
         env=env,
         capture_output=True,
         text=True,
@@ -125,26 +126,6 @@ def test_a_sigterm_right_after_listening_stops_gracefully(devenv: DevEnv, tmp_pa
     output = done.stdout + done.stderr
     assert "keybroker listening" in output
     assert "signal 15: stopping" in output
-
-
-SIGTERM_DURING_THE_SUPERVISORS_START = textwrap.dedent(
-    """
-    import logging, os, signal, sys
-    from pathlib import Path
-    from keybroker import settings
-    from keybroker.server import app
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-    step = getattr(app, sys.argv[2])
-
-    def step_after_a_sigterm(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return step(*args, **kwargs)
-
-    setattr(app, sys.argv[2], step_after_a_sigterm)
-    app.serve(settings.load(Path(sys.argv[1])))
-    """
-)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +149,7 @@ def test_a_sigterm_during_the_supervisors_start_stops_it_in_order(
         "KEYBROKER_AUDIT_DIR": str(tmp_path / "journal"),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_DURING_THE_SUPERVISORS_START, str(devenv.config), moment],
+        [sys.executable, "-c", SIGTERM_AT, str(devenv.config), moment],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
